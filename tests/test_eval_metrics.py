@@ -150,8 +150,12 @@ def test_write_report_flat_and_per_variant(tmp_path):
   json_path, md_path = report.write_report(flat, tmp_path / "out" / "run")
   assert json.loads(json_path.read_text()) == flat
   md = md_path.read_text()
-  for row in ("| entropy | 5.123 |", "| dist_1 | 0.500 |", "| entropy_source | tokens |",
-              "| gen_ppl | 31.988 |"):
+  for row in (
+    "| entropy | 5.123 |",
+    "| dist_1 | 0.500 |",
+    "| entropy_source | tokens |",
+    "| gen_ppl | 31.988 |",
+  ):
     assert row in md
   variants = {"draft": {"entropy": 5.0, "gen_ppl": 40.0}, "revise": {"entropy": 5.25}}
   _, md_path = report.write_report(variants, tmp_path / "variants")

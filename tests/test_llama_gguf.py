@@ -11,11 +11,11 @@ import gguf
 import numpy as np
 import pytest
 from llama_numpy_ref import (
-    NATURAL_TEXTS,
-    PARITY_TEXTS,
-    llama_logits,
-    read_llama_gguf,
-    shuffle_words,
+  NATURAL_TEXTS,
+  PARITY_TEXTS,
+  llama_logits,
+  read_llama_gguf,
+  shuffle_words,
 )
 
 from lsd.convert import gguf as convert

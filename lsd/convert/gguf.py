@@ -85,24 +85,24 @@ def gguf_config(reader, dtype: str = "float32") -> TransformerConfig:
   rope_dims = int(_field(reader, "llama.rope.dimension_count", head_dim))
   if rope_dims != head_dim:
     raise ValueError(
-        f"GGUF llama.rope.dimension_count={rope_dims} != head_dim={head_dim}: partial rotary "
-        "embeddings are not supported"
+      f"GGUF llama.rope.dimension_count={rope_dims} != head_dim={head_dim}: partial rotary "
+      "embeddings are not supported"
     )
   vocab = _field(reader, "llama.vocab_size", None)
   if vocab is None:
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
   return llama_config(
-      vocab_size=int(vocab),
-      d_model=d_model,
-      n_layers=int(_field(reader, "llama.block_count")),
-      n_heads=n_heads,
-      n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-      head_dim=head_dim if head_dim != d_model // n_heads else 0,
-      d_ff=int(_field(reader, "llama.feed_forward_length")),
-      rope_base=float(_field(reader, "llama.rope.freq_base", 10_000.0)),
-      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-      tie_embeddings="output.weight" not in names,
-      dtype=dtype,
+    vocab_size=int(vocab),
+    d_model=d_model,
+    n_layers=int(_field(reader, "llama.block_count")),
+    n_heads=n_heads,
+    n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+    head_dim=head_dim if head_dim != d_model // n_heads else 0,
+    d_ff=int(_field(reader, "llama.feed_forward_length")),
+    rope_base=float(_field(reader, "llama.rope.freq_base", 10_000.0)),
+    norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+    tie_embeddings="output.weight" not in names,
+    dtype=dtype,
   )
 
 
@@ -111,8 +111,8 @@ def gguf_tensors(reader) -> dict[str, np.ndarray]:
   import gguf
 
   return {
-      t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-      for t in reader.tensors
+    t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    for t in reader.tensors
   }
 
 
@@ -148,24 +148,24 @@ def gguf_to_params(tensors: dict[str, np.ndarray], cfg: TransformerConfig) -> di
     q = unpermute_rope_rows(get(p + "attn_q.weight"), cfg.n_heads)
     k = unpermute_rope_rows(get(p + "attn_k.weight"), cfg.kv_heads)
     blocks[i] = {
-        "attn": {
-            "q": {"kernel": np.ascontiguousarray(q.T)},
-            "k": {"kernel": np.ascontiguousarray(k.T)},
-            "v": kernel(p + "attn_v.weight"),
-            "o": kernel(p + "attn_output.weight"),
-        },
-        "attn_norm": {"scale": get(p + "attn_norm.weight")},
-        "mlp": {
-            "gate": kernel(p + "ffn_gate.weight"),
-            "up": kernel(p + "ffn_up.weight"),
-            "down": kernel(p + "ffn_down.weight"),
-        },
-        "mlp_norm": {"scale": get(p + "ffn_norm.weight")},
+      "attn": {
+        "q": {"kernel": np.ascontiguousarray(q.T)},
+        "k": {"kernel": np.ascontiguousarray(k.T)},
+        "v": kernel(p + "attn_v.weight"),
+        "o": kernel(p + "attn_output.weight"),
+      },
+      "attn_norm": {"scale": get(p + "attn_norm.weight")},
+      "mlp": {
+        "gate": kernel(p + "ffn_gate.weight"),
+        "up": kernel(p + "ffn_up.weight"),
+        "down": kernel(p + "ffn_down.weight"),
+      },
+      "mlp_norm": {"scale": get(p + "ffn_norm.weight")},
     }
   params = {
-      "embed": {"embedding": get("token_embd.weight")},
-      "blocks": blocks,
-      "final_norm": {"scale": get("output_norm.weight")},
+    "embed": {"embedding": get("token_embd.weight")},
+    "blocks": blocks,
+    "final_norm": {"scale": get("output_norm.weight")},
   }
   if not cfg.tie_embeddings:
     params["head"] = kernel("output.weight")
@@ -180,34 +180,38 @@ def gguf_tokenizer(reader) -> tuple[tokenizers.Tokenizer, dict[str, int | None]]
   kind = _field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(
-        f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: ['gpt2'] (byte-level BPE)"
+      f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: ['gpt2'] (byte-level BPE)"
     )
   pre = _field(reader, "tokenizer.ggml.pre", "default")
   if pre not in _PRE_TOKENIZERS:
     raise ValueError(
-        f"GGUF tokenizer.ggml.pre={pre!r} is not supported; accepted: {sorted(_PRE_TOKENIZERS)}"
+      f"GGUF tokenizer.ggml.pre={pre!r} is not supported; accepted: {sorted(_PRE_TOKENIZERS)}"
     )
   tokens = _field(reader, "tokenizer.ggml.tokens")
   merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
   types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
   tok = tokenizers.Tokenizer(
-      models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
   )
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.pre_tokenizer = (
-      pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-      if _PRE_TOKENIZERS[pre] else byte_level
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if _PRE_TOKENIZERS[pre]
+    else byte_level
   )
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
   # Control tokens must never be split by BPE and are dropped by decode(skip_special_tokens=True).
-  tok.add_special_tokens([
+  tok.add_special_tokens(
+    [
       tokenizers.AddedToken(t, special=True, normalized=False)
-      for t, kind in zip(tokens, types, strict=True) if kind in (_CONTROL, _USER_DEFINED)
-  ])
+      for t, kind in zip(tokens, types, strict=True)
+      if kind in (_CONTROL, _USER_DEFINED)
+    ]
+  )
   special = {
-      f"{name}_id": _field(reader, f"tokenizer.ggml.{key}_token_id", None)
-      for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+    f"{name}_id": _field(reader, f"tokenizer.ggml.{key}_token_id", None)
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
   }
   return tok, {k: None if v is None else int(v) for k, v in special.items()}
 
@@ -220,7 +224,7 @@ def import_gguf(path: str | Path, dtype: str = "float32") -> GGUFImport:
   tok, special = gguf_tokenizer(reader)
   if tok.get_vocab_size() != cfg.vocab_size:
     raise ValueError(
-        f"GGUF tokenizer has {tok.get_vocab_size()} tokens but the model {cfg.vocab_size}"
+      f"GGUF tokenizer has {tok.get_vocab_size()} tokens but the model {cfg.vocab_size}"
     )
   return GGUFImport(cfg, params, tok, special)
 
@@ -303,8 +307,12 @@ def convert_cached(source: str = JUDGE_SOURCE) -> Path:
   _write_atomic(weights, lambda tmp: save_file(_flatten(params), tmp))
   _write_atomic(tok_path, lambda tmp: tok.save(tmp))
   meta = {
-      "name": name, "source": source, "config": dataclasses.asdict(cfg), **special,
-      "weights": weights.name, "tokenizer": tok_path.name,
+    "name": name,
+    "source": source,
+    "config": dataclasses.asdict(cfg),
+    **special,
+    "weights": weights.name,
+    "tokenizer": tok_path.name,
   }
   _write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
   return meta_path
@@ -314,7 +322,7 @@ _LOADED: dict[tuple[str, str], tuple[LlamaLM, tokenizers.Tokenizer, TransformerC
 
 
 def load_judge(
-    dtype: str = "float32", source: str = JUDGE_SOURCE
+  dtype: str = "float32", source: str = JUDGE_SOURCE
 ) -> tuple[LlamaLM, tokenizers.Tokenizer, TransformerConfig]:
   """The judge LM for generative perplexity: (model, tokenizer, config), cached on disk and in
   process. `dtype` is the compute dtype (params stay fp32); `source` as in `convert_cached`."""
@@ -328,8 +336,12 @@ def load_judge(
     params = _unflatten(load_file(meta_path.parent / meta["weights"]))
     tok = tokenizers.Tokenizer.from_file(str(meta_path.parent / meta["tokenizer"]))
     model = LlamaLM(
-        cfg, params, bos_id=meta["bos_id"], eos_id=meta["eos_id"], pad_id=meta["pad_id"],
-        name=meta["name"],
+      cfg,
+      params,
+      bos_id=meta["bos_id"],
+      eos_id=meta["eos_id"],
+      pad_id=meta["pad_id"],
+      name=meta["name"],
     )
     _LOADED[key] = (model, tok, cfg)
   return _LOADED[key]

@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 
 # kind -> (HF tensor -> our tensors, our tensors -> HF tensor)
 _KINDS: dict[str, tuple[Callable, Callable]] = {
-    "copy": (lambda x: (x,), lambda xs: xs[0]),
-    "linear": (lambda x: (x.T,), lambda xs: xs[0].T),
-    "split3": (lambda x: tuple(np.split(x, 3, axis=-1)), lambda xs: np.concatenate(xs, axis=-1)),
-    "row": (lambda x: (x.reshape(-1),), lambda xs: xs[0][None, :]),
+  "copy": (lambda x: (x,), lambda xs: xs[0]),
+  "linear": (lambda x: (x.T,), lambda xs: xs[0].T),
+  "split3": (lambda x: tuple(np.split(x, 3, axis=-1)), lambda xs: np.concatenate(xs, axis=-1)),
+  "row": (lambda x: (x.reshape(-1),), lambda xs: xs[0][None, :]),
 }
 
 
@@ -55,10 +55,12 @@ class Rule:
   optional: bool = False
 
 
-def _rule(ours: str | tuple[str, ...], hf: str | tuple[str, ...], kind: str = "copy",
-          optional: bool = False) -> Rule:
-  return Rule((ours,) if isinstance(ours, str) else ours, (hf,) if isinstance(hf, str) else hf,
-              kind, optional)
+def _rule(
+  ours: str | tuple[str, ...], hf: str | tuple[str, ...], kind: str = "copy", optional: bool = False
+) -> Rule:
+  return Rule(
+    (ours,) if isinstance(ours, str) else ours, (hf,) if isinstance(hf, str) else hf, kind, optional
+  )
 
 
 def _norm(ours: str, hf: str, hf_scale: str = "weight") -> Iterator[Rule]:
@@ -116,8 +118,15 @@ def _bert_rules(cfg: BertConfig) -> Iterator[Rule]:
 
 
 def _bart_rules(cfg: BartConfig) -> Iterator[Rule]:
-  yield _rule("shared.embedding", ("shared.weight", "encoder.embed_tokens.weight",
-                                   "decoder.embed_tokens.weight", "lm_head.weight"))
+  yield _rule(
+    "shared.embedding",
+    (
+      "shared.weight",
+      "encoder.embed_tokens.weight",
+      "decoder.embed_tokens.weight",
+      "lm_head.weight",
+    ),
+  )
   yield _rule("final_logits_bias", "final_logits_bias", "row", optional=True)
   for side, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
     yield _rule(f"{side}.pos_embed", f"{side}.embed_positions.weight")
@@ -138,8 +147,11 @@ def _bart_rules(cfg: BartConfig) -> Iterator[Rule]:
 def _t5_encoder_rules(cfg: T5Config) -> Iterator[Rule]:
   yield _rule("embed.embedding", ("shared.weight", "encoder.embed_tokens.weight"))
   yield _rule("rel_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-  ff = (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")) if cfg.gated else (
-      ("up", "wi"), ("down", "wo"))
+  ff = (
+    (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo"))
+    if cfg.gated
+    else (("up", "wi"), ("down", "wo"))
+  )
   for i in range(cfg.n_layers):
     o, h = f"blocks.{i}", f"encoder.block.{i}.layer"
     for p in "qkvo":
@@ -170,22 +182,34 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    "gpt2": Arch(
-        GPT2Config, GPT2LM, _gpt2_rules, prefix="transformer.",
-        top_level=frozenset({"lm_head.weight"}),
-        ignore=(r"\.attn\.(masked_)?bias$", r"^lm_head\.weight$"),
-    ),
-    "bert": Arch(
-        BertConfig, BertEncoder, _bert_rules, also_strip=("bert.",),
-        ignore=(r"position_ids$", r"^cls\.", r"^classifier\."),
-    ),
-    "bart": Arch(
-        BartConfig, Bart, _bart_rules, prefix="model.",
-        top_level=frozenset({"final_logits_bias", "lm_head.weight"}),
-    ),
-    "t5_encoder": Arch(
-        T5Config, T5Encoder, _t5_encoder_rules, ignore=(r"^decoder\.", r"^lm_head\.weight$"),
-    ),
+  "gpt2": Arch(
+    GPT2Config,
+    GPT2LM,
+    _gpt2_rules,
+    prefix="transformer.",
+    top_level=frozenset({"lm_head.weight"}),
+    ignore=(r"\.attn\.(masked_)?bias$", r"^lm_head\.weight$"),
+  ),
+  "bert": Arch(
+    BertConfig,
+    BertEncoder,
+    _bert_rules,
+    also_strip=("bert.",),
+    ignore=(r"position_ids$", r"^cls\.", r"^classifier\."),
+  ),
+  "bart": Arch(
+    BartConfig,
+    Bart,
+    _bart_rules,
+    prefix="model.",
+    top_level=frozenset({"final_logits_bias", "lm_head.weight"}),
+  ),
+  "t5_encoder": Arch(
+    T5Config,
+    T5Encoder,
+    _t5_encoder_rules,
+    ignore=(r"^decoder\.", r"^lm_head\.weight$"),
+  ),
 }
 
 
@@ -206,7 +230,7 @@ def hf_to_ours(arch: str, cfg: Any, hf: dict[str, np.ndarray]) -> dict[str, np.n
   for name, x in hf.items():
     for p in (spec.prefix, *spec.also_strip):
       if p and name.startswith(p):
-        name = name[len(p):]
+        name = name[len(p) :]
         break
     stripped[name] = x
   ours, used, missing = {}, set(), []
@@ -224,8 +248,8 @@ def hf_to_ours(arch: str, cfg: Any, hf: dict[str, np.ndarray]) -> dict[str, np.n
     ours.update(zip(rule.ours, values, strict=True))
   if missing:
     raise ValueError(
-        f"{arch} checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}; it holds e.g. "
-        f"{sorted(hf)[:5]}. Is it a {arch} checkpoint matching its config.json?"
+      f"{arch} checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}; it holds e.g. "
+      f"{sorted(hf)[:5]}. Is it a {arch} checkpoint matching its config.json?"
     )
   unused = [n for n in stripped if n not in used and not any(re.search(p, n) for p in spec.ignore)]
   if unused:
@@ -255,8 +279,8 @@ def build_model(arch: str, cfg: Any, params: dict[str, Any]) -> nnx.Module:
   expected = flatten(state.to_pure_dict())
   if set(expected) != set(params):
     raise ValueError(
-        f"{arch} params do not match the model: missing {sorted(set(expected) - set(params))[:5]}, "
-        f"unexpected {sorted(set(params) - set(expected))[:5]}"
+      f"{arch} params do not match the model: missing {sorted(set(expected) - set(params))[:5]}, "
+      f"unexpected {sorted(set(params) - set(expected))[:5]}"
     )
   values = {}
   for name, leaf in expected.items():
@@ -278,9 +302,11 @@ def _resolve(source: str | os.PathLike) -> Path:
   if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)):
     from huggingface_hub import snapshot_download  # only needed with network access
 
-    return Path(snapshot_download(
+    return Path(
+      snapshot_download(
         str(source), allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
-    ))
+      )
+    )
   raise FileNotFoundError(f"{source!r} is neither a local checkpoint path nor a hub model id")
 
 
@@ -292,14 +318,14 @@ def _load_weights(folder: Path) -> dict[str, np.ndarray]:
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return {k: v for s in shards for k, v in load_safetensors(folder / s).items()}
   raise FileNotFoundError(
-      f"{folder} has neither model.safetensors nor model.safetensors.index.json; only safetensors "
-      "checkpoints are read (re-save a .bin checkpoint with "
-      "save_pretrained(safe_serialization=True))"
+    f"{folder} has neither model.safetensors nor model.safetensors.index.json; only safetensors "
+    "checkpoints are read (re-save a .bin checkpoint with "
+    "save_pretrained(safe_serialization=True))"
   )
 
 
 def import_hf(
-    arch: str, source: str | os.PathLike, *, dtype: str = "float32"
+  arch: str, source: str | os.PathLike, *, dtype: str = "float32"
 ) -> tuple[nnx.Module, Any]:
   """Loads an HF checkpoint (directory with config.json + safetensors, or a hub id) as our model.
 
@@ -325,8 +351,9 @@ def export_hf(arch: str, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = flatten(nnx.state(model, nnx.Param).to_pure_dict())
-  save_safetensors(ours_to_hf(arch, model.cfg, flat), out / "model.safetensors",
-                   metadata={"format": "pt"})
+  save_safetensors(
+    ours_to_hf(arch, model.cfg, flat), out / "model.safetensors", metadata={"format": "pt"}
+  )
   fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.json.", suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     json.dump(model.cfg.to_hf(), f, indent=2)

@@ -21,9 +21,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -41,7 +48,7 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
   for name, info in header.items():
     if info["dtype"] not in _DTYPES:
       raise ValueError(
-          f"{path}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(_DTYPES)}"
+        f"{path}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(_DTYPES)}"
       )
     begin, end = info["data_offsets"]
     out[name] = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -49,7 +56,7 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(
-    flat: Mapping[str, Any], path: str | Path, metadata: dict[str, str] | None = None
+  flat: Mapping[str, Any], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
   """Writes {name: array} (numpy or jax) to `path` atomically: a crash leaves the old file or
   none. `metadata` goes into the header (transformers requires {"format": "pt"})."""

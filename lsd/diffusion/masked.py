@@ -160,8 +160,8 @@ def bd3_forward(
   tokens, positions = bd3_inputs(x_t, x0)
   valid2 = jnp.concatenate([valid, valid], axis=1)
   mask = bd3_training_mask(length, block_size)[None, None] & padding_mask(valid2, valid2)
-  log_probs, _ = model(tokens, positions=positions, mask=mask, rngs=rngs)
-  return log_probs[:, :length]
+  log_probs, _ = model(tokens, positions=positions, mask=mask, rngs=rngs, num_outputs=length)
+  return log_probs
 
 
 def _draw_noise(

@@ -40,13 +40,13 @@ class GenPPL:
   """
 
   def __init__(
-      self,
-      judge: LlamaLM | None = None,
-      tokenizer: tokenizers.Tokenizer | None = None,
-      *,
-      max_len: int = 1024,
-      batch_size: int = 8,
-      bos_id: int | None | str = "auto",
+    self,
+    judge: LlamaLM | None = None,
+    tokenizer: tokenizers.Tokenizer | None = None,
+    *,
+    max_len: int = 1024,
+    batch_size: int = 8,
+    bos_id: int | None | str = "auto",
   ):
     if judge is None:
       from lsd.convert.gguf import load_judge
@@ -112,12 +112,12 @@ class GenPPL:
     per_sample = np.array([math.exp(n.mean()) for n in nlls])
     total = np.concatenate(nlls)
     return {
-        "gen_ppl": float(per_sample.mean()),
-        "gen_ppl_corpus": float(math.exp(total.mean())),
-        "n_samples": len(nlls),
-        "n_empty": len(texts) - len(nlls),
-        "n_tokens": int(total.size),
-        "judge": self.judge.name,
+      "gen_ppl": float(per_sample.mean()),
+      "gen_ppl_corpus": float(math.exp(total.mean())),
+      "n_samples": len(nlls),
+      "n_empty": len(texts) - len(nlls),
+      "n_tokens": int(total.size),
+      "judge": self.judge.name,
     }
 
   def hidden_features(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,11 +1,15 @@
 """LD4LG (Latent Diffusion for Language Generation, arXiv 2212.09462) as two trainer tasks.
 
 Stage 1, `LD4LGAutoencoderTask` ("ld4lg_ae"): sentences -> `LatentAutoencoder`, trained on
-teacher-forced reconstruction.
+teacher-forced reconstruction. Its encoder is trained from scratch (`model.encoder="scratch"`) or is
+the frozen pretrained all-MiniLM-L6-v2 (`"minilm"`, with `data.tokenizer.kind="minilm"`): the
+paper's frozen-encoder setting, where only compressor, reconstruction net and decoder learn.
 Stage 2, `LD4LGDiffusionTask` ("ld4lg_diffusion"): the stage-1 run (`ld4lg.autoencoder_workdir`) is
 loaded frozen and encodes each batch on the fly; a `LatentDenoiser` learns the v-prediction (cosine
 schedule, unweighted L2) with self-conditioning (a no-gradient first pass on half of the batches) and,
-when class-conditional, label dropout for classifier-free guidance.
+when class-conditional, label dropout for classifier-free guidance. Seq2seq (`ld4lg.context_encoder`
+= "minilm", `data.source_field` set): each sentence's source text goes through the frozen MiniLM and
+its hidden states are the denoiser's cross-attention context (dropped to a null context for CFG).
 
 The pure functions at the bottom work on runs loaded with `lsd.api.load`:
     ae, diff = lsd.api.load("runs/ae"), lsd.api.load("runs/diff")
@@ -33,6 +37,7 @@ from lsd.models.autoencoder import (
   reconstruction_loss,
 )
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
 from lsd.sampling import latent as latent_sampling
 from lsd.train.task import Batch, Task
 
@@ -48,6 +53,14 @@ class LD4LGAutoencoderTask(Task):
   name = "ld4lg_ae"
 
   def make_data(self, workdir, *, process_index: int, process_count: int):
+    kind = self.config.data.tokenizer.kind
+    if self.config.model.encoder == "minilm" and kind != "minilm":
+      raise ConfigError(
+        f"data.tokenizer.kind={kind!r}: model.encoder='minilm' reads the ids of its own "
+        "WordPiece; set --config.data.tokenizer.kind=minilm"
+      )
+    if self.config.model.encoder in FROZEN_ENCODERS:
+      frozen_encoder(self.config.model.encoder, "model.encoder")  # load now, outside any trace
     data = build_sentence_data(
       self.config.data,
       workdir,
@@ -64,10 +77,11 @@ class LD4LGAutoencoderTask(Task):
       raise ConfigError(
         f"model.max_len={cfg.max_len} must be >= data.max_len={self.config.data.max_len}"
       )
-    if cfg.encoder != "scratch":
+    if cfg.encoder == "external":
       raise ConfigError(
-        "ld4lg_ae trains model.encoder='scratch' only; an external encoder's hidden states go "
-        "through LatentAutoencoder.encode_hidden / reconstruction_loss(hidden=...)"
+        "model.encoder='external': ld4lg_ae trains with 'scratch' or the frozen 'minilm'; any "
+        "other encoder's hidden states go through LatentAutoencoder.encode_hidden / "
+        "reconstruction_loss(hidden=...)"
       )
     return cfg
 
@@ -75,8 +89,14 @@ class LD4LGAutoencoderTask(Task):
     return LatentAutoencoder(self.model_config(), rngs=rngs)
 
   def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array):
+    hidden = _frozen_hidden(model, batch["tokens"], batch["valid"])
     loss, metrics = reconstruction_loss(
-      model, batch["tokens"], batch["valid"], rngs=_dropout_rngs(model.cfg.dropout, key)
+      model,
+      batch["tokens"],
+      batch["valid"],
+      hidden=hidden,
+      hidden_valid=None if hidden is None else batch["valid"],
+      rngs=_dropout_rngs(model.cfg.dropout, key),
     )
     return loss, dict(metrics, ppl=jnp.exp(loss))
 
@@ -111,6 +131,19 @@ class LD4LGDiffusionTask(Task):
     check_range("ld4lg.self_condition_prob", lc.self_condition_prob, 0.0, 1.0)
     check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
     check_choice("sample.sampler", config.sample.sampler, latent_sampling.SAMPLERS)
+    ctx = lc.get("context_encoder", "")
+    check_choice("ld4lg.context_encoder", ctx, ("", *FROZEN_ENCODERS))
+    if ctx and config.model.d_context != frozen_encoder(ctx).width:
+      raise ConfigError(
+        f"model.d_context={config.model.d_context}: ld4lg.context_encoder={ctx!r} gives "
+        f"{frozen_encoder(ctx).width}-wide states"
+      )
+    if not ctx and config.model.d_context:
+      raise ConfigError(
+        f"model.d_context={config.model.d_context} needs a context: set ld4lg.context_encoder "
+        f"(one of {list(FROZEN_ENCODERS)}) and data.source_field"
+      )
+    self.context_encoder = frozen_encoder(ctx) if ctx else None
     self.schedule = CosineSchedule(scale=float(lc.schedule_scale))
     self._autoencoder = None  # the frozen stage-1 run, loaded on first use
 
@@ -148,6 +181,7 @@ class LD4LGDiffusionTask(Task):
       process_index=process_index,
       process_count=process_count,
       tokenizer=ae.tokenizer,
+      source_tokenizer=self.context_encoder.tokenizer if self.context_encoder else None,
     )
     self.tokenizer = data.tokenizer
     n = self.config.model.num_classes
@@ -164,11 +198,17 @@ class LD4LGDiffusionTask(Task):
     lc, mc = self.config.ld4lg, model.cfg
     ae = self.autoencoder()
     x0 = jax.lax.stop_gradient(_encode(ae.graphdef, ae.params, batch["tokens"], batch["valid"]))
+    context = context_valid = None
+    if self.context_encoder is not None:
+      context_valid = batch["source_valid"]
+      context = hidden_states(self.context_encoder, batch["source_tokens"], context_valid)
     return diffusion_training_loss(
       model,
       x0,
       key,
       labels=batch.get("label") if mc.num_classes else None,
+      context=context,
+      context_valid=context_valid,
       objective=lc.objective,
       schedule=self.schedule,
       self_condition_prob=lc.self_condition_prob if mc.self_condition else 0.0,
@@ -180,12 +220,24 @@ class LD4LGDiffusionTask(Task):
     return int(batch["tokens"].shape[0] * self.config.model.num_latents)
 
   def sample_text(self, model: LatentDenoiser, key: jax.Array, num_samples: int) -> list[dict]:
-    """Unconditional samples, or class-conditional ones cycling through the classes."""
+    """Unconditional samples, class-conditional ones cycling through the classes, or (seq2seq) one
+    output for each of the first held-out sources."""
+    if self.context_encoder is not None:
+      from lsd.data import split_documents
+
+      cfg = self.config.data
+      _, eval_docs = split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)
+      docs = eval_docs[:num_samples]
+      texts = self.generate_from_sources(model, key, [d["source"] for d in docs])
+      return [
+        {"source": d["source"], "text": t, "reference": d["text"], "nfe": self._nfe(True)}
+        for d, t in zip(docs, texts, strict=True)
+      ]
     n_cls = model.cfg.num_classes
     labels = jnp.arange(num_samples, dtype=jnp.int32) % n_cls if n_cls else None
     latents = self.sample_latents(model, key, num_samples, labels=labels)
     texts = decode_latents(self.autoencoder(), latents, sample=self.config.sample)
-    nfe = self.config.sample.steps * (2 if n_cls and self.config.sample.guidance_scale != 1 else 1)
+    nfe = self._nfe(bool(n_cls))
     out = []
     for i, text in enumerate(texts):
       row = {"text": text, "nfe": nfe}
@@ -194,7 +246,37 @@ class LD4LGDiffusionTask(Task):
       out.append(row)
     return out
 
-  def sample_latents(self, model: LatentDenoiser, key: jax.Array, num_samples: int, **cond):
+  def _nfe(self, conditional: bool) -> int:
+    guided = conditional and self.config.sample.guidance_scale != 1
+    return self.config.sample.steps * (2 if guided else 1)
+
+  def encode_sources(self, sources: list[str]) -> tuple[jax.Array, jax.Array]:
+    """Source texts -> (context [N, S, H], context_valid [N, S]) with the frozen context encoder."""
+    if self.context_encoder is None:
+      raise ConfigError("this run has no ld4lg.context_encoder; it is not a seq2seq model")
+    enc = self.context_encoder
+    tokens, valid = encode_sentences(sources, enc.tokenizer, self.config.data.max_source_len)
+    return _context(enc.graphdef, enc.params, jnp.asarray(tokens), jnp.asarray(valid)), valid
+
+  def generate_from_sources(
+    self, model: LatentDenoiser, key: jax.Array, sources: list[str], guidance_scale=None
+  ) -> list[str]:
+    """Seq2seq: one output text per source (the run's sample settings; `guidance_scale` overrides
+    sample.guidance_scale, CFG against the null context)."""
+    context, valid = self.encode_sources(sources)
+    latents = self.sample_latents(
+      model,
+      key,
+      len(sources),
+      context=context,
+      context_valid=jnp.asarray(valid),
+      guidance_scale=guidance_scale,
+    )
+    return decode_latents(self.autoencoder(), latents, sample=self.config.sample)
+
+  def sample_latents(
+    self, model: LatentDenoiser, key: jax.Array, num_samples: int, guidance_scale=None, **cond
+  ):
     """Latents [num_samples, l, d] from the run's `sample` settings; cond: labels / context."""
     s = self.config.sample
     graphdef, params = nnx.split(model)
@@ -208,7 +290,7 @@ class LD4LGDiffusionTask(Task):
       eta=float(s.eta),
       objective=self.config.ld4lg.objective,
       schedule=self.schedule,
-      guidance_scale=float(s.guidance_scale),
+      guidance_scale=float(s.guidance_scale if guidance_scale is None else guidance_scale),
       project=bool(s.project),
       **cond,
     )
@@ -268,9 +350,23 @@ def diffusion_training_loss(
 # ---------------------------------------------------------------------------------------------------
 # Pure functions of loaded runs
 # ---------------------------------------------------------------------------------------------------
+def _frozen_hidden(model: LatentAutoencoder, tokens, valid):
+  """The frozen pretrained encoder's states for an autoencoder with one (else None)."""
+  if model.cfg.encoder in FROZEN_ENCODERS:
+    return hidden_states(frozen_encoder(model.cfg.encoder, "model.encoder"), tokens, valid)
+  return None
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _encode(graphdef, params, tokens, valid):
-  return nnx.merge(graphdef, params).encode(tokens, valid)
+  model = nnx.merge(graphdef, params)
+  hidden = _frozen_hidden(model, tokens, valid)
+  return model.encode(tokens, valid) if hidden is None else model.encode_hidden(hidden, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _context(graphdef, params, tokens, valid):
+  return jax.lax.stop_gradient(nnx.merge(graphdef, params)(tokens, valid))
 
 
 def _encode_texts(tokenizer, graphdef, params, texts, max_len) -> jax.Array:
@@ -319,6 +415,16 @@ def interpolate_texts(ae_run, text_a: str, text_b: str, n: int = 5) -> list[str]
   """n texts decoded along the slerp between the latents of text_a and text_b (ends included)."""
   z = encode_texts(ae_run, [text_a, text_b])
   return decode_latents(ae_run, latent_sampling.interpolate(z[0], z[1], n))
+
+
+def generate_from_sources(
+  diffusion_run, key: jax.Array, sources: list[str], *, guidance_scale: float | None = None
+) -> list[str]:
+  """Seq2seq with a loaded diffusion run that has a context encoder: one output text per source
+  (guidance_scale defaults to the run's sample.guidance_scale; 1 = no guidance)."""
+  return diffusion_run.task.generate_from_sources(
+    diffusion_run.model(), key, list(sources), guidance_scale=guidance_scale
+  )
 
 
 def edit_text(

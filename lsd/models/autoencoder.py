@@ -4,8 +4,9 @@
   latents --reconstruction network--> memory [B, l, E] --causal decoder (cross-attends)--> logits
 
 The encoder is either a small bidirectional `Transformer` trained with the rest (`encoder="scratch"`)
-or a frozen external encoder whose hidden states the caller computes and passes to `encode_hidden`
-(`encoder="external"`, e.g. MiniLM), so this module never depends on where those states come from.
+or a frozen encoder whose hidden states the caller computes and passes to `encode_hidden`: a named
+pretrained one from `lsd.models.encoders` (`encoder="minilm"`: the LD4LG task runs it) or any other
+(`encoder="external"`), so this module never depends on where those states come from.
 
 Shapes: B batch, T tokens, H encoder width, l latents, d latent width, E decoder width, V vocab.
 `valid` is bool [B, T] (True = real token). Latents are fp32.
@@ -37,7 +38,7 @@ from lsd.nn import (
   make_norm,
 )
 
-ENCODERS = ("scratch", "external")
+ENCODERS = ("scratch", "external", "minilm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,10 @@ class AutoencoderConfig:
       "n_heads",
     ):
       check_positive(f"{prefix}.{name}", getattr(self, name))
+    if self.encoder == "minilm" and self.d_encoder != 384:
+      raise ConfigError(
+        f"{prefix}.d_encoder={self.d_encoder}: {prefix}.encoder='minilm' has hidden width 384"
+      )
     inner = max(self.d_encoder, self.d_latent)
     if inner % self.compressor_head_dim:
       raise ConfigError(
@@ -255,7 +260,9 @@ class LatentAutoencoder(nnx.Module):
   ) -> Float[Array, "B l d"]:
     """Token ids -> latents with the scratch encoder (bidirectional, padding keys hidden)."""
     if self.encoder is None:
-      raise ValueError("model.encoder='external': pass the external hidden states to encode_hidden")
+      raise ValueError(
+        f"model.encoder={self.cfg.encoder!r}: pass the encoder's hidden states to encode_hidden"
+      )
     if tokens.shape[1] > self.cfg.max_len:
       raise ValueError(f"{tokens.shape[1]} tokens exceed model.max_len={self.cfg.max_len}")
     hidden, _ = self.encoder(tokens, mask=valid[:, None, None, :], rngs=rngs, return_hidden=True)

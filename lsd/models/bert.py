@@ -21,8 +21,12 @@ from lsd.nn.transformer import DTYPES
 
 # transformers' `hidden_act` / `activation_function` names -> lsd MLP kinds (and back).
 _FROM_HF = {
-    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-    "silu": "silu", "swish": "silu",
+  "gelu": "gelu",
+  "gelu_new": "gelu_tanh",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "relu": "relu",
+  "silu": "silu",
+  "swish": "silu",
 }
 _TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
@@ -31,7 +35,7 @@ def activation_from_hf(name: str, arch: str) -> str:
   """Maps a transformers activation name to an lsd MLP kind; ValueError names what is accepted."""
   if name not in _FROM_HF:
     raise ValueError(
-        f"{arch} config: activation {name!r} is not supported; accepted: {list(_FROM_HF)}"
+      f"{arch} config: activation {name!r} is not supported; accepted: {list(_FROM_HF)}"
     )
   return _FROM_HF[name]
 
@@ -48,8 +52,16 @@ class PostNormBlock(nnx.Module):
   """x -> LN(x + SelfAttn(x)) [-> LN(x + CrossAttn(x, context))] -> LN(x + MLP(x)); all biased."""
 
   def __init__(
-      self, d_model: int, n_heads: int, d_ff: int, activation: str, *, eps: float,
-      cross_attention: bool = False, dtype=jnp.float32, rngs: nnx.Rngs,
+    self,
+    d_model: int,
+    n_heads: int,
+    d_ff: int,
+    activation: str,
+    *,
+    eps: float,
+    cross_attention: bool = False,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
   ):
     self.attn = Attention(d_model, n_heads, use_bias=True, dtype=dtype, rngs=rngs)
     self.attn_norm = LayerNorm(d_model, eps=eps, rngs=rngs)
@@ -62,12 +74,12 @@ class PostNormBlock(nnx.Module):
     self.mlp_norm = LayerNorm(d_model, eps=eps, rngs=rngs)
 
   def __call__(
-      self,
-      x: Float[Array, "B T E"],
-      *,
-      mask: Bool[Array, "#B #H T T"] | None,
-      context: Float[Array, "B S E"] | None = None,
-      context_mask: Bool[Array, "#B #H T S"] | None = None,
+    self,
+    x: Float[Array, "B T E"],
+    *,
+    mask: Bool[Array, "#B #H T T"] | None,
+    context: Float[Array, "B S E"] | None = None,
+    context_mask: Bool[Array, "#B #H T S"] | None = None,
   ) -> Float[Array, "B T E"]:
     x = self.attn_norm(x + self.attn(x, mask=mask)[0])
     if self.cross is not None:
@@ -96,21 +108,33 @@ class BertConfig:
     if pos != "absolute":
       raise ValueError(f"bert config: position_embedding_type={pos!r}; accepted: ['absolute']")
     return cls(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-        max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-        activation=activation_from_hf(hf.get("hidden_act", "gelu"), "bert"),
-        norm_eps=hf.get("layer_norm_eps", 1e-12), pad_id=hf.get("pad_token_id") or 0,
+      vocab_size=hf["vocab_size"],
+      d_model=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      d_ff=hf["intermediate_size"],
+      max_positions=hf["max_position_embeddings"],
+      type_vocab_size=hf.get("type_vocab_size", 2),
+      activation=activation_from_hf(hf.get("hidden_act", "gelu"), "bert"),
+      norm_eps=hf.get("layer_norm_eps", 1e-12),
+      pad_id=hf.get("pad_token_id") or 0,
     )
 
   def to_hf(self) -> dict[str, Any]:
     return {
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": self.vocab_size,
-        "hidden_size": self.d_model, "num_hidden_layers": self.n_layers,
-        "num_attention_heads": self.n_heads, "intermediate_size": self.d_ff,
-        "max_position_embeddings": self.max_positions, "type_vocab_size": self.type_vocab_size,
-        "hidden_act": activation_to_hf(self.activation), "layer_norm_eps": self.norm_eps,
-        "pad_token_id": self.pad_id, "position_embedding_type": "absolute",
+      "architectures": ["BertModel"],
+      "model_type": "bert",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.d_model,
+      "num_hidden_layers": self.n_layers,
+      "num_attention_heads": self.n_heads,
+      "intermediate_size": self.d_ff,
+      "max_position_embeddings": self.max_positions,
+      "type_vocab_size": self.type_vocab_size,
+      "hidden_act": activation_to_hf(self.activation),
+      "layer_norm_eps": self.norm_eps,
+      "pad_token_id": self.pad_id,
+      "position_embedding_type": "absolute",
     }
 
 
@@ -123,27 +147,34 @@ class BertEncoder(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dt, rngs=rngs)
     normal = nnx.initializers.normal(0.02)
     self.pos_embed = nnx.Param(
-        normal(rngs.params(), (cfg.max_positions, cfg.d_model)), sharding=(None, "embed")
+      normal(rngs.params(), (cfg.max_positions, cfg.d_model)), sharding=(None, "embed")
     )
     self.type_embed = nnx.Param(
-        normal(rngs.params(), (cfg.type_vocab_size, cfg.d_model)), sharding=(None, "embed")
+      normal(rngs.params(), (cfg.type_vocab_size, cfg.d_model)), sharding=(None, "embed")
     )
     self.embed_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.blocks = nnx.List([
+    self.blocks = nnx.List(
+      [
         PostNormBlock(
-            cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.activation, eps=cfg.norm_eps, dtype=dt,
-            rngs=rngs,
+          cfg.d_model,
+          cfg.n_heads,
+          cfg.d_ff,
+          cfg.activation,
+          eps=cfg.norm_eps,
+          dtype=dt,
+          rngs=rngs,
         )
         for _ in range(cfg.n_layers)
-    ])
+      ]
+    )
     # One logical name per dimension, so no mesh axis is used twice.
     self.pooler = dense(cfg.d_model, cfg.d_model, ("embed", None), use_bias=True, rngs=rngs)
 
   def __call__(
-      self,
-      tokens: Int[Array, "B T"],
-      valid: Bool[Array, "B T"] | None = None,
-      token_types: Int[Array, "B T"] | None = None,
+    self,
+    tokens: Int[Array, "B T"],
+    valid: Bool[Array, "B T"] | None = None,
+    token_types: Int[Array, "B T"] | None = None,
   ) -> Float[Array, "B T E"]:
     """Last hidden states (fp32). Positions are 0..T-1; `token_types` defaults to segment 0."""
     t = tokens.shape[1]
@@ -162,7 +193,7 @@ class BertEncoder(nnx.Module):
     return jnp.tanh(self.pooler(hidden[:, 0]))
 
   def mean_pooled_embeddings(
-      self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], normalize: bool = True
+    self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], normalize: bool = True
   ) -> Float[Array, "B E"]:
     """Sentence embeddings, the sentence-transformers recipe: the mean of the last hidden states
     over valid tokens, then (if `normalize`) L2-normalised; fp32."""

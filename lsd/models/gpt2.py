@@ -39,37 +39,59 @@ class GPT2Config:
     """From a transformers `GPT2Config` dict (config.json); refuses variants we do not implement."""
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
       raise ValueError(
-          "gpt2 config: only scale_attn_weights=true and scale_attn_by_inverse_layer_idx=false are "
-          f"supported, got {hf.get('scale_attn_weights')} and "
-          f"{hf.get('scale_attn_by_inverse_layer_idx')}"
+        "gpt2 config: only scale_attn_weights=true and scale_attn_by_inverse_layer_idx=false are "
+        f"supported, got {hf.get('scale_attn_weights')} and "
+        f"{hf.get('scale_attn_by_inverse_layer_idx')}"
       )
     return cls(
-        vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], d_model=hf["n_embd"],
-        n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 0,
-        activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "gpt2"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
+      vocab_size=hf["vocab_size"],
+      n_positions=hf["n_positions"],
+      d_model=hf["n_embd"],
+      n_layers=hf["n_layer"],
+      n_heads=hf["n_head"],
+      d_ff=hf.get("n_inner") or 0,
+      activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "gpt2"),
+      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+      tie_embeddings=hf.get("tie_word_embeddings", True),
+      bos_id=hf.get("bos_token_id"),
+      eos_id=hf.get("eos_token_id"),
     )
 
   def to_hf(self) -> dict[str, Any]:
     """The transformers `GPT2Config` dict that `from_hf` maps back to this config."""
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": self.vocab_size,
-        "n_positions": self.n_positions, "n_embd": self.d_model, "n_layer": self.n_layers,
-        "n_head": self.n_heads, "n_inner": self.d_ff or None,
-        "activation_function": activation_to_hf(self.activation),
-        "layer_norm_epsilon": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "vocab_size": self.vocab_size,
+      "n_positions": self.n_positions,
+      "n_embd": self.d_model,
+      "n_layer": self.n_layers,
+      "n_head": self.n_heads,
+      "n_inner": self.d_ff or None,
+      "activation_function": activation_to_hf(self.activation),
+      "layer_norm_epsilon": self.norm_eps,
+      "tie_word_embeddings": self.tie_embeddings,
+      "scale_attn_weights": True,
+      "scale_attn_by_inverse_layer_idx": False,
+      "bos_token_id": self.bos_id,
+      "eos_token_id": self.eos_id,
     }
 
   def transformer_config(self) -> TransformerConfig:
     cfg = TransformerConfig(
-        vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-        n_heads=self.n_heads, d_ff=self.d_ff or 4 * self.d_model, mlp=self.activation,
-        norm="layer", norm_eps=self.norm_eps, rope_base=0.0, learned_pos=self.n_positions,
-        use_bias=True, tie_embeddings=self.tie_embeddings, dtype=self.dtype,
+      vocab_size=self.vocab_size,
+      d_model=self.d_model,
+      n_layers=self.n_layers,
+      n_heads=self.n_heads,
+      d_ff=self.d_ff or 4 * self.d_model,
+      mlp=self.activation,
+      norm="layer",
+      norm_eps=self.norm_eps,
+      rope_base=0.0,
+      learned_pos=self.n_positions,
+      use_bias=True,
+      tie_embeddings=self.tie_embeddings,
+      dtype=self.dtype,
     )
     cfg.validate("gpt2")
     return cfg
@@ -83,7 +105,7 @@ class GPT2LM(nnx.Module):
     self.transformer = Transformer(cfg.transformer_config(), rngs=rngs)
 
   def __call__(
-      self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
+    self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
   ) -> Float[Array, "B T V"]:
     """Logits (fp32) at every position. Padding must sit on the right (positions are 0..T-1);
     `valid` hides padded keys so real tokens never depend on what fills the padding."""

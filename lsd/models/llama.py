@@ -31,25 +31,36 @@ _HEAD_CHUNK = 128
 
 
 def llama_config(
-    *,
-    vocab_size: int,
-    d_model: int,
-    n_layers: int,
-    n_heads: int,
-    n_kv_heads: int,
-    d_ff: int,
-    rope_base: float,
-    norm_eps: float,
-    tie_embeddings: bool,
-    head_dim: int = 0,
-    dtype: str = "float32",
+  *,
+  vocab_size: int,
+  d_model: int,
+  n_layers: int,
+  n_heads: int,
+  n_kv_heads: int,
+  d_ff: int,
+  rope_base: float,
+  norm_eps: float,
+  tie_embeddings: bool,
+  head_dim: int = 0,
+  dtype: str = "float32",
 ) -> TransformerConfig:
   """The llama architecture as a `TransformerConfig` (pre-norm RMSNorm, SwiGLU, GQA + RoPE)."""
   cfg = TransformerConfig(
-      vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-      n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=d_ff, mlp="swiglu", norm="rms",
-      norm_eps=norm_eps, rope_base=rope_base, use_bias=False, qk_norm=False,
-      tie_embeddings=tie_embeddings, dtype=dtype,
+    vocab_size=vocab_size,
+    d_model=d_model,
+    n_layers=n_layers,
+    n_heads=n_heads,
+    n_kv_heads=n_kv_heads,
+    head_dim=head_dim,
+    d_ff=d_ff,
+    mlp="swiglu",
+    norm="rms",
+    norm_eps=norm_eps,
+    rope_base=rope_base,
+    use_bias=False,
+    qk_norm=False,
+    tie_embeddings=tie_embeddings,
+    dtype=dtype,
   )
   cfg.validate("llama")
   return cfg
@@ -115,14 +126,14 @@ class LlamaLM:
   """
 
   def __init__(
-      self,
-      cfg: TransformerConfig,
-      params: dict[str, Any],
-      *,
-      bos_id: int | None = None,
-      eos_id: int | None = None,
-      pad_id: int | None = None,
-      name: str = "llama",
+    self,
+    cfg: TransformerConfig,
+    params: dict[str, Any],
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    name: str = "llama",
   ):
     self.cfg = cfg
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
@@ -133,10 +144,10 @@ class LlamaLM:
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
     if expected != got:
       raise ValueError(
-          f"llama params do not match the architecture {cfg}: expected shapes {expected}, got {got}"
+        f"llama params do not match the architecture {cfg}: expected shapes {expected}, got {got}"
       )
     state.replace_by_pure_dict(
-        jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+      jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     )
     self.state = state
 
@@ -147,8 +158,10 @@ class LlamaLM:
 
     imported = import_gguf(path)
     return cls(
-        dataclasses.replace(imported.config, dtype=dtype), imported.params,
-        name=Path(path).stem, **imported.special_ids,
+      dataclasses.replace(imported.config, dtype=dtype),
+      imported.params,
+      name=Path(path).stem,
+      **imported.special_ids,
     )
 
   @property

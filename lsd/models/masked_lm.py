@@ -41,9 +41,14 @@ class MaskedLM(nnx.Module):
     cache: KVCache | None = None,
     rngs: nnx.Rngs | None = None,
     subs: bool = True,
+    num_outputs: int | None = None,
   ) -> tuple[Float[Array, "B T V"], KVCache | None]:
-    """Log-probabilities over the vocabulary (fp32). With `subs`, unmasked inputs copy through."""
-    logits, cache = self.backbone(tokens, positions=positions, mask=mask, cache=cache, rngs=rngs)
+    """Log-probabilities over the vocabulary (fp32). With `subs`, unmasked inputs copy through.
+    With `num_outputs`, only the first `num_outputs` positions get log-probabilities."""
+    logits, cache = self.backbone(
+      tokens, positions=positions, mask=mask, cache=cache, rngs=rngs, num_outputs=num_outputs
+    )
+    tokens = tokens[:, : logits.shape[1]]
     vocab = logits.shape[-1]
     logits = logits.at[..., self.mask_id].set(NEG_INF)
     logp = logits - jnp.max(logits, axis=-1, keepdims=True)

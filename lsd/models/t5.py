@@ -27,10 +27,10 @@ from lsd.nn.layers import Embed, RMSNorm, dense
 from lsd.nn.transformer import DTYPES
 
 _ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
 }
 
 
@@ -58,28 +58,41 @@ class T5Config:
     act = proj.removeprefix("gated-")
     act = "gelu_new" if proj == "gated-gelu" else act
     return cls(
-        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"],
-        n_heads=hf["num_heads"], d_ff=hf["d_ff"], n_layers=hf["num_layers"],
-        num_buckets=hf.get("relative_attention_num_buckets", 32),
-        max_distance=hf.get("relative_attention_max_distance", 128),
-        activation=activation_from_hf(act, "t5"), gated=gated,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+      vocab_size=hf["vocab_size"],
+      d_model=hf["d_model"],
+      d_kv=hf["d_kv"],
+      n_heads=hf["num_heads"],
+      d_ff=hf["d_ff"],
+      n_layers=hf["num_layers"],
+      num_buckets=hf.get("relative_attention_num_buckets", 32),
+      max_distance=hf.get("relative_attention_max_distance", 128),
+      activation=activation_from_hf(act, "t5"),
+      gated=gated,
+      norm_eps=hf.get("layer_norm_epsilon", 1e-6),
     )
 
   def to_hf(self) -> dict[str, Any]:
     act = activation_to_hf(self.activation)
     proj = "gated-gelu" if self.gated and act == "gelu_new" else ("gated-" * self.gated) + act
     return {
-        "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": self.vocab_size,
-        "d_model": self.d_model, "d_kv": self.d_kv, "num_heads": self.n_heads, "d_ff": self.d_ff,
-        "num_layers": self.n_layers, "relative_attention_num_buckets": self.num_buckets,
-        "relative_attention_max_distance": self.max_distance, "feed_forward_proj": proj,
-        "layer_norm_epsilon": self.norm_eps, "is_encoder_decoder": False,
+      "architectures": ["T5EncoderModel"],
+      "model_type": "t5",
+      "vocab_size": self.vocab_size,
+      "d_model": self.d_model,
+      "d_kv": self.d_kv,
+      "num_heads": self.n_heads,
+      "d_ff": self.d_ff,
+      "num_layers": self.n_layers,
+      "relative_attention_num_buckets": self.num_buckets,
+      "relative_attention_max_distance": self.max_distance,
+      "feed_forward_proj": proj,
+      "layer_norm_epsilon": self.norm_eps,
+      "is_encoder_decoder": False,
     }
 
 
 def relative_position_buckets(
-    q_len: int, k_len: int, num_buckets: int, max_distance: int
+  q_len: int, k_len: int, num_buckets: int, max_distance: int
 ) -> np.ndarray:
   """Bidirectional T5 buckets, int32 [q_len, k_len] (static: computed in numpy at trace time).
 
@@ -113,8 +126,11 @@ class T5Attention(nnx.Module):
     self.o = dense(inner, cfg.d_model, ("heads", "embed"), dtype=dt, rngs=rngs)
 
   def __call__(
-      self, x: Float[Array, "B T E"], *, mask: Bool[Array, "#B #H T T"] | None,
-      bias: Float[Array, "1 H T T"],
+    self,
+    x: Float[Array, "B T E"],
+    *,
+    mask: Bool[Array, "#B #H T T"] | None,
+    bias: Float[Array, "1 H T T"],
   ) -> Float[Array, "B T E"]:
     b, t, _ = x.shape
     q, k, v = (p(x).reshape(b, t, self.n_heads, self.d_kv) for p in (self.q, self.k, self.v))
@@ -129,7 +145,7 @@ class T5FeedForward(nnx.Module):
     dt = DTYPES[cfg.dtype]
     self.act = _ACTIVATIONS[cfg.activation]
     self.gate = (
-        dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype=dt, rngs=rngs) if cfg.gated else None
+      dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype=dt, rngs=rngs) if cfg.gated else None
     )
     self.up = dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype=dt, rngs=rngs)
     self.down = dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), dtype=dt, rngs=rngs)
@@ -158,8 +174,8 @@ class T5Encoder(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype], rngs=rngs)
     self.rel_bias = nnx.Param(
-        nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_buckets, cfg.n_heads)),
-        sharding=(None, "heads"),
+      nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_buckets, cfg.n_heads)),
+      sharding=(None, "heads"),
     )
     self.blocks = nnx.List([T5Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
@@ -169,7 +185,7 @@ class T5Encoder(nnx.Module):
     return jnp.take(self.rel_bias[...], buckets, axis=0).transpose(2, 0, 1)[None]
 
   def __call__(
-      self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
+    self, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
   ) -> Float[Array, "B T E"]:
     """Last hidden states (fp32); padded keys are hidden by `valid`."""
     x = self.embed(tokens)

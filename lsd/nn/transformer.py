@@ -202,9 +202,14 @@ class Transformer(nnx.Module):
     cache: KVCache | None = None,
     rngs: nnx.Rngs | None = None,
     return_hidden: bool = False,
+    num_outputs: int | None = None,
   ) -> tuple[Float[Array, "B T V"], KVCache | None]:
     """With `cache`, `positions` must be the absolute positions of `tokens`; the returned cache holds
-    their keys/values and its length is advanced by T (callers that only peek discard it)."""
+    their keys/values and its length is advanced by T (callers that only peek discard it).
+
+    num_outputs: a static count; logits (or hidden states) are returned for the first `num_outputs`
+    positions only, so the output head is not run where the caller would discard it (the x0 half of
+    the 2L block-diffusion input)."""
     b, t = tokens.shape
     if positions is None:
       offset = 0 if cache is None else cache.length
@@ -231,6 +236,10 @@ class Transformer(nnx.Module):
       shift, scale = self.final_ada(cond)
       x = modulate(x, shift, scale)
     new_cache = None if cache is None else KVCache.stack(new_layers, cache.length + t)
+    if num_outputs is not None:
+      if not 0 < num_outputs <= t:
+        raise ValueError(f"num_outputs={num_outputs} must be in [1, {t}] (the input length)")
+      x = x[:, :num_outputs]
     if return_hidden:
       return x, new_cache
     logits = self.embed.attend(x) if self.head is None else self.head(x)

@@ -1,0 +1,39 @@
+"""LD4LG seq2seq on E2E NLG: meaning representation -> restaurant description.
+
+The source (`mr`, e.g. "name[The Eagle], eatType[coffee shop], food[French]") goes through the
+frozen pretrained all-MiniLM-L6-v2 (registry wheel, offline); its hidden states are the denoiser's
+cross-attention context, dropped to a learned null context with probability 0.1 for classifier-free
+guidance. The target (`ref`) is what the autoencoder encodes.
+
+Stage 1 (autoencoder on the references):
+  lsd train --config configs/ld4lg_e2e.py:stage=ae,size=tiny --workdir runs/e2e_ae \
+    --config.data.path=/path/to/e2e/trainset.csv
+Stage 2 (seq2seq denoiser):
+  lsd train --config configs/ld4lg_e2e.py:stage=diffusion,size=tiny --workdir runs/e2e_diff \
+    --config.data.path=/path/to/e2e/trainset.csv --config.ld4lg.autoencoder_workdir=runs/e2e_ae
+  lsd sample --workdir runs/e2e_diff --num_samples 8   # held-out sources -> outputs
+
+Data: the E2E csv files (columns `mr`, `ref`; tuetschek/e2e-dataset). Arguments as in
+configs/ld4lg_yelp.py (stage, size, encoder, steps); sentences are longer here (max_len 48 for tiny).
+"""
+
+import ml_collections
+
+from configs.ld4lg_yelp import build
+from lsd.config import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, {"stage": "ae", "size": "tiny", "encoder": "scratch", "steps": 0})
+  a["context"] = "minilm"
+  c = build(a, dict(source="csv", text_field="ref"), num_classes=0)
+  if a["stage"] == "diffusion":
+    c.data.source_field = "mr"
+    c.data.max_source_len = 64
+  if a["size"] != "test":
+    c.data.max_len = c.data.seq_len = 48
+    if a["stage"] == "ae":
+      c.model.max_len = 48
+    c.sample.max_new_tokens = 47
+  c.data.eval_fraction = 0.05
+  return c
