@@ -1,0 +1,384 @@
+"""LD4LG at CPU scale: reconstruction, unconditional and class-conditional generation on Yelp, an AR
+baseline of the same size and budget, and seq2seq on E2E NLG.
+
+    python benchmarks/ld4lg.py [--data_dir ../shared/data] [--workdir runs/bench/ld4lg]
+
+Protocol (issue "LD4LG end to end", item 4):
+- Yelp review sentences (sentiment.dev.{0,1}: label 0 = negative, 1 = positive), the seeded 95/5
+  split of configs/ld4lg_yelp.py (split_seed 0); tiny sizes (8 x 32 latents), one BPE tokenizer
+  (trained on the training split) shared by the autoencoder, the denoiser and the AR baseline.
+- Stage 1 autoencoder, stage 2 class-conditional denoiser (label dropout 0.1: the null class gives
+  unconditional samples), and a causal LM of about the denoiser's size trained for the combined
+  training time of both LD4LG stages (the AR baseline), all within 60 minutes in all.
+- recon_bleu: greedy reconstructions of held-out sentences (sacrebleu vs the sentence itself).
+- Unconditional samples (null class, w = 1) and AR samples: judge gen-PPL (SmolLM2-135M, per-sample
+  mean), unigram entropy of each sample's token ids, MAUVE against held-out sentences on judge
+  features (mean-pooled final hidden states).
+- Class-conditional samples at w in {1, 2, 3}, half per class: sentiment accuracy by a logistic
+  regression on judge features trained on SST-2 (a different corpus; features the generator never
+  sees); `classifier_acc_real` is that classifier on held-out real Yelp sentences (the ceiling).
+- Seq2seq: E2E NLG (devset.csv for training, testset_w_refs.csv grouped by meaning representation
+  for evaluation), MiniLM source states as the denoiser's context; multi-reference BLEU at w = 1, 2.
+
+Every stage is resumable: trainings resume from their checkpoints, sample files are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import write_result
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lsd import api  # noqa: E402
+from lsd.config import load_config_file  # noqa: E402
+from lsd.data import split_documents  # noqa: E402
+from lsd.data.sentences import load_sentences  # noqa: E402
+from lsd.eval.genppl import GenPPL  # noqa: E402
+from lsd.eval.metrics import LinearProbe, bleu, mauve, unigram_entropy  # noqa: E402
+from lsd.methods import ld4lg  # noqa: E402
+from lsd.sampling.autoregressive import generate  # noqa: E402
+from lsd.train.trainer import train  # noqa: E402
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_seconds(run: Path) -> float:
+  """Sum over the run's train log records of (steps since the previous record) / steps_per_s:
+  training compute time, without pauses between a stop and a resume."""
+  recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+  total, prev = 0.0, 0
+  for r in recs:
+    if r["split"] == "train":
+      total += (r["step"] - prev) / r["steps_per_s"]
+      prev = r["step"]
+  return total
+
+
+def quiet(c, steps: int, log_every: int = 100):
+  c.train.steps = steps
+  c.train.warmup_steps = min(c.train.warmup_steps, max(1, steps // 10))
+  c.train.ckpt_every = 500
+  c.train.log_every = log_every
+  c.train.num_samples = 0
+  c.train.progress = False
+  return c
+
+
+# ------------------------------------------------------------------------------------------ Yelp
+def yelp_configs(data_dir: Path, args) -> dict:
+  path = str(data_dir / "yelp" / "sentiment.dev.*")
+  ae = quiet(load_config_file("configs/ld4lg_yelp.py:stage=ae,size=tiny"), args.ae_steps)
+  diff = quiet(load_config_file("configs/ld4lg_yelp.py:stage=diffusion,size=tiny"), args.diff_steps)
+  for c in (ae, diff):
+    c.data.path = path
+    c.data.eval_fraction = 0.05
+  diff.ld4lg.autoencoder_workdir = str(Path(args.workdir) / "yelp_ae")
+  # AR baseline: a causal LM of about the denoiser's width/depth on the same sentences (one per
+  # document, [bos] ids [eos], packed), same tokenizer, trained for the LD4LG stages' total time.
+  ar = quiet(load_config_file("configs/causal_lm.py:size=tiny,data=text"), args.ar_steps)
+  ar.data.path = path
+  ar.data.eval_fraction = 0.05
+  ar.data.seq_len = 64
+  ar.data.batch_size = 32
+  ar.data.tokenizer.vocab_size = ae.data.tokenizer.vocab_size
+  return {"yelp_ae": ae, "yelp_diff": diff, "yelp_ar": ar}
+
+
+def held_out(ae_cfg) -> list[dict]:
+  cfg = ae_cfg.data
+  _, eval_docs = split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)
+  return eval_docs
+
+
+def sst2(data_dir: Path, n_per_class: int, seed: int = 0) -> tuple[list, list, list, list]:
+  """A balanced SST-2 training subset of full sentences (>= 6 words) and the SST-2 dev set."""
+
+  def read(name):
+    rows = list(csv.reader(open(data_dir / "sst2" / name), delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(r[1], int(r[0])) for r in rows[1:] if len(r) == 2]
+
+  train_rows = [r for r in read("train.tsv") if len(r[0].split()) >= 6]
+  rng = np.random.default_rng(seed)
+  pick = []
+  for label in (0, 1):
+    idx = [i for i, r in enumerate(train_rows) if r[1] == label]
+    pick += [train_rows[i] for i in rng.choice(idx, n_per_class, replace=False)]
+  dev = read("dev.tsv")
+  return [t for t, _ in pick], [y for _, y in pick], [t for t, _ in dev], [y for _, y in dev]
+
+
+def sample_yelp(workdir: Path, args, cache: Path) -> dict:
+  """variant -> {"texts", "tokens", "labels"?, "seconds"}; cached per variant."""
+  out = {}
+  ae = diff = None
+  for name in ["recon", "uncond", "cfg_w1", "cfg_w2", "cfg_w3", "ar"]:
+    f = cache / f"samples_{name}.json"
+    if f.exists():
+      out[name] = json.loads(f.read_text())
+      continue
+    if ae is None:
+      ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
+    tok = ae.tokenizer
+    key = jax.random.key(args.seed)
+    t0 = time.perf_counter()
+    if name == "recon":
+      docs = held_out(ae.config)[: args.recon_sentences]
+      texts = []
+      for i in range(0, len(docs), 250):
+        z = ld4lg.encode_texts(ae, [d["text"] for d in docs[i : i + 250]])
+        texts += ld4lg.decode_latents(ae, z)
+      rec = {"texts": texts, "references": [d["text"] for d in docs]}
+    elif name == "ar":
+      ar = api.load(workdir / "yelp_ar")
+      prompt = jnp.full((args.samples, 1), ar.tokenizer.bos_id, jnp.int32)
+      toks = generate(
+        ar.graphdef, ar.params, key, prompt, max_new_tokens=ae.config.data.max_len - 1
+      )
+      rows = []
+      for r in np.asarray(jax.device_get(toks)).tolist():
+        rows.append(r[: r.index(ar.tokenizer.eos_id)] if ar.tokenizer.eos_id in r else r)
+      rec = {"texts": [ar.tokenizer.decode(r) for r in rows]}
+    else:
+      n_cls = diff.config.model.num_classes
+      if name == "uncond":
+        n, w = args.samples, 1.0
+        labels = jnp.full((n,), n_cls, jnp.int32)  # the null class: unconditional
+      else:
+        n, w = args.class_samples, float(name[-1])
+        labels = jnp.arange(n, dtype=jnp.int32) % n_cls
+      z = diff.task.sample_latents(diff.model(), key, n, labels=labels, guidance_scale=w)
+      texts = ld4lg.decode_latents(ae, z, sample=diff.config.sample)
+      rec = {"texts": texts, "guidance_scale": w}
+      if name != "uncond":
+        rec["labels"] = np.asarray(labels).tolist()
+    rec["seconds"] = time.perf_counter() - t0
+    rec["tokens"] = [tok.encode(t) for t in rec["texts"]]
+    f.write_text(json.dumps(rec))
+    log(
+      f"sampled {name}: {len(rec['texts'])} texts in {rec['seconds']:.0f} s, e.g. "
+      f"{rec['texts'][:2]}"
+    )
+    out[name] = rec
+  return out
+
+
+def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) -> dict:
+  f = cache / "scores.json"
+  if f.exists():
+    return json.loads(f.read_text())
+  judge = GenPPL(max_len=64, batch_size=32)
+  ae_cfg = api.load(workdir / "yelp_ae").config
+  real = held_out(ae_cfg)
+  rng = np.random.default_rng(0)
+  real = [real[i] for i in rng.permutation(len(real))]
+  mauve_refs = [d["text"] for d in real[: args.samples]]
+  clf_real = real[args.samples : args.samples + args.classifier_real]
+  log("judge features: SST-2 train subset, SST-2 dev, held-out Yelp")
+  x_tr, y_tr, x_dev, y_dev = sst2(data_dir, args.sst2_per_class)
+  probe = LinearProbe(c=args.probe_c).fit(judge.hidden_features(x_tr), y_tr)
+  acc = lambda texts, labels: float(np.mean(probe.predict(judge.hidden_features(texts)) == labels))
+  m = {
+    "classifier_acc_sst2_dev": acc(x_dev, np.array(y_dev)),
+    "classifier_acc_real": acc(
+      [d["text"] for d in clf_real], np.array([d["label"] for d in clf_real])
+    ),
+  }
+  log(f"classifier: {m}")
+  ref_feats = judge.hidden_features(mauve_refs)
+  m["recon_bleu"] = bleu(samples["recon"]["texts"], samples["recon"]["references"])
+  m["recon_exact"] = float(
+    np.mean(
+      [
+        a == b
+        for a, b in zip(samples["recon"]["texts"], samples["recon"]["references"], strict=True)
+      ]
+    )
+  )
+  for name, prefix in [("uncond", ""), ("ar", "ar_")]:
+    texts = samples[name]["texts"]
+    ppl = np.array(judge.per_sample(texts))
+    m[prefix + "gen_ppl"] = float(np.nanmean(ppl))
+    m[prefix + "gen_ppl_median"] = float(np.nanmedian(ppl))
+    m[prefix + "entropy"] = float(np.mean([unigram_entropy(t) for t in samples[name]["tokens"]]))
+    m[prefix + "mauve"] = mauve(ref_feats, judge.hidden_features(texts))
+    m[prefix + "n_samples"] = len(texts)
+    m[prefix + "sampling_seconds"] = samples[name]["seconds"]
+    log(f"{name}: gen_ppl {m[prefix + 'gen_ppl']:.1f} mauve {m[prefix + 'mauve']:.3f}")
+  m["class_acc"], m["class_gen_ppl"] = {}, {}
+  for w in (1, 2, 3):
+    s = samples[f"cfg_w{w}"]
+    m["class_acc"][str(w)] = acc(s["texts"], np.array(s["labels"]))
+    m["class_gen_ppl"][str(w)] = float(np.nanmean(judge.per_sample(s["texts"])))
+  log(f"class_acc {m['class_acc']}")
+  f.write_text(json.dumps(m))
+  return m
+
+
+# ------------------------------------------------------------------------------------------- E2E
+def e2e_configs(data_dir: Path, args) -> dict:
+  path = str(data_dir / "e2e" / "devset.csv")
+  ae = quiet(load_config_file("configs/ld4lg_e2e.py:stage=ae,size=tiny"), args.e2e_ae_steps)
+  diff = quiet(
+    load_config_file("configs/ld4lg_e2e.py:stage=diffusion,size=tiny"), args.e2e_diff_steps
+  )
+  for c in (ae, diff):
+    c.data.path = path
+  diff.ld4lg.autoencoder_workdir = str(Path(args.workdir) / "e2e_ae")
+  return {"e2e_ae": ae, "e2e_diff": diff}
+
+
+def e2e_test(data_dir: Path) -> tuple[list[str], list[list[str]]]:
+  groups: dict[str, list[str]] = {}
+  with open(data_dir / "e2e" / "testset_w_refs.csv", newline="") as f:
+    for row in csv.DictReader(f):
+      groups.setdefault(row["mr"], []).append(row["ref"])
+  return list(groups), list(groups.values())
+
+
+def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
+  f = cache / "e2e_scores.json"
+  if f.exists():
+    return json.loads(f.read_text())
+  diff = api.load(workdir / "e2e_diff")
+  sources, refs = e2e_test(data_dir)
+  m = {"n_sources": len(sources)}
+  for w in args.e2e_guidance:
+    t0 = time.perf_counter()
+    out = []
+    for i in range(0, len(sources), 256):
+      chunk = sources[i : i + 256]
+      padded = chunk + [chunk[-1]] * (256 - len(chunk))  # one compiled shape for every chunk
+      out += ld4lg.generate_from_sources(
+        diff, jax.random.key(args.seed + i), padded, guidance_scale=w
+      )[: len(chunk)]
+    m[f"bleu_w{w:g}"] = bleu(out, refs)
+    m[f"seconds_w{w:g}"] = time.perf_counter() - t0
+    (cache / f"e2e_samples_w{w:g}.json").write_text(
+      json.dumps([{"source": s, "text": t} for s, t in zip(sources, out, strict=True)])
+    )
+    log(f"e2e w={w}: BLEU {m[f'bleu_w{w:g}']:.2f}, e.g. {out[:2]}")
+  ae = api.load(workdir / "e2e_ae")
+  flat = [r[0] for r in refs]
+  rec = []
+  for i in range(0, len(flat), 256):
+    rec += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, flat[i : i + 256]))
+  m["recon_bleu"] = bleu(rec, flat)
+  f.write_text(json.dumps(m))
+  return m
+
+
+# ------------------------------------------------------------------------------------------ main
+def n_params(run_dir: Path) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(api.load(run_dir).params)))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
+  p.add_argument("--workdir", default="runs/bench/ld4lg")
+  p.add_argument("--ae_steps", type=int, default=3000)
+  p.add_argument("--diff_steps", type=int, default=5000)
+  p.add_argument("--ar_steps", type=int, default=0, help="0: match the LD4LG training time")
+  p.add_argument("--e2e_ae_steps", type=int, default=1500)
+  p.add_argument("--e2e_diff_steps", type=int, default=2500)
+  p.add_argument("--e2e_guidance", type=float, nargs="+", default=[1.0, 2.0])
+  p.add_argument("--samples", type=int, default=512)
+  p.add_argument("--class_samples", type=int, default=256)
+  p.add_argument("--recon_sentences", type=int, default=1000)
+  p.add_argument("--classifier_real", type=int, default=1000)
+  p.add_argument("--sst2_per_class", type=int, default=2000)
+  p.add_argument("--probe_c", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--only", choices=["yelp", "e2e"], default=None)
+  args = p.parse_args()
+  data_dir = Path(args.data_dir)
+  if not (data_dir / "yelp").is_dir():
+    sys.exit(f"--data_dir={data_dir} has no yelp/ folder (the shared corpora)")
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cache = workdir / "cache"
+  cache.mkdir(exist_ok=True)
+  result, config = {}, {"data_dir": "shared corpora: yelp, sst2, e2e (see ../shared/data)"}
+
+  if args.only in (None, "yelp"):
+    cfgs = yelp_configs(data_dir, args)
+    for name in ("yelp_ae", "yelp_diff"):
+      log(f"training {name}")
+      train(cfgs[name], workdir / name)
+    secs = {n: train_seconds(workdir / n) for n in ("yelp_ae", "yelp_diff")}
+    ar_dir = workdir / "yelp_ar"
+    ar_dir.mkdir(exist_ok=True)
+    if not (ar_dir / "tokenizer.json").exists():
+      shutil.copy(workdir / "yelp_ae" / "tokenizer.json", ar_dir / "tokenizer.json")
+    if not args.ar_steps:
+      # Same budget: the AR steps that fit the LD4LG training time, from a 50-step probe's speed.
+      probe = workdir / "yelp_ar_probe"
+      if not (probe / "metrics.jsonl").exists():
+        probe.mkdir(exist_ok=True)
+        shutil.copy(ar_dir / "tokenizer.json", probe / "tokenizer.json")
+        train(quiet(yelp_configs(data_dir, args)["yelp_ar"], 60, log_every=20), probe)
+      recs = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
+      sps = np.median([r["steps_per_s"] for r in recs if r["split"] == "train"][1:])
+      args.ar_steps = int(sum(secs.values()) * sps)
+      cfgs["yelp_ar"] = quiet(cfgs["yelp_ar"], args.ar_steps)
+    log(f"training yelp_ar ({args.ar_steps} steps)")
+    train(cfgs["yelp_ar"], ar_dir)
+    secs["yelp_ar"] = train_seconds(ar_dir)
+    samples = sample_yelp(workdir, args, cache)
+    result = score_yelp(workdir, args, samples, cache, data_dir)
+    best_w = max(result["class_acc"], key=result["class_acc"].get)
+    result["targets"] = {
+      "recon_bleu_ge_90": result["recon_bleu"] >= 90,
+      "best_class_acc_ge_0.9_ceiling": result["class_acc"][best_w]
+      >= 0.9 * result["classifier_acc_real"],
+      "mauve_within_0.05_of_ar": result["mauve"] >= result["ar_mauve"] - 0.05,
+    }
+    result["train_seconds"] = secs
+    result["train_seconds_total"] = sum(secs.values())
+    result["n_params"] = {n: n_params(workdir / n) for n in ("yelp_ae", "yelp_diff", "yelp_ar")}
+    config["yelp"] = {
+      "split": "95/5 seeded (split_seed 0), sentiment.dev.{0,1}",
+      "steps": {"ae": args.ae_steps, "diffusion": args.diff_steps, "ar": args.ar_steps},
+      "latents": [cfgs["yelp_ae"].model.num_latents, cfgs["yelp_ae"].model.d_latent],
+      "sampler": dict(cfgs["yelp_diff"].sample),
+      "samples": args.samples,
+      "class_samples_per_w": args.class_samples,
+      "classifier": f"logistic regression (C={args.probe_c}) on judge mean-pooled hidden states, "
+      f"SST-2 train subset {args.sst2_per_class} per class (sentences >= 6 words)",
+      "judge": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), per-sample mean PPL",
+    }
+  if args.only in (None, "e2e"):
+    cfgs = e2e_configs(data_dir, args)
+    for name in ("e2e_ae", "e2e_diff"):
+      log(f"training {name}")
+      train(cfgs[name], workdir / name)
+    e2e = run_e2e(workdir, args, cache, data_dir)
+    e2e["train_seconds"] = {n: train_seconds(workdir / n) for n in ("e2e_ae", "e2e_diff")}
+    result["e2e"] = e2e
+    config["e2e"] = {
+      "train": "devset.csv (all pairs, 95/5 split for the training loss eval)",
+      "test": "testset_w_refs.csv grouped by MR (multi-reference sacrebleu)",
+      "steps": {"ae": args.e2e_ae_steps, "diffusion": args.e2e_diff_steps},
+      "context": "frozen all-MiniLM-L6-v2 hidden states of the MR",
+      "sampler": dict(cfgs["e2e_diff"].sample),
+    }
+  name = "ld4lg" if args.only is None else f"ld4lg_{args.only}"
+  write_result(name, result, config)
+
+
+if __name__ == "__main__":
+  main()
