@@ -26,6 +26,7 @@ Every stage is resumable: trainings resume from their checkpoints, sample files 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import shutil
@@ -68,7 +69,26 @@ def train_seconds(run: Path) -> float:
   return total
 
 
+def steps_for_minutes(cfg, probe: Path, minutes: float, tokenizer: Path | None = None) -> int:
+  """Training steps that fit `minutes` on this machine, from the steady speed of a 40-step probe
+  run of the same config (intervals after the first, which holds compilation)."""
+  if not (probe / "metrics.jsonl").exists():
+    probe.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+      shutil.copy(tokenizer, probe / "tokenizer.json")
+    c = quiet(cfg, 40, log_every=10)
+    c.train.eval_batches = 1
+    train(c, probe)
+  recs = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
+  sps = float(np.median([r["steps_per_s"] for r in recs if r["split"] == "train"][1:]))
+  steps = int(minutes * 60 * sps)
+  log(f"{probe.name}: {sps:.2f} steps/s -> {steps} steps in {minutes} min")
+  return steps
+
+
 def quiet(c, steps: int, log_every: int = 100):
+  """A copy of config `c` for `steps` steps, logging every `log_every`, no samples or progress bar."""
+  c = copy.deepcopy(c)
   c.train.steps = steps
   c.train.warmup_steps = min(c.train.warmup_steps, max(1, steps // 10))
   c.train.ckpt_every = 500
@@ -81,15 +101,15 @@ def quiet(c, steps: int, log_every: int = 100):
 # ------------------------------------------------------------------------------------------ Yelp
 def yelp_configs(data_dir: Path, args) -> dict:
   path = str(data_dir / "yelp" / "sentiment.dev.*")
-  ae = quiet(load_config_file("configs/ld4lg_yelp.py:stage=ae,size=tiny"), args.ae_steps)
-  diff = quiet(load_config_file("configs/ld4lg_yelp.py:stage=diffusion,size=tiny"), args.diff_steps)
+  ae = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=tiny")
+  diff = load_config_file("configs/ld4lg_yelp.py:stage=diffusion,size=tiny")
   for c in (ae, diff):
     c.data.path = path
     c.data.eval_fraction = 0.05
   diff.ld4lg.autoencoder_workdir = str(Path(args.workdir) / "yelp_ae")
   # AR baseline: a causal LM of about the denoiser's width/depth on the same sentences (one per
   # document, [bos] ids [eos], packed), same tokenizer, trained for the LD4LG stages' total time.
-  ar = quiet(load_config_file("configs/causal_lm.py:size=tiny,data=text"), args.ar_steps)
+  ar = load_config_file("configs/causal_lm.py:size=tiny,data=text")
   ar.data.path = path
   ar.data.eval_fraction = 0.05
   ar.data.seq_len = 64
@@ -231,10 +251,8 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
 # ------------------------------------------------------------------------------------------- E2E
 def e2e_configs(data_dir: Path, args) -> dict:
   path = str(data_dir / "e2e" / "devset.csv")
-  ae = quiet(load_config_file("configs/ld4lg_e2e.py:stage=ae,size=tiny"), args.e2e_ae_steps)
-  diff = quiet(
-    load_config_file("configs/ld4lg_e2e.py:stage=diffusion,size=tiny"), args.e2e_diff_steps
-  )
+  ae = load_config_file("configs/ld4lg_e2e.py:stage=ae,size=tiny")
+  diff = load_config_file("configs/ld4lg_e2e.py:stage=diffusion,size=tiny")
   for c in (ae, diff):
     c.data.path = path
   diff.ld4lg.autoencoder_workdir = str(Path(args.workdir) / "e2e_ae")
@@ -290,11 +308,17 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
   p.add_argument("--workdir", default="runs/bench/ld4lg")
-  p.add_argument("--ae_steps", type=int, default=3000)
-  p.add_argument("--diff_steps", type=int, default=5000)
-  p.add_argument("--ar_steps", type=int, default=0, help="0: match the LD4LG training time")
-  p.add_argument("--e2e_ae_steps", type=int, default=1500)
-  p.add_argument("--e2e_diff_steps", type=int, default=2500)
+  # Budgets in minutes of training on this machine (a 40-step probe converts them to steps);
+  # a positive --*_steps overrides. The AR baseline gets the two Yelp LD4LG stages' total time.
+  p.add_argument("--ae_minutes", type=float, default=7.0)
+  p.add_argument("--diff_minutes", type=float, default=9.0)
+  p.add_argument("--e2e_ae_minutes", type=float, default=3.0)
+  p.add_argument("--e2e_diff_minutes", type=float, default=4.0)
+  p.add_argument("--ae_steps", type=int, default=0)
+  p.add_argument("--diff_steps", type=int, default=0)
+  p.add_argument("--ar_steps", type=int, default=0)
+  p.add_argument("--e2e_ae_steps", type=int, default=0)
+  p.add_argument("--e2e_diff_steps", type=int, default=0)
   p.add_argument("--e2e_guidance", type=float, nargs="+", default=[1.0, 2.0])
   p.add_argument("--samples", type=int, default=512)
   p.add_argument("--class_samples", type=int, default=256)
@@ -316,25 +340,28 @@ def main():
 
   if args.only in (None, "yelp"):
     cfgs = yelp_configs(data_dir, args)
-    for name in ("yelp_ae", "yelp_diff"):
-      log(f"training {name}")
-      train(cfgs[name], workdir / name)
+    if not args.ae_steps:
+      args.ae_steps = steps_for_minutes(cfgs["yelp_ae"], workdir / "probe_ae", args.ae_minutes)
+    log(f"training yelp_ae ({args.ae_steps} steps)")
+    train(quiet(cfgs["yelp_ae"], args.ae_steps), workdir / "yelp_ae")
+    if not args.diff_steps:
+      args.diff_steps = steps_for_minutes(
+        cfgs["yelp_diff"], workdir / "probe_diff", args.diff_minutes
+      )
+    log(f"training yelp_diff ({args.diff_steps} steps)")
+    train(quiet(cfgs["yelp_diff"], args.diff_steps), workdir / "yelp_diff")
     secs = {n: train_seconds(workdir / n) for n in ("yelp_ae", "yelp_diff")}
     ar_dir = workdir / "yelp_ar"
     ar_dir.mkdir(exist_ok=True)
+    tokenizer = workdir / "yelp_ae" / "tokenizer.json"
     if not (ar_dir / "tokenizer.json").exists():
-      shutil.copy(workdir / "yelp_ae" / "tokenizer.json", ar_dir / "tokenizer.json")
+      shutil.copy(tokenizer, ar_dir / "tokenizer.json")
     if not args.ar_steps:
-      # Same budget: the AR steps that fit the LD4LG training time, from a 50-step probe's speed.
-      probe = workdir / "yelp_ar_probe"
-      if not (probe / "metrics.jsonl").exists():
-        probe.mkdir(exist_ok=True)
-        shutil.copy(ar_dir / "tokenizer.json", probe / "tokenizer.json")
-        train(quiet(yelp_configs(data_dir, args)["yelp_ar"], 60, log_every=20), probe)
-      recs = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
-      sps = np.median([r["steps_per_s"] for r in recs if r["split"] == "train"][1:])
-      args.ar_steps = int(sum(secs.values()) * sps)
-      cfgs["yelp_ar"] = quiet(cfgs["yelp_ar"], args.ar_steps)
+      # Same budget: the AR steps that fit the two LD4LG stages' measured training time.
+      args.ar_steps = steps_for_minutes(
+        cfgs["yelp_ar"], workdir / "probe_ar", sum(secs.values()) / 60, tokenizer
+      )
+    cfgs["yelp_ar"] = quiet(cfgs["yelp_ar"], args.ar_steps)
     log(f"training yelp_ar ({args.ar_steps} steps)")
     train(cfgs["yelp_ar"], ar_dir)
     secs["yelp_ar"] = train_seconds(ar_dir)
@@ -363,9 +390,18 @@ def main():
     }
   if args.only in (None, "e2e"):
     cfgs = e2e_configs(data_dir, args)
-    for name in ("e2e_ae", "e2e_diff"):
-      log(f"training {name}")
-      train(cfgs[name], workdir / name)
+    if not args.e2e_ae_steps:
+      args.e2e_ae_steps = steps_for_minutes(
+        cfgs["e2e_ae"], workdir / "probe_e2e_ae", args.e2e_ae_minutes
+      )
+    log(f"training e2e_ae ({args.e2e_ae_steps} steps)")
+    train(quiet(cfgs["e2e_ae"], args.e2e_ae_steps), workdir / "e2e_ae")
+    if not args.e2e_diff_steps:
+      args.e2e_diff_steps = steps_for_minutes(
+        cfgs["e2e_diff"], workdir / "probe_e2e_diff", args.e2e_diff_minutes
+      )
+    log(f"training e2e_diff ({args.e2e_diff_steps} steps)")
+    train(quiet(cfgs["e2e_diff"], args.e2e_diff_steps), workdir / "e2e_diff")
     e2e = run_e2e(workdir, args, cache, data_dir)
     e2e["train_seconds"] = {n: train_seconds(workdir / n) for n in ("e2e_ae", "e2e_diff")}
     result["e2e"] = e2e
