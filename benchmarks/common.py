@@ -43,6 +43,18 @@ def machine() -> dict:
   }
 
 
+def train_seconds(run: Path) -> float:
+  """Training compute time of an lsd run directory: the sum over its train log records of (steps
+  since the previous record) / steps_per_s, so pauses between a stop and a resume are not counted."""
+  recs = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+  total, prev = 0.0, 0
+  for r in recs:
+    if r["split"] == "train":
+      total += (r["step"] - prev) / r["steps_per_s"]
+      prev = r["step"]
+  return total
+
+
 def write_result(name: str, metrics: dict, config: dict) -> Path:
   """Writes results/<name>.json ({metrics, config, git_commit, machine, date}) and prints a
   one-line summary of `metrics`; returns the path."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import write_result
+from common import train_seconds, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,18 +55,6 @@ from lsd.train.trainer import train  # noqa: E402
 
 def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def train_seconds(run: Path) -> float:
-  """Sum over the run's train log records of (steps since the previous record) / steps_per_s:
-  training compute time, without pauses between a stop and a resume."""
-  recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-  total, prev = 0.0, 0
-  for r in recs:
-    if r["split"] == "train":
-      total += (r["step"] - prev) / r["steps_per_s"]
-      prev = r["step"]
-  return total
 
 
 def steps_for_minutes(cfg, probe: Path, minutes: float, tokenizer: Path | None = None) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import write_result
+from common import train_seconds, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,22 +94,10 @@ def train_all(workdir: Path, steps: int, models: list[str]) -> dict:
     t = time.perf_counter()
     train(model_config(spec, steps), run)
     times[name] = time.perf_counter() - t
-    print(f"{name}: trained in {_train_seconds(run):.0f} s of training steps", flush=True)
+    print(f"{name}: trained in {train_seconds(run):.0f} s of training steps", flush=True)
     if not tokenizer.exists():
       shutil.copy(run / "tokenizer.json", tokenizer)
   return times
-
-
-def _train_seconds(run: Path) -> float:
-  """Training compute time of a run: the sum over its train log records of (steps since the previous
-  record) / steps_per_s, so pauses between a stop and a resume are not counted."""
-  recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-  train = [r for r in recs if r["split"] == "train"]
-  total, prev = 0.0, 0
-  for r in train:
-    total += (r["step"] - prev) / r["steps_per_s"]
-    prev = r["step"]
-  return total
 
 
 def timed(fn):
@@ -245,7 +233,7 @@ def main():
     name: int(sum(x.size for x in jax.tree.leaves(api.load(workdir / name).params)))
     for name in MODELS
   }
-  train_seconds = {m: _train_seconds(workdir / m) for m in MODELS}
+  train_seconds = {m: train_seconds(workdir / m) for m in MODELS}
   write_result(
     "sbd_quality",
     {"variants": metrics, "claim": claim},
