@@ -74,6 +74,15 @@ def steps_for_minutes(cfg, probe: Path, minutes: float, tokenizer: Path | None =
   return steps
 
 
+def train_budgeted(cfg, run: Path, probe: Path, steps: int, minutes: float) -> int:
+  """Trains `cfg` in `run` for `steps` steps, or (steps = 0) for the steps that fit `minutes`;
+  returns the step count used."""
+  steps = steps or steps_for_minutes(cfg, probe, minutes)
+  log(f"training {run.name} ({steps} steps)")
+  train(quiet(cfg, steps), run)
+  return steps
+
+
 def quiet(c, steps: int, log_every: int = 100):
   """A copy of config `c` for `steps` steps, logging every `log_every`, no samples or progress bar."""
   c = copy.deepcopy(c)
@@ -328,16 +337,16 @@ def main():
 
   if args.only in (None, "yelp"):
     cfgs = yelp_configs(data_dir, args)
-    if not args.ae_steps:
-      args.ae_steps = steps_for_minutes(cfgs["yelp_ae"], workdir / "probe_ae", args.ae_minutes)
-    log(f"training yelp_ae ({args.ae_steps} steps)")
-    train(quiet(cfgs["yelp_ae"], args.ae_steps), workdir / "yelp_ae")
-    if not args.diff_steps:
-      args.diff_steps = steps_for_minutes(
-        cfgs["yelp_diff"], workdir / "probe_diff", args.diff_minutes
-      )
-    log(f"training yelp_diff ({args.diff_steps} steps)")
-    train(quiet(cfgs["yelp_diff"], args.diff_steps), workdir / "yelp_diff")
+    args.ae_steps = train_budgeted(
+      cfgs["yelp_ae"], workdir / "yelp_ae", workdir / "probe_ae", args.ae_steps, args.ae_minutes
+    )
+    args.diff_steps = train_budgeted(
+      cfgs["yelp_diff"],
+      workdir / "yelp_diff",
+      workdir / "probe_diff",
+      args.diff_steps,
+      args.diff_minutes,
+    )
     secs = {n: train_seconds(workdir / n) for n in ("yelp_ae", "yelp_diff")}
     ar_dir = workdir / "yelp_ar"
     ar_dir.mkdir(exist_ok=True)
@@ -378,18 +387,19 @@ def main():
     }
   if args.only in (None, "e2e"):
     cfgs = e2e_configs(data_dir, args)
-    if not args.e2e_ae_steps:
-      args.e2e_ae_steps = steps_for_minutes(
-        cfgs["e2e_ae"], workdir / "probe_e2e_ae", args.e2e_ae_minutes
+    for stage in ("ae", "diff"):
+      name = f"e2e_{stage}"
+      setattr(
+        args,
+        f"{name}_steps",
+        train_budgeted(
+          cfgs[name],
+          workdir / name,
+          workdir / f"probe_{name}",
+          getattr(args, f"{name}_steps"),
+          getattr(args, f"{name}_minutes"),
+        ),
       )
-    log(f"training e2e_ae ({args.e2e_ae_steps} steps)")
-    train(quiet(cfgs["e2e_ae"], args.e2e_ae_steps), workdir / "e2e_ae")
-    if not args.e2e_diff_steps:
-      args.e2e_diff_steps = steps_for_minutes(
-        cfgs["e2e_diff"], workdir / "probe_e2e_diff", args.e2e_diff_minutes
-      )
-    log(f"training e2e_diff ({args.e2e_diff_steps} steps)")
-    train(quiet(cfgs["e2e_diff"], args.e2e_diff_steps), workdir / "e2e_diff")
     e2e = run_e2e(workdir, args, cache, data_dir)
     e2e["train_seconds"] = {n: train_seconds(workdir / n) for n in ("e2e_ae", "e2e_diff")}
     result["e2e"] = e2e
