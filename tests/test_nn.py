@@ -198,3 +198,32 @@ def test_transformer_config_errors_name_field():
     TransformerConfig(vocab_size=10, mlp="mish").validate()
   with pytest.raises(ValueError, match=r"model.d_model=30 must be divisible by model.n_heads=4"):
     TransformerConfig(vocab_size=10, d_model=30, n_heads=4).validate()
+
+
+def test_cached_attention_equals_attention_over_concatenated_keys():
+  from lsd.nn.attention import LayerCache, cached_attention, dot_product_attention
+
+  k0, k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 5)
+  b, t, h, g, d, size, length = 2, 3, 4, 2, 8, 10, 6
+  q = jax.random.normal(k0, (b, t, h, d))
+  k, v = jax.random.normal(k1, (b, t, g, d)), jax.random.normal(k2, (b, t, g, d))
+  cache = LayerCache(
+    jax.random.normal(k3, (b, size, g, d)), jax.random.normal(k4, (b, size, g, d)), length
+  )
+  # a different visibility per head over the new keys
+  mask = jax.random.bernoulli(k0, 0.6, (b, h, t, t)) | jnp.eye(t, dtype=bool)
+  full_mask = jnp.concatenate(
+    [jnp.broadcast_to(jnp.arange(size) < length, (b, h, t, size)), mask], axis=-1
+  )
+  want = dot_product_attention(
+    q, jnp.concatenate([cache.k, k], 1), jnp.concatenate([cache.v, v], 1), mask=full_mask
+  )
+  np.testing.assert_allclose(cached_attention(q, k, v, cache, mask), want, atol=1e-5)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  want = dot_product_attention(
+    q,
+    jnp.concatenate([cache.k, k], 1),
+    jnp.concatenate([cache.v, v], 1),
+    mask=jnp.concatenate([jnp.broadcast_to(jnp.arange(size) < length, (t, size)), causal], -1),
+  )
+  np.testing.assert_allclose(cached_attention(q, k, v, cache, causal), want, atol=1e-5)

@@ -196,6 +196,32 @@ def test_cached_and_uncached_drafts_are_identical(prefixed_drafts):
   assert np.all((np.asarray(cached.nfe) >= blocks) & (np.asarray(cached.nfe) <= steps * blocks))
 
 
+def test_segment_ends_grow_geometrically_and_skip_small_caches():
+  from lsd.sampling.block import segment_ends
+
+  assert segment_ends(0, 256, 4, 4) == [32, 64, 128, 256]  # L = 1024: caches 128 ... 1024 slots
+  assert segment_ends(0, 32, 4, 4) == [32]  # L = 128: one fixed cache
+  assert segment_ends(0, 64, 4, 4) == [32, 64]  # the 64- and 32-slot caches merged away
+  assert segment_ends(40, 256, 4, 4) == [64, 128, 256]  # a prompt past the first end
+  assert segment_ends(0, 256, 4, 1) == [256]
+
+
+def test_growing_cache_segments_give_the_same_draft(split_model, prefixed_drafts, monkeypatch):
+  import lsd.sampling.block as block
+
+  graphdef, state = split_model
+  prefix, _, plain = prefixed_drafts
+  monkeypatch.setattr(block, "MIN_SEGMENT", B)  # L = 16 splits into caches of 8 and 16 slots
+  assert block.segment_ends(1, L // B, B, 4) == [2, 4]
+  # A fresh jit (not `draft`'s cache) so the patched MIN_SEGMENT is traced.
+  fn = jax.jit(lambda st, k, p: block.draft_blocks(nnx.merge(graphdef, st), k, N, L, DRAFT, p))
+  seg = fn(state, jax.random.key(4), prefix)
+  np.testing.assert_array_equal(seg.tokens, plain.tokens)
+  np.testing.assert_array_equal(seg.unmask_step, plain.unmask_step)
+  np.testing.assert_allclose(seg.conf, plain.conf, rtol=1e-5)
+  assert int(seg.commit_forwards) == (L - prefix.shape[1]) // B + 1
+
+
 def test_snapshot_confidence_is_the_probability_at_the_unmask_step(split_model, prefixed_drafts):
   graphdef, state = split_model
   out, p = prefixed_drafts[1], prefixed_drafts[0].shape[1]

@@ -85,6 +85,18 @@ class KVCache:
   def size(self) -> int:
     return self.k.shape[2]
 
+  def resize(self, size: int) -> KVCache:
+    """The same committed slots in a cache of `size` slots (static): zero-padded or truncated.
+    Truncating below `length` would drop committed keys; callers keep size >= length."""
+    cur = self.k.shape[2]
+    if size == cur:
+      return self
+    if size < cur:
+      return KVCache(self.k[:, :, :size], self.v[:, :, :size], self.length)
+    pad = [(0, 0)] * self.k.ndim
+    pad[2] = (0, size - cur)
+    return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad), self.length)
+
   def layer(self, i: int) -> LayerCache:
     return LayerCache(self.k[i], self.v[i], self.length)
 
@@ -177,16 +189,51 @@ class Attention(nnx.Module):
       if self.rope_base:
         q = apply_rope(q, positions, self.rope_base)
       k, v = self.project_kv(x, positions)
-    new_cache = None
-    if cache is not None:
-      new_cache = cache.write(k, v)
-      slot_valid = jnp.arange(cache.k.shape[1]) < cache.length  # S_cache
-      cached_mask = jnp.broadcast_to(slot_valid, (1, 1, t, cache.k.shape[1]))
-      self_mask = jnp.ones((1, 1, t, t), bool) if mask is None else mask
-      self_mask = jnp.broadcast_to(self_mask, jnp.broadcast_shapes(self_mask.shape, (1, 1, t, t)))
-      cached_mask = jnp.broadcast_to(cached_mask, self_mask.shape[:-1] + (cache.k.shape[1],))
-      mask = jnp.concatenate([cached_mask, self_mask], axis=-1)
-      k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-      v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), new_cache
+    if cache is None:
+      out = dot_product_attention(q, k, v, mask=mask, bias=bias)
+      return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), None
+    if bias is not None:
+      raise ValueError("an attention bias is not supported together with a KV cache")
+    out = cached_attention(q, k, v, cache, mask)
+    return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), cache.write(k, v)
+
+
+def cached_attention(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T G D"],
+  v: Float[Array, "B T G D"],
+  cache: LayerCache,
+  mask: Bool[Array, "#B #H T T"] | None = None,
+  scale: float | None = None,
+) -> Float[Array, "B T H D"]:
+  """Attention of T new queries over the cache's committed slots [0, length) plus the T new keys
+  (under `mask`, [.., T, T]; None = all visible), one softmax over both.
+
+  The scores against the cache and against the new keys are computed separately and only the
+  [T, S + T] score rows are joined, so the cache (S slots, possibly thousands) is read in place
+  rather than copied into a concatenated key/value array on every call.
+  """
+  b, t, h, d = q.shape
+  g = k.shape[2]
+  if h % g:
+    raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
+  scale = d**-0.5 if scale is None else scale
+  size = cache.k.shape[1]
+  qg = q.reshape(b, t, g, h // g, d)
+  ck, cv = cache.k.astype(k.dtype), cache.v.astype(v.dtype)
+  s_cache = jnp.einsum("btgrd,bsgd->bgrts", qg, ck).astype(jnp.float32) * scale
+  s_new = jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32) * scale
+  slot_valid = jnp.arange(size) < cache.length
+  s_cache = jnp.where(slot_valid, s_cache, NEG_INF)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, t, t)))
+    if mask.shape[1] == 1:
+      mask = mask[:, :, None]  # [#B, 1, 1, T, T]
+    else:
+      mask = mask.reshape(mask.shape[0], g, h // g, t, t)
+    s_new = jnp.where(mask, s_new, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(v.dtype)
+  out = jnp.einsum("bgrts,bsgd->btgrd", probs[..., :size], cv) + jnp.einsum(
+    "bgrts,bsgd->btgrd", probs[..., size:], v
+  )
+  return out.reshape(b, t, h, d)

@@ -10,7 +10,8 @@ unmasked is frozen as its *snapshot confidence* (`conf`, +inf where nothing was 
 Two exact implementations of the same distribution (tests check identical tokens per key):
 - cached: per step one "peek" forward of the B block tokens against the KV cache of the clean prefix
   (the returned cache is dropped); per block one "commit" forward of the finished block that appends
-  its keys/values to the cache.
+  its keys/values to the cache. The block scan is split into a few scans whose cache sizes double
+  (`DraftConfig.cache_segments`), so attention cost follows the prefix length, not L.
 - uncached: per step one forward of the whole canvas under the block-causal mask (later blocks are
   hidden, earlier blocks see only themselves and their past, exactly what the cache holds).
 Randomness is `fold_in(fold_in(key, block), step)`, so both paths consume identical noise.
@@ -43,6 +44,10 @@ class DraftConfig:
   block_size: B, divides L (and the prompt length). steps_per_block: S ancestral steps per block.
   top_p, temperature, confidence: as in `sample_categorical` (also used by every revision stage of
   `draft_then_revise`). use_cache: KV-cached peek/commit forwards, or full-canvas forwards.
+  cache_segments: with the cache, the block scan runs as up to this many consecutive scans whose
+  caches grow geometrically (ending at L/2^(k-1), ..., L/2, L slots; segments under `MIN_SEGMENT`
+  slots are merged into the next), so a block attends over at most about twice its prefix instead
+  of the whole L-slot cache. 1 = one scan over a fixed L-slot cache. Same tokens either way.
   """
 
   block_size: int = 4
@@ -51,6 +56,7 @@ class DraftConfig:
   temperature: float = 1.0
   use_cache: bool = True
   confidence: Confidence = "filtered"
+  cache_segments: int = 4
 
   def validate(self, length: int, prefix_len: int = 0) -> None:
     if self.block_size < 1 or length % self.block_size:
@@ -66,6 +72,8 @@ class DraftConfig:
       raise ValueError(f"draft.top_p={self.top_p} must be in (0, 1]")
     if not self.temperature > 0.0:
       raise ValueError(f"draft.temperature={self.temperature} must be > 0")
+    if self.cache_segments < 1:
+      raise ValueError(f"draft.cache_segments={self.cache_segments} must be >= 1")
     if self.confidence not in ("filtered", "raw"):
       raise ValueError(f"draft.confidence={self.confidence!r} must be 'filtered' or 'raw'")
 
@@ -133,6 +141,18 @@ def denoise_block(
   return state
 
 
+MIN_SEGMENT = 128  # cache slots: below this a separate scan costs more than the attention it saves
+
+
+def segment_ends(first: int, n_blocks: int, block_size: int, segments: int) -> list[int]:
+  """Block indices (exclusive) where the cache-growing segments of a draft over blocks
+  [first, n_blocks) end: n_blocks / 2^j for j = segments - 1 ... 0, keeping only ends past `first`
+  whose cache (end * block_size slots) has at least MIN_SEGMENT slots. The last is n_blocks."""
+  ends = {n_blocks // 2**j for j in range(segments)}
+  ends = {e for e in ends if e > first and e * block_size >= MIN_SEGMENT} | {n_blocks}
+  return sorted(ends)
+
+
 @flax.struct.dataclass
 class _DraftCarry:
   tokens: Int[Array, "N L"]
@@ -159,8 +179,10 @@ def draft_blocks(
   cache, commits = None, 0
   if prefix is not None:
     tokens = tokens.at[:, :p].set(prefix.astype(jnp.int32))
+  first, n_blocks = p // bs, length // bs
+  ends = segment_ends(first, n_blocks, bs, cfg.cache_segments) if cfg.use_cache else [n_blocks]
   if cfg.use_cache:
-    cache = model.init_cache(batch, length)
+    cache = model.init_cache(batch, ends[0] * bs)
     if p:
       _, cache = model(tokens[:, :p], mask=block_causal_mask(p, bs), cache=cache)
       commits = 1
@@ -213,10 +235,14 @@ def draft_blocks(
     nfe=jnp.zeros((batch,), jnp.int32),
     cache=cache,
   )
-  blocks = jnp.arange(p // bs, length // bs, dtype=jnp.int32)
-  carry, _ = jax.lax.scan(one_block, carry, blocks)
+  start = first
+  for end in ends:  # static: one scan per cache size
+    if cfg.use_cache:
+      carry = carry.replace(cache=carry.cache.resize(end * bs))
+    carry, _ = jax.lax.scan(one_block, carry, jnp.arange(start, end, dtype=jnp.int32))
+    start = end
   if cfg.use_cache:
-    commits += blocks.shape[0]
+    commits += n_blocks - first
   return DraftOutput(
     tokens=carry.tokens,
     conf=carry.conf,
