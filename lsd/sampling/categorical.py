@@ -51,18 +51,34 @@ def exponential_log_noise(key: Array, shape: tuple[int, ...]) -> Float[Array, ".
 def nucleus_log_probs(log_probs: Float[Array, "... V"], top_p: float) -> Float[Array, "... V"]:
   """Renormalised log-probs over the smallest set of most likely tokens whose mass reaches top_p.
 
-  Sort-based: a token is kept when the mass of the tokens strictly more likely than it (exclusive
-  cumulative sum in descending order) is < top_p, so the top token is always kept. The kept set is
-  mapped back by its smallest probability: every token at least that likely is kept, so tokens tied
-  at the boundary are all kept (deterministic, independent of sort order). Dropped tokens get -inf.
+  A token is kept when the mass of the tokens strictly more likely than it is < top_p, so the top
+  token is always kept and tokens tied at the boundary are all kept (deterministic). Dropped
+  tokens get -inf.
+
+  No sort: the kept set is {p >= tau*} with tau* the smallest probability whose strictly-larger
+  mass g(tau) = sum_{p_j > tau} p_j is < top_p. Non-negative fp32 values order like their int32 bit
+  patterns and g drops exactly at each p_j, so a 31-step bisection over bit patterns (each step one
+  masked sum over V) lands exactly on tau*. On XLA:CPU this is several times faster than sorting
+  every row of a [positions, V] array.
   """
-  probs = jnp.exp(log_probs)
-  desc = -jnp.sort(-probs, axis=-1)
-  exclusive = jnp.cumsum(desc, axis=-1) - desc
-  threshold = jnp.min(jnp.where(exclusive < top_p, desc, jnp.inf), axis=-1, keepdims=True)
-  keep = probs >= threshold
+  probs = jnp.exp(log_probs.astype(jnp.float32))
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+  lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)
+  hi = jnp.full(probs.shape[:-1] + (1,), _ONE_BITS + 1, jnp.int32)  # g(hi) = 0 < top_p
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    below = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+    return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+  tau, _ = jax.lax.fori_loop(0, 31, bisect, (lo, hi))  # the range is < 2^31 bit patterns
+  keep = bits >= tau
   kept_mass = jnp.sum(jnp.where(keep, probs, 0.0), axis=-1, keepdims=True)
   return jnp.where(keep, log_probs - jnp.log(kept_mass), -jnp.inf)
+
+
+_ONE_BITS = 0x3F800000  # int32 bit pattern of fp32 1.0
 
 
 def sample_categorical(
