@@ -149,6 +149,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     max_len=size["max_len"],
     encoder=a["encoder"],
     normalize_latents=True,
+    word_dropout=size.get("word_dropout", 0.0),
     mlp="gelu",
     norm="layer",
     dtype="float32",

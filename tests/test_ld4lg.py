@@ -1,6 +1,7 @@
 """LD4LG: sentence data, autoencoder (compressor, overfit + exact greedy reconstruction), denoiser,
 the two trainer tasks end to end, the configs, and the pure functions of loaded runs."""
 
+import dataclasses
 import math
 import types
 
@@ -167,6 +168,34 @@ def test_compressor_latents_on_the_sphere_and_blind_to_padding(trained_ae):
   np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), math.sqrt(8), rtol=1e-5)
   other = jnp.where(ae.valid, ae.tokens, 5)  # change only the padded positions
   np.testing.assert_allclose(ae.encode(ae.params, other, ae.valid), z, atol=1e-5)
+
+
+def test_word_dropout_masks_decoder_inputs_only_in_training(trained_ae, tokenizer):
+  ae = trained_ae
+  model = nnx.merge(ae.graphdef, ae.params)
+  model.cfg = dataclasses.replace(model.cfg, word_dropout=0.5)
+  seen = {}
+
+  def spy(latents, tokens_in, rngs=None):
+    seen["tokens_in"] = tokens_in
+    return LatentAutoencoder.decode_logits(model, latents, tokens_in, rngs)
+
+  model.decode_logits = spy
+  clean, _ = reconstruction_loss(model, ae.tokens, ae.valid)
+  np.testing.assert_array_equal(seen["tokens_in"], ae.tokens[:, :-1])  # no key: teacher forcing
+  key = jax.random.key(3)
+  noisy, _ = reconstruction_loss(
+    model, ae.tokens, ae.valid, word_dropout_key=key, mask_id=tokenizer.mask_id
+  )
+  got, want = np.asarray(seen["tokens_in"]), np.asarray(ae.tokens[:, :-1])
+  dropped = got != want
+  assert np.all(got[dropped] == tokenizer.mask_id) and not dropped[:, 0].any()
+  assert 0.3 < dropped[:, 1:].mean() < 0.7  # about half of 6 x 23 inputs
+  assert float(noisy) > float(clean)  # the overfitted decoder loses the inputs it relied on
+  with pytest.raises(ValueError, match="mask_id"):
+    reconstruction_loss(model, ae.tokens, ae.valid, word_dropout_key=key)
+  with pytest.raises(ConfigError, match="model.word_dropout"):
+    dataclasses.replace(model.cfg, word_dropout=1.0).validate()
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ class LD4LGAutoencoderTask(Task):
   def build_model(self, rngs: nnx.Rngs) -> LatentAutoencoder:
     return LatentAutoencoder(self.model_config(), rngs=rngs)
 
-  def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array):
+  def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array, train: bool = True):
     hidden = _frozen_hidden(model, batch["tokens"], batch["valid"])
     loss, metrics = reconstruction_loss(
       model,
@@ -96,9 +96,15 @@ class LD4LGAutoencoderTask(Task):
       batch["valid"],
       hidden=hidden,
       hidden_valid=None if hidden is None else batch["valid"],
-      rngs=_dropout_rngs(model.cfg.dropout, key),
+      rngs=_dropout_rngs(model.cfg.dropout, key) if train else None,
+      word_dropout_key=jax.random.fold_in(key, 1) if train else None,
+      mask_id=self.tokenizer.mask_id,
     )
     return loss, dict(metrics, ppl=jnp.exp(loss))
+
+  def eval_loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array):
+    """Reconstruction loss without dropout or word dropout."""
+    return self.loss(model, batch, key, train=False)[0]
 
   def sample_text(self, model: LatentAutoencoder, key: jax.Array, num_samples: int) -> list[dict]:
     """Greedy reconstructions of the first held-out sentences (the eval split of `config.data`)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -61,6 +62,10 @@ class AutoencoderConfig:
   mlp: str = "gelu"
   norm: str = "layer"
   dropout: float = 0.0
+  # Training only: each teacher-forced decoder input token (not the leading bos) is replaced by
+  # the tokenizer's mask token with this probability, so the decoder must read the latents for
+  # what it cannot see (word dropout, Bowman et al. 2016); 0 = plain teacher forcing.
+  word_dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params and latents stay fp32
 
   @classmethod
@@ -70,6 +75,8 @@ class AutoencoderConfig:
   def validate(self, prefix: str = "model") -> None:
     check_choice(f"{prefix}.encoder", self.encoder, ENCODERS)
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
+    if not 0.0 <= self.word_dropout < 1.0:
+      raise ConfigError(f"{prefix}.word_dropout={self.word_dropout} must be in [0, 1)")
     for name in (
       "vocab_size",
       "max_len",
@@ -305,18 +312,30 @@ def reconstruction_loss(
   hidden: Float[Array, "B S H"] | None = None,
   hidden_valid: Bool[Array, "B S"] | None = None,
   rngs: nnx.Rngs | None = None,
+  word_dropout_key: Array | None = None,
+  mask_id: int | None = None,
 ) -> tuple[Float[Array, ""], dict]:
   """Teacher-forced cross-entropy of reconstructing `tokens` ([bos] ids [eos] pad...) from their
   latents, averaged over valid target tokens; returns (loss, {"accuracy"}), fp32.
 
   With an external encoder pass its states `hidden` and their `hidden_valid` (its own tokenisation
-  of the same texts); `tokens` / `valid` are then only the decoder's targets.
+  of the same texts); `tokens` / `valid` are then only the decoder's targets. With
+  `word_dropout_key` (training) and `model.cfg.word_dropout` > 0, decoder inputs after the first
+  are replaced by `mask_id` with that probability; the encoder always sees the clean tokens.
   """
+  tokens_in = tokens[:, :-1]
+  p = model.cfg.word_dropout
+  if p and word_dropout_key is not None:
+    if mask_id is None:
+      raise ValueError("word dropout needs the tokenizer's mask_id")
+    drop = jax.random.bernoulli(word_dropout_key, p, tokens_in.shape)
+    drop = drop.at[:, 0].set(False)
+    tokens_in = jnp.where(drop, mask_id, tokens_in)
   if hidden is None:
     latents = model.encode(tokens, valid, rngs=rngs)
   else:
     latents = model.encode_hidden(hidden, hidden_valid)
-  logits = model.decode_logits(latents, tokens[:, :-1], rngs=rngs)
+  logits = model.decode_logits(latents, tokens_in, rngs=rngs)
   targets = tokens[:, 1:]
   w = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)

@@ -51,6 +51,11 @@ class Task(abc.ABC):
   def loss(self, model: nnx.Module, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
     """Scalar fp32 loss and a dict of scalar metrics. Pure: randomness only from `key`."""
 
+  def eval_loss(self, model: nnx.Module, batch: Batch, key: jax.Array) -> jax.Array:
+    """Scalar held-out loss; `loss` unless a task has training-only noise (dropout) to turn off.
+    Diffusion tasks keep their noise: it is part of the objective being estimated."""
+    return self.loss(model, batch, key)[0]
+
   def tokens_in(self, batch: Batch) -> int:
     """Tokens the model consumed for this batch (for tokens/s); static from shapes."""
     tokens = batch["tokens"]

@@ -123,7 +123,7 @@ def train(
     donate_argnums=0,
   )
   eval_fn = jax.jit(
-    lambda params, batch, key: task.loss(nnx.merge(graphdef, params), batch, key)[0]
+    lambda params, batch, key: task.eval_loss(nnx.merge(graphdef, params), batch, key)
   )
 
   def evaluate(params) -> float | None:
