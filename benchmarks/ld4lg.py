@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -193,11 +195,26 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
   return out
 
 
+def cached_features(judge: GenPPL, folder: Path, texts: list[str]) -> np.ndarray:
+  """judge.hidden_features(texts), kept in `folder` under a hash of the texts and the judge's
+  truncation: generator-independent sets (SST-2, held-out Yelp) are embedded once across runs."""
+  digest = hashlib.sha256(json.dumps([judge.max_len, list(texts)]).encode()).hexdigest()[:20]
+  f = folder / f"{digest}.npy"
+  if f.exists():
+    return np.load(f)
+  x = np.asarray(judge.hidden_features(texts))
+  folder.mkdir(parents=True, exist_ok=True)
+  np.save(f.with_suffix(".tmp.npy"), x)
+  f.with_suffix(".tmp.npy").replace(f)  # atomic: a killed run never leaves a truncated file
+  return x
+
+
 def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) -> dict:
   f = cache / "scores.json"
   if f.exists():
     return json.loads(f.read_text())
   judge = GenPPL(max_len=64, batch_size=32)
+  features = functools.partial(cached_features, judge, workdir.parent / "judge_features")
   ae_cfg = api.load(workdir / "yelp_ae").config
   real = held_out(ae_cfg)
   rng = np.random.default_rng(0)
@@ -206,8 +223,8 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
   clf_real = real[args.samples : args.samples + args.classifier_real]
   log("judge features: SST-2 train subset, SST-2 dev, held-out Yelp")
   x_tr, y_tr, x_dev, y_dev = sst2(data_dir, args.sst2_per_class)
-  probe = LinearProbe(c=args.probe_c).fit(judge.hidden_features(x_tr), y_tr)
-  acc = lambda texts, labels: float(np.mean(probe.predict(judge.hidden_features(texts)) == labels))
+  probe = LinearProbe(c=args.probe_c).fit(features(x_tr), y_tr)
+  acc = lambda texts, labels: float(np.mean(probe.predict(features(texts)) == labels))
   m = {
     "classifier_acc_sst2_dev": acc(x_dev, np.array(y_dev)),
     "classifier_acc_real": acc(
@@ -215,7 +232,7 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
     ),
   }
   log(f"classifier: {m}")
-  ref_feats = judge.hidden_features(mauve_refs)
+  ref_feats = features(mauve_refs)
   m["recon_bleu"] = bleu(samples["recon"]["texts"], samples["recon"]["references"])
   m["recon_exact"] = float(
     np.mean(
