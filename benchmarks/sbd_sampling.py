@@ -19,7 +19,7 @@ from flax import nnx
 
 from lsd.models.masked_lm import MaskedLM
 from lsd.nn import TransformerConfig
-from lsd.sampling.block import DraftConfig
+from lsd.sampling.block import DraftConfig, segment_ends
 from lsd.sampling.revise import SBDSamplerConfig, draft_then_revise
 
 
@@ -40,7 +40,9 @@ def main():
   p.add_argument("--lengths", default="128,256,512,1024")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--steps_per_block", type=int, default=4)
-  p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=1, help="timed runs of the uncached sampler")
+  p.add_argument("--cached_repeats", type=int, default=5, help="timed runs of the cached one")
+  p.add_argument("--cache_segments", type=int, default=DraftConfig.cache_segments)
   args = p.parse_args()
   lengths = [int(x) for x in args.lengths.split(",")]
   cfg = TransformerConfig(vocab_size=4100, d_model=128, n_layers=4, n_heads=4)
@@ -51,9 +53,15 @@ def main():
     row = {}
     tokens = {}
     for use_cache in (True, False):
-      draft = DraftConfig(block_size=4, steps_per_block=args.steps_per_block, use_cache=use_cache)
+      draft = DraftConfig(
+        block_size=4,
+        steps_per_block=args.steps_per_block,
+        use_cache=use_cache,
+        cache_segments=args.cache_segments,
+      )
+      repeats = args.cached_repeats if use_cache else args.repeats
       out, seconds = time_draft(
-        graphdef, state, args.batch, length, SBDSamplerConfig(draft=draft), args.repeats
+        graphdef, state, args.batch, length, SBDSamplerConfig(draft=draft), repeats
       )
       name = "cached" if use_cache else "uncached"
       row[f"{name}_seconds"] = seconds
@@ -61,6 +69,7 @@ def main():
       tokens[name] = np.asarray(out.tokens)
     row["speedup"] = row["uncached_seconds"] / row["cached_seconds"]
     row["cache_exact"] = bool((tokens["cached"] == tokens["uncached"]).all())
+    row["cache_sizes"] = [e * 4 for e in segment_ends(0, length // 4, 4, args.cache_segments)]
     results[str(length)] = row
     print(length, row, flush=True)
   first, last = str(lengths[0]), str(lengths[-1])
@@ -80,7 +89,8 @@ def main():
       "steps_per_block": args.steps_per_block,
       "batch": args.batch,
       "lengths": lengths,
-      "repeats": args.repeats,
+      "repeats": {"uncached": args.repeats, "cached": args.cached_repeats},
+      "cache_segments": args.cache_segments,
     },
   )
 

@@ -207,23 +207,22 @@ def test_cached_attention_equals_attention_over_concatenated_keys():
   b, t, h, g, d, size, length = 2, 3, 4, 2, 8, 10, 6
   q = jax.random.normal(k0, (b, t, h, d))
   k, v = jax.random.normal(k1, (b, t, g, d)), jax.random.normal(k2, (b, t, g, d))
-  cache = LayerCache(
-    jax.random.normal(k3, (b, size, g, d)), jax.random.normal(k4, (b, size, g, d)), length
-  )
+  ck, cv = jax.random.normal(k3, (b, size, g, d)), jax.random.normal(k4, (b, size, g, d))
+  cache = LayerCache(jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), length)  # [B, G, S, D]
   # a different visibility per head over the new keys
   mask = jax.random.bernoulli(k0, 0.6, (b, h, t, t)) | jnp.eye(t, dtype=bool)
   full_mask = jnp.concatenate(
     [jnp.broadcast_to(jnp.arange(size) < length, (b, h, t, size)), mask], axis=-1
   )
   want = dot_product_attention(
-    q, jnp.concatenate([cache.k, k], 1), jnp.concatenate([cache.v, v], 1), mask=full_mask
+    q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), mask=full_mask
   )
   np.testing.assert_allclose(cached_attention(q, k, v, cache, mask), want, atol=1e-5)
   causal = jnp.tril(jnp.ones((t, t), bool))
   want = dot_product_attention(
     q,
-    jnp.concatenate([cache.k, k], 1),
-    jnp.concatenate([cache.v, v], 1),
+    jnp.concatenate([ck, k], 1),
+    jnp.concatenate([cv, v], 1),
     mask=jnp.concatenate([jnp.broadcast_to(jnp.arange(size) < length, (t, size)), causal], -1),
   )
   np.testing.assert_allclose(cached_attention(q, k, v, cache, causal), want, atol=1e-5)

@@ -66,8 +66,9 @@ def dot_product_attention(
 class KVCache:
   """Fixed-size cache of post-RoPE keys/values for every layer.
 
-  k, v: [layers, B, S, G, D]; `length` (int32 scalar) counts committed positions: slots >= length are
-  ignored. Writing never changes the shape, so cached decoding compiles once.
+  k, v: [layers, B, G, S, D] (heads before slots: the layout the attention matmuls read, so a
+  long cache is never transposed); `length` (int32 scalar) counts committed positions: slots >=
+  length are ignored. Writing never changes the shape, so cached decoding compiles once.
   """
 
   k: Array
@@ -78,47 +79,51 @@ class KVCache:
   def zeros(
     cls, layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32
   ):
-    shape = (layers, batch, size, kv_heads, head_dim)
+    shape = (layers, batch, kv_heads, size, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   def resize(self, size: int) -> KVCache:
     """The same committed slots in a cache of `size` slots (static): zero-padded or truncated.
     Truncating below `length` would drop committed keys; callers keep size >= length."""
-    cur = self.k.shape[2]
+    cur = self.k.shape[3]
     if size == cur:
       return self
     if size < cur:
-      return KVCache(self.k[:, :, :size], self.v[:, :, :size], self.length)
+      return KVCache(self.k[:, :, :, :size], self.v[:, :, :, :size], self.length)
     pad = [(0, 0)] * self.k.ndim
-    pad[2] = (0, size - cur)
+    pad[3] = (0, size - cur)
     return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad), self.length)
 
   def layer(self, i: int) -> LayerCache:
     return LayerCache(self.k[i], self.v[i], self.length)
 
-  @classmethod
-  def stack(cls, layers: list[LayerCache], length: Array) -> KVCache:
-    return cls(jnp.stack([c.k for c in layers]), jnp.stack([c.v for c in layers]), length)
+  def append(self, new: list[tuple[Array, Array]]) -> KVCache:
+    """Stores every layer's new keys/values (`new[i]` = (k, v), each [B, T, G, D]) at slots
+    [length, length + T) with one update of the stacked arrays (in place inside a jitted loop:
+    writing per layer and re-stacking would copy the whole cache on every call) and advances
+    length by T."""
+    k_new = jnp.swapaxes(jnp.stack([k for k, _ in new]), 2, 3).astype(self.k.dtype)
+    v_new = jnp.swapaxes(jnp.stack([v for _, v in new]), 2, 3).astype(self.v.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, zero, zero, self.length, zero)
+    return KVCache(
+      jax.lax.dynamic_update_slice(self.k, k_new, idx),
+      jax.lax.dynamic_update_slice(self.v, v_new, idx),
+      self.length + k_new.shape[3],
+    )
 
 
 @flax.struct.dataclass
 class LayerCache:
-  k: Array  # B S G D
+  """One layer's view of a `KVCache` (read-only: writes go through `KVCache.append`)."""
+
+  k: Array  # B G S D
   v: Array
   length: Array
-
-  def write(self, k_new: Array, v_new: Array) -> LayerCache:
-    """Stores k_new/v_new ([B, T, G, D]) at slots [length, length + T); length is advanced by the
-    caller once all layers have written (see `KVCache.stack`)."""
-    zero = jnp.zeros((), jnp.int32)
-    idx = (zero, self.length, zero, zero)
-    k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), idx)
-    v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), idx)
-    return LayerCache(k, v, self.length)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,11 +178,12 @@ class Attention(nnx.Module):
     bias: Array | None = None,
     context: Float[Array, "B S C"] | None = None,
     cache: LayerCache | None = None,
-  ) -> tuple[Float[Array, "B T E"], LayerCache | None]:
+  ) -> tuple[Float[Array, "B T E"], tuple[Array, Array] | None]:
     """Self-attention over x (RoPE at `positions`), or cross-attention to `context` (no RoPE).
 
     With `cache`, queries see the cache's committed slots [0, length) plus the new keys of x under
-    `mask` ([.., T, T]); the returned cache has x's keys written at [length, length + T).
+    `mask` ([.., T, T]); x's own keys/values ([B, T, G, D] each) are returned for the caller to
+    append (`KVCache.append`, all layers at once), else None.
     """
     b, t, _ = x.shape
     q = self.q(x).reshape(b, t, self.n_heads, self.head_dim)
@@ -195,7 +201,7 @@ class Attention(nnx.Module):
     if bias is not None:
       raise ValueError("an attention bias is not supported together with a KV cache")
     out = cached_attention(q, k, v, cache, mask)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), cache.write(k, v)
+    return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), (k, v)
 
 
 def cached_attention(
@@ -209,22 +215,22 @@ def cached_attention(
   """Attention of T new queries over the cache's committed slots [0, length) plus the T new keys
   (under `mask`, [.., T, T]; None = all visible), one softmax over both.
 
-  The scores against the cache and against the new keys are computed separately and only the
-  [T, S + T] score rows are joined, so the cache (S slots, possibly thousands) is read in place
-  rather than copied into a concatenated key/value array on every call.
+  The cache part and the new-key part are scored and weighted separately and merged through a
+  shared max and normaliser (no concatenation of keys, values or scores), and every matmul keeps
+  the heads-major [B, G, R, T, .] layout of the [B, G, S, D] cache: on XLA:CPU an einsum that writes
+  the token-major output directly costs several times more for a long cache.
   """
   b, t, h, d = q.shape
   g = k.shape[2]
   if h % g:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
   scale = d**-0.5 if scale is None else scale
-  size = cache.k.shape[1]
+  size = cache.k.shape[2]
   qg = q.reshape(b, t, g, h // g, d)
   ck, cv = cache.k.astype(k.dtype), cache.v.astype(v.dtype)
-  s_cache = jnp.einsum("btgrd,bsgd->bgrts", qg, ck).astype(jnp.float32) * scale
+  s_cache = jnp.einsum("btgrd,bgsd->bgrts", qg, ck).astype(jnp.float32) * scale
   s_new = jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32) * scale
-  slot_valid = jnp.arange(size) < cache.length
-  s_cache = jnp.where(slot_valid, s_cache, NEG_INF)
+  s_cache = jnp.where(jnp.arange(size) < cache.length, s_cache, NEG_INF)
   if mask is not None:
     mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, t, t)))
     if mask.shape[1] == 1:
@@ -232,8 +238,11 @@ def cached_attention(
     else:
       mask = mask.reshape(mask.shape[0], g, h // g, t, t)
     s_new = jnp.where(mask, s_new, NEG_INF)
-  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs[..., :size], cv) + jnp.einsum(
-    "bgrts,bsgd->btgrd", probs[..., size:], v
+  top = jnp.maximum(jnp.max(s_cache, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
+  p_cache, p_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
+  denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
+  out = jnp.einsum("bgrts,bgsd->bgrtd", p_cache.astype(cv.dtype), cv) + jnp.einsum(
+    "bgrts,bsgd->bgrtd", p_new.astype(v.dtype), v
   )
-  return out.reshape(b, t, h, d)
+  out = (out.astype(jnp.float32) / denom).astype(v.dtype)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)

@@ -141,7 +141,7 @@ class Block(nnx.Module):
     context_mask: Bool[Array, "#B #H T S"] | None = None,
     cache: LayerCache | None = None,
     rngs: nnx.Rngs | None = None,
-  ) -> tuple[Array, LayerCache | None]:
+  ) -> tuple[Array, tuple[Array, Array] | None]:
     if self.ada is not None:
       sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond)
     h = self.attn_norm(x)
@@ -219,23 +219,22 @@ class Transformer(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     new_layers = []
     for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else cache.layer(i)
-      x, layer_cache = block(
+      x, new_kv = block(
         x,
         positions=positions,
         mask=mask,
         cond=cond,
         context=context,
         context_mask=context_mask,
-        cache=layer_cache,
+        cache=None if cache is None else cache.layer(i),
         rngs=rngs,
       )
-      new_layers.append(layer_cache)
+      new_layers.append(new_kv)
     x = self.final_norm(x)
     if self.final_ada is not None:
       shift, scale = self.final_ada(cond)
       x = modulate(x, shift, scale)
-    new_cache = None if cache is None else KVCache.stack(new_layers, cache.length + t)
+    new_cache = None if cache is None else cache.append(new_layers)
     if num_outputs is not None:
       if not 0 < num_outputs <= t:
         raise ValueError(f"num_outputs={num_outputs} must be in [1, {t}] (the input length)")
