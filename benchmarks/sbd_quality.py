@@ -218,7 +218,7 @@ def main():
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   models = [m for m in MODELS if m in {VARIANTS[v] for v in only}]
-  train_seconds = train_all(workdir, args.steps, models)
+  train_all(workdir, args.steps, models)
   draft_cfg = DraftConfig(
     block_size=4, steps_per_block=args.steps_per_block, top_p=args.top_p, use_cache=True
   )
@@ -252,7 +252,7 @@ def main():
     name: int(sum(x.size for x in jax.tree.leaves(api.load(workdir / name).params)))
     for name in MODELS
   }
-  train_seconds = {m: train_seconds(workdir / m) for m in MODELS}
+  seconds = {m: train_seconds(workdir / m) for m in MODELS}
   write_result(
     "sbd_quality",
     {"variants": metrics, "claim": claim},
@@ -262,7 +262,7 @@ def main():
       "models": MODELS,
       "n_params": params,
       "train_steps": args.steps,
-      "train_seconds": train_seconds,
+      "train_seconds": seconds,
       "samples_per_variant": args.samples,
       "draft": {"block_size": 4, "steps_per_block": args.steps_per_block, "top_p": args.top_p},
       "revision": {"block_size": L, "steps": args.revise_steps, "posthoc_random_gamma": 0.25},
