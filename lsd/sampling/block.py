@@ -102,9 +102,10 @@ class BlockState:
 
 
 def _unmask_cap(block: int, steps: int) -> int:
-  """Static bound on the positions one step usually unmasks per row: twice the mean plus 8
-  (every position is masked at most once, so the mean is at most block / steps... until the last
-  steps, where the cond in `_sample_unmasking` falls back to all positions)."""
+  """Static slot count for the positions one step unmasks per row: twice the average rate
+  (block / steps; a fully masked block loses block / steps positions per step on average) plus 8.
+  Steps that exceed it (late steps of a schedule unmask everything left) take the all-positions
+  branch of `_sample_unmasking`, so the cap changes speed, never the result's distribution."""
   return min(block, 2 * -(-block // steps) + 8)
 
 
