@@ -82,8 +82,8 @@ VARIANTS = {
 }
 
 
-def train_all(workdir: Path, steps: int, models: list[str]) -> dict:
-  times = {}
+def train_all(workdir: Path, steps: int, models: list[str]) -> None:
+  """Trains (or resumes) each model; training time is read back from its logs (`train_seconds`)."""
   tokenizer = workdir / "tokenizer.json"
   for name in models:
     spec = MODELS[name]
@@ -91,13 +91,10 @@ def train_all(workdir: Path, steps: int, models: list[str]) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     if tokenizer.exists() and not (run / "tokenizer.json").exists():
       shutil.copy(tokenizer, run / "tokenizer.json")  # one tokenizer for every model
-    t = time.perf_counter()
     train(model_config(spec, steps), run)
-    times[name] = time.perf_counter() - t
     print(f"{name}: trained in {train_seconds(run):.0f} s of training steps", flush=True)
     if not tokenizer.exists():
       shutil.copy(run / "tokenizer.json", tokenizer)
-  return times
 
 
 TIMED_BATCH = 32
