@@ -22,6 +22,8 @@ from lsd.nn import TransformerConfig
 from lsd.sampling.block import DraftConfig, segment_ends
 from lsd.sampling.revise import SBDSamplerConfig, draft_then_revise
 
+BLOCK = 4  # draft block size B
+
 
 def time_draft(graphdef, state, batch, length, cfg, repeats):
   key = jax.random.key(0)
@@ -54,7 +56,7 @@ def main():
     tokens = {}
     for use_cache in (True, False):
       draft = DraftConfig(
-        block_size=4,
+        block_size=BLOCK,
         steps_per_block=args.steps_per_block,
         use_cache=use_cache,
         cache_segments=args.cache_segments,
@@ -69,7 +71,8 @@ def main():
       tokens[name] = np.asarray(out.tokens)
     row["speedup"] = row["uncached_seconds"] / row["cached_seconds"]
     row["cache_exact"] = bool((tokens["cached"] == tokens["uncached"]).all())
-    row["cache_sizes"] = [e * 4 for e in segment_ends(0, length // 4, 4, args.cache_segments)]
+    ends = segment_ends(0, length // BLOCK, BLOCK, args.cache_segments)
+    row["cache_sizes"] = [e * BLOCK for e in ends]
     results[str(length)] = row
     print(length, row, flush=True)
   first, last = str(lengths[0]), str(lengths[-1])
@@ -85,7 +88,7 @@ def main():
     },
     {
       "model": "MaskedLM d=128, 4 layers, 4 heads, vocab 4100 (random weights)",
-      "block_size": 4,
+      "block_size": BLOCK,
       "steps_per_block": args.steps_per_block,
       "batch": args.batch,
       "lengths": lengths,

@@ -64,7 +64,7 @@ def nucleus_log_probs(log_probs: Float[Array, "... V"], top_p: float) -> Float[A
   probs = jnp.exp(log_probs.astype(jnp.float32))
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
   lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)
-  hi = jnp.full(probs.shape[:-1] + (1,), _ONE_BITS + 1, jnp.int32)  # g(hi) = 0 < top_p
+  hi = jnp.max(bits, axis=-1, keepdims=True) + 1  # nothing is larger: g(hi) = 0 < top_p
 
   def bisect(_, bounds):
     lo, hi = bounds
@@ -76,9 +76,6 @@ def nucleus_log_probs(log_probs: Float[Array, "... V"], top_p: float) -> Float[A
   keep = bits >= tau
   kept_mass = jnp.sum(jnp.where(keep, probs, 0.0), axis=-1, keepdims=True)
   return jnp.where(keep, log_probs - jnp.log(kept_mass), -jnp.inf)
-
-
-_ONE_BITS = 0x3F800000  # int32 bit pattern of fp32 1.0
 
 
 def sample_categorical(
