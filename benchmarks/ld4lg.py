@@ -60,13 +60,13 @@ def log(msg: str) -> None:
 
 
 def steps_for_minutes(cfg, probe: Path, minutes: float, tokenizer: Path | None = None) -> int:
-  """Training steps that fit `minutes` on this machine, from the steady speed of a 40-step probe
+  """Training steps that fit `minutes` on this machine, from the steady speed of an 80-step probe
   run of the same config (intervals after the first, which holds compilation)."""
   if not (probe / "metrics.jsonl").exists():
     probe.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
       shutil.copy(tokenizer, probe / "tokenizer.json")
-    c = quiet(cfg, 40, log_every=10)
+    c = quiet(cfg, 80, log_every=10)
     c.train.eval_batches = 1
     train(c, probe)
   recs = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
@@ -322,7 +322,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
   p.add_argument("--workdir", default="runs/bench/ld4lg")
-  # Budgets in minutes of training on this machine (a 40-step probe converts them to steps);
+  # Budgets in minutes of training on this machine (an 80-step probe converts them to steps);
   # a positive --*_steps overrides. The AR baseline gets the two Yelp LD4LG stages' total time.
   p.add_argument("--ae_minutes", type=float, default=7.0)
   p.add_argument("--diff_minutes", type=float, default=9.0)

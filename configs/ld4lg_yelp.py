@@ -59,6 +59,7 @@ SIZES = {
     max_len=32,
     vocab_size=2048,
     batch_size=32,
+    length_buckets=(16, 24),
     ae=dict(
       d_encoder=128,
       encoder_layers=2,
@@ -82,6 +83,7 @@ SIZES = {
     max_len=64,
     vocab_size=8192,
     batch_size=256,
+    length_buckets=(16, 32, 48),
     ae=dict(
       d_encoder=768,
       encoder_layers=6,
@@ -143,6 +145,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
   c.data.batch_size = size["batch_size"]
   c.data.tokenizer.vocab_size = size["vocab_size"]
   c.data.eval_fraction = 0.02
+  # Training batches of one length bucket each (lsd.data.sentences): Yelp sentences average 13
+  # tokens, so full max_len rows would spend most of a step on padding.
+  c.data.length_buckets = size.get("length_buckets", ())
 
   ae = dict(
     size["ae"],

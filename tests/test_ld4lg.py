@@ -19,6 +19,7 @@ from lsd.data.sentences import (
   build_sentence_data,
   default_sentence_data_config,
   encode_sentences,
+  sentence_dataset,
   split_into_sentences,
 )
 from lsd.data.tokenizer import train_bpe
@@ -92,6 +93,55 @@ def test_sentence_rows_labels_truncation_and_resumable_iterator(tmp_path, tokeni
   assert valid[0].all() and tokens[0, 0] == tokenizer.bos_id and tokens[0, -1] == tokenizer.eos_id
   n = int(valid[1].sum())
   assert tokenizer.decode(tokens[1, 1 : n - 1]) == SENTENCES[0] and tokens[1, n - 1] == 2
+
+
+def test_length_buckets_partition_each_epoch_by_width_across_processes(tokenizer):
+  words = " ".join(SENTENCES).split()
+  texts = [" ".join(words[: 1 + i // 2]) for i in range(28)]  # 14 lengths, twice each
+  docs = [{"text": t, "label": i + 1} for i, t in enumerate(texts)]  # label = index + 1
+  widths = (8, 16, 32)
+  bucket = [min(w for w in widths if w >= min(len(tokenizer.encode(t)) + 2, 32)) for t in texts]
+  per_epoch = {w: bucket.count(w) // 4 * 4 for w in widths}  # rows each bucket serves an epoch
+  assert all(per_epoch.values()) and max(len(tokenizer.encode(t)) for t in texts) > 30
+  kw = dict(max_len=32, global_batch_size=4, seed=3, length_buckets=widths[:2])
+
+  def rows(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+  n_batches = sum(per_epoch.values()) // 4
+  full = rows(sentence_dataset(docs, tokenizer, **kw), 2 * n_batches)
+  epochs = [full[:n_batches], full[n_batches:]]
+  for epoch in epochs:
+    served = {w: [] for w in widths}
+    for b in epoch:
+      width = b["tokens"].shape[1]
+      assert b["valid"].shape == (4, width)
+      served[width] += b["label"].tolist()
+      for toks, valid, label in zip(b["tokens"], b["valid"], b["label"], strict=True):
+        assert bucket[label - 1] == width  # the narrowest bucket that holds the row
+        assert tokenizer.decode(toks[valid]) == tokenizer.decode(  # truncated to max_len
+          encode_sentences([texts[label - 1]], tokenizer, 32)[0][0]
+        )
+    for w in widths:
+      assert len(served[w]) == len(set(served[w])) == per_epoch[w]  # no repeats within an epoch
+  assert [b["label"].tolist() for b in epochs[0]] != [b["label"].tolist() for b in epochs[1]]
+  # two processes: same width at each step, and their rows put together are the global batch
+  parts = [
+    rows(sentence_dataset(docs, tokenizer, process_index=p, process_count=2, **kw), 2 * n_batches)
+    for p in (0, 1)
+  ]
+  for g, a, b in zip(full, *parts, strict=True):
+    np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), g["tokens"])
+    np.testing.assert_array_equal(np.concatenate([a["label"], b["label"]]), g["label"])
+  with pytest.raises(ConfigError, match=r"data.length_buckets=\(10, 6\)"):
+    sentence_dataset(
+      docs, tokenizer, max_len=16, global_batch_size=4, seed=0, length_buckets=(10, 6)
+    )
+  with pytest.raises(ConfigError, match="no bucket holds a full batch"):
+    sentence_dataset(
+      docs[:3], tokenizer, max_len=16, global_batch_size=4, seed=0, length_buckets=(6,)
+    )
 
 
 def test_split_into_sentences():
@@ -287,6 +337,7 @@ def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
 
   ae_cfg = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test,steps=10")
   ae_cfg.data.path = str(tmp_path / "yelp.*")
+  ae_cfg.data.length_buckets = (10, 12)  # batches 10, 12 or 16 wide go through one trainer run
   ae_cfg.train.update(common)
   ae_res = train(ae_cfg, tmp_path / "ae")
   assert len(ae_res.samples) == 2 and {"text", "source", "exact"} <= set(ae_res.samples[0])
