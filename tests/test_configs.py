@@ -6,7 +6,7 @@ import jax
 import pytest
 from flax import nnx
 
-from lsd.config import load_config_file
+from lsd.config import ConfigError, load_config_file
 from lsd.methods import get_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,9 +20,16 @@ class FakeTokenizer:
 
 
 def variants(path: Path) -> list[str]:
-  """Each config's variants: every documented size (and the paper-scale one)."""
-  text = path.read_text()
-  sizes = [s for s in ("test", "tiny", "small", "base") if s in text]
+  """Each config's variants: every size it accepts (and the paper-scale one); a size it rejects
+  must be rejected with a ConfigError naming the `size` field."""
+  sizes = []
+  for s in ("test", "tiny", "small", "base"):
+    try:
+      load_config_file(f"{path}:size={s}")
+    except ConfigError as e:
+      assert "size=" in str(e), e
+      continue
+    sizes.append(s)
   return [f"size={s}" for s in sizes] or [""]
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import lsd.api
+import lsd.models.autoencoder as ae_mod
 from lsd.config import ConfigError, load_config_file
 from lsd.data.sentences import (
   build_sentence_data,
@@ -246,6 +247,38 @@ def test_word_dropout_masks_decoder_inputs_only_in_training(trained_ae, tokenize
     reconstruction_loss(model, ae.tokens, ae.valid, word_dropout_key=key)
   with pytest.raises(ConfigError, match="model.word_dropout"):
     dataclasses.replace(model.cfg, word_dropout=1.0).validate()
+
+
+def test_latent_noise_perturbs_decoder_latents_on_the_sphere_only_in_training(trained_ae):
+  ae = trained_ae
+  model = nnx.merge(ae.graphdef, ae.params)
+  model.cfg = dataclasses.replace(model.cfg, latent_noise=0.6)
+  seen = {}
+
+  def spy(latents, tokens_in, rngs=None):
+    seen["latents"] = latents
+    return LatentAutoencoder.decode_logits(model, latents, tokens_in, rngs)
+
+  model.decode_logits = spy
+  z = ae.encode(ae.params, ae.tokens, ae.valid)
+  clean, _ = reconstruction_loss(model, ae.tokens, ae.valid)
+  np.testing.assert_allclose(seen["latents"], z, atol=1e-6)  # no key: clean latents
+  noisy, _ = reconstruction_loss(model, ae.tokens, ae.valid, latent_noise_key=jax.random.key(4))
+  got = np.asarray(seen["latents"])
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), math.sqrt(8), rtol=1e-5)
+  moved = np.linalg.norm(got - np.asarray(z), axis=(1, 2))
+  assert np.all(moved > 0) and len(set(np.round(moved, 4))) == 6  # one noise level per example
+  assert float(noisy) > float(clean)  # the overfitted decoder is thrown off by the noise
+
+  # noise_latents: per-example std ~ U(0, max_std), zero-mean Gaussian increments.
+  x = jnp.zeros((4000, 4, 8))
+  d = np.asarray(ae_mod.noise_latents(x, jax.random.key(5), 0.5))
+  per_example_std = d.reshape(4000, -1).std(axis=1)
+  assert per_example_std.max() < 0.5 * 1.3 and per_example_std.min() < 0.05
+  np.testing.assert_allclose(per_example_std.mean(), 0.25, atol=0.01)
+  np.testing.assert_allclose(d.mean(), 0.0, atol=0.005)
+  with pytest.raises(ConfigError, match="model.latent_noise"):
+    dataclasses.replace(model.cfg, latent_noise=-0.1).validate()
 
 
 @pytest.fixture(scope="module")

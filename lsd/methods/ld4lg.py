@@ -99,6 +99,7 @@ class LD4LGAutoencoderTask(Task):
       rngs=_dropout_rngs(model.cfg.dropout, key) if train else None,
       word_dropout_key=jax.random.fold_in(key, 1) if train else None,
       mask_id=self.tokenizer.mask_id,
+      latent_noise_key=jax.random.fold_in(key, 2) if train else None,
     )
     return loss, dict(metrics, ppl=jnp.exp(loss))
 

@@ -66,6 +66,11 @@ class AutoencoderConfig:
   # the tokenizer's mask token with this probability, so the decoder must read the latents for
   # what it cannot see (word dropout, Bowman et al. 2016); 0 = plain teacher forcing.
   word_dropout: float = 0.0
+  # Training only: Gaussian noise of std sigma ~ U(0, latent_noise), drawn per example, is added to
+  # the latents before reconstruction (then re-projected onto the sphere when normalize_latents),
+  # so the decoder reads a neighbourhood of each sentence's latents as that sentence and the
+  # denoiser's small errors at sampling time decode to fluent text; 0 = clean latents.
+  latent_noise: float = 0.0
   dtype: str = "float32"  # compute dtype; params and latents stay fp32
 
   @classmethod
@@ -77,6 +82,8 @@ class AutoencoderConfig:
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
     if not 0.0 <= self.word_dropout < 1.0:
       raise ConfigError(f"{prefix}.word_dropout={self.word_dropout} must be in [0, 1)")
+    if not self.latent_noise >= 0.0:
+      raise ConfigError(f"{prefix}.latent_noise={self.latent_noise} must be >= 0")
     for name in (
       "vocab_size",
       "max_len",
@@ -304,6 +311,13 @@ class LatentAutoencoder(nnx.Module):
     return logits
 
 
+def noise_latents(latents: Float[Array, "B l d"], key: Array, max_std: float) -> Array:
+  """latents + sigma * N(0, I) with sigma ~ U(0, max_std) drawn per example; fp32."""
+  k_std, k_eps = jax.random.split(key)
+  std = jax.random.uniform(k_std, (latents.shape[0], 1, 1), jnp.float32, 0.0, max_std)
+  return latents + std * jax.random.normal(k_eps, latents.shape, jnp.float32)
+
+
 def reconstruction_loss(
   model: LatentAutoencoder,
   tokens: Int[Array, "B T"],
@@ -314,6 +328,7 @@ def reconstruction_loss(
   rngs: nnx.Rngs | None = None,
   word_dropout_key: Array | None = None,
   mask_id: int | None = None,
+  latent_noise_key: Array | None = None,
 ) -> tuple[Float[Array, ""], dict]:
   """Teacher-forced cross-entropy of reconstructing `tokens` ([bos] ids [eos] pad...) from their
   latents, averaged over valid target tokens; returns (loss, {"accuracy"}), fp32.
@@ -321,7 +336,9 @@ def reconstruction_loss(
   With an external encoder pass its states `hidden` and their `hidden_valid` (its own tokenisation
   of the same texts); `tokens` / `valid` are then only the decoder's targets. With
   `word_dropout_key` (training) and `model.cfg.word_dropout` > 0, decoder inputs after the first
-  are replaced by `mask_id` with that probability; the encoder always sees the clean tokens.
+  are replaced by `mask_id` with that probability; the encoder always sees the clean tokens. With
+  `latent_noise_key` (training) and `model.cfg.latent_noise` > 0, the decoder reads noised latents
+  (see AutoencoderConfig.latent_noise).
   """
   tokens_in = tokens[:, :-1]
   p = model.cfg.word_dropout
@@ -335,6 +352,10 @@ def reconstruction_loss(
     latents = model.encode(tokens, valid, rngs=rngs)
   else:
     latents = model.encode_hidden(hidden, hidden_valid)
+  if model.cfg.latent_noise and latent_noise_key is not None:
+    latents = noise_latents(latents, latent_noise_key, model.cfg.latent_noise)
+    if model.cfg.normalize_latents:
+      latents = normalize_to_sphere(latents)
   logits = model.decode_logits(latents, tokens_in, rngs=rngs)
   targets = tokens[:, 1:]
   w = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
