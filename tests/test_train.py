@@ -181,3 +181,33 @@ def test_cli_eval_writes_json_and_markdown(tmp_path, capsys):
     == 2
   )
   assert "needs --references" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("power", [0.0, 0.75])
+def test_ema_follows_its_decay_schedule(power):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from lsd.train.state import default_train_config, init_state, make_train_step
+
+  class Scalar(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros(()))
+
+  cfg = default_train_config()
+  cfg.update(ema_decay=0.99, ema_warmup_power=power, grad_clip=0.0)
+  graphdef, params = nnx.split(Scalar())
+  tx = optax.sgd(1.0)  # loss -w: every step adds 1 to w, so w_n = n
+  loss = lambda model, batch, key: (-model.w[...], {})
+  step = jax.jit(make_train_step(graphdef, loss, tx, cfg, seed=0))
+  state = init_state(params, tx, ema=True)
+  want = 0.0
+  for n in range(1, 31):
+    state, _ = step(state, {})
+    d = 0.99 if power == 0 else min(0.99, 1 - (1 + n) ** -power)
+    want = d * want + (1 - d) * n
+    assert float(state.ema["w"][...]) == pytest.approx(want, rel=1e-5), n
+  # Warm-up: the average tracks recent weights (about the last 40 % of 30 steps), not w_0 = 0.
+  assert (float(state.ema["w"][...]) > 15) == (power > 0)

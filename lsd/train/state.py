@@ -35,6 +35,10 @@ def default_train_config() -> ml_collections.ConfigDict:
       "b2": 0.98,
       "grad_clip": 1.0,
       "ema_decay": 0.0,  # 0 disables EMA
+      # > 0: EMA decay warms up as min(ema_decay, 1 - (1 + n)^-power) at update n (ema_pytorch's
+      # schedule; the LD4LG / DGLM reference code uses power 3/4), so a short run's EMA is not
+      # dominated by its initial weights. 0: the constant ema_decay from the first update.
+      "ema_warmup_power": 0.0,
       "log_every": 10,
       "eval_every": 0,  # 0: only at the end
       "eval_batches": 4,
@@ -57,6 +61,7 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   check_range("train.b2", cfg.b2, 0.0, 1.0)
   check_positive("train.grad_clip", cfg.grad_clip, allow_zero=True)
   check_range("train.ema_decay", cfg.ema_decay, 0.0, 1.0)
+  check_positive("train.ema_warmup_power", cfg.get("ema_warmup_power", 0.0), allow_zero=True)
   check_positive("train.log_every", cfg.log_every)
   check_positive("train.ckpt_every", cfg.ckpt_every)
   check_positive("train.keep_checkpoints", cfg.keep_checkpoints)
@@ -83,6 +88,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     )
   )
   return optax.chain(*parts)
+
+
+def ema_decay_at(cfg: ml_collections.ConfigDict, n: jax.Array) -> jax.Array:
+  """The EMA decay of update n = 1, 2, ... (`train.ema_decay`, warmed up by `ema_warmup_power`)."""
+  d = jnp.float32(cfg.ema_decay)
+  power = float(cfg.get("ema_warmup_power", 0.0))
+  if power <= 0:
+    return d
+  warm = 1.0 - jnp.power(1.0 + jnp.asarray(n, jnp.float32), -power)
+  return jnp.minimum(d, jnp.maximum(warm, 0.0))
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, ema: bool) -> TrainState:
@@ -126,7 +141,7 @@ def make_train_step(
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     ema = state.ema
     if ema is not None:
-      d = cfg.ema_decay
+      d = ema_decay_at(cfg, state.step + 1)
       ema = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
     new_state = TrainState(
       step=state.step + 1,
