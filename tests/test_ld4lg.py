@@ -210,6 +210,20 @@ def test_autoencoder_overfits_and_greedy_decoding_reconstructs(trained_ae, token
     assert tokenizer.eos_id in row
     texts.append(tokenizer.decode(row[: row.index(tokenizer.eos_id)]))
   assert texts == SENTENCES
+  # Beam search with the reference's processors finds the same (high-probability) texts.
+  beams = ls.beam_decode(
+    ae.graphdef,
+    ae.params,
+    latents,
+    bos_id=tokenizer.bos_id,
+    eos_id=tokenizer.eos_id,
+    max_new_tokens=23,
+    num_beams=4,
+    repetition_penalty=1.2,
+    no_repeat_ngram=3,
+  )
+  rows = np.asarray(beams).tolist()
+  assert [tokenizer.decode(r[: r.index(tokenizer.eos_id)]) for r in rows] == SENTENCES
 
 
 def test_compressor_latents_on_the_sphere_and_blind_to_padding(trained_ae):

@@ -211,3 +211,45 @@ def test_context_config_errors_name_the_field():
     get_task(cfg)
   rows = encode_sentences(["a b"], minilm_tokenizer(), 8)
   assert rows[0].shape == (1, 8)
+
+
+def test_cached_latents_equal_on_the_fly_encoding_and_give_the_same_loss(tmp_path, e2e_csv, e2e_ae):
+  cfg = _seq2seq_config(e2e_csv, e2e_ae)
+  assert cfg.ld4lg.cache_latents  # the default
+  cached_task = get_task(cfg)
+  cached = cached_task.make_data(tmp_path / "a", process_index=0, process_count=1)
+  cfg.ld4lg.cache_latents = False
+  task = get_task(cfg)
+  data = task.make_data(tmp_path / "b", process_index=0, process_count=1)
+  docs = data.train_docs
+  assert len(cached.train["latents"]) == len(docs) and cached.num_labels == data.num_labels
+  # Rows in training order: the same sentences, encoded on the fly by the frozen AE.
+  ae = task.autoencoder()
+  tokens, valid = encode_sentences([d["text"] for d in docs], ae.tokenizer, cfg.data.max_len)
+  z = ld4lg._encode(ae.graphdef, ae.params, jnp.asarray(tokens), jnp.asarray(valid))
+  np.testing.assert_allclose(cached.train["latents"], np.asarray(z), atol=1e-5)
+  src, src_valid = encode_sentences(
+    [d["source"] for d in docs], task.context_encoder.tokenizer, cfg.data.max_source_len
+  )
+  np.testing.assert_array_equal(cached.train["source_tokens"], src)
+  # The loss of a cached batch equals the loss of the token batch it came from (same key).
+  model = task.build_model(nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  leaves, tree = jax.tree.flatten(params)  # perturb: the zero-initialised head hides the input
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+    tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+  )
+  b = cfg.data.batch_size
+  token_batch = {
+    "tokens": tokens[:b],
+    "valid": valid[:b],
+    "source_tokens": src[:b],
+    "source_valid": src_valid[:b],
+  }
+  cached_batch = {k: v[:b] for k, v in cached.train.items()}
+  loss = lambda t, batch: t.loss(nnx.merge(graphdef, params), batch, jax.random.key(3))[0]
+  np.testing.assert_allclose(
+    float(loss(cached_task, cached_batch)), float(loss(task, token_batch)), rtol=1e-5
+  )
+  assert cached_task.tokens_in(cached_batch) == task.tokens_in(token_batch) == b * 4

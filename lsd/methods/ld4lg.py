@@ -5,7 +5,8 @@ teacher-forced reconstruction. Its encoder is trained from scratch (`model.encod
 the frozen pretrained all-MiniLM-L6-v2 (`"minilm"`, with `data.tokenizer.kind="minilm"`): the
 paper's frozen-encoder setting, where only compressor, reconstruction net and decoder learn.
 Stage 2, `LD4LGDiffusionTask` ("ld4lg_diffusion"): the stage-1 run (`ld4lg.autoencoder_workdir`) is
-loaded frozen and encodes each batch on the fly; a `LatentDenoiser` learns the v-prediction (cosine
+loaded frozen and encodes each batch on the fly, or (`ld4lg.cache_latents`) encodes every training
+sentence once when the data is built, so a step costs only the denoiser; a `LatentDenoiser` learns the v-prediction (cosine
 schedule, unweighted L2) with self-conditioning (a no-gradient first pass on half of the batches) and,
 when class-conditional, label dropout for classifier-free guidance. Seq2seq (`ld4lg.context_encoder`
 = "minilm", `data.source_field` set): each sentence's source text goes through the frozen MiniLM and
@@ -20,6 +21,7 @@ The pure functions at the bottom work on runs loaded with `lsd.api.load`:
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, check_choice, check_range
+from lsd.data.arrays import ArrayData
 from lsd.data.sentences import build_sentence_data, encode_sentences, load_sentences
 from lsd.diffusion.gaussian import COSINE, OBJECTIVES, CosineSchedule, predict_x0_eps, q_sample
 from lsd.diffusion.gaussian import diffusion_loss as gaussian_loss
@@ -40,6 +43,11 @@ from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
 from lsd.sampling import latent as latent_sampling
 from lsd.train.task import Batch, Task
+
+
+def shard_rows_of(docs: list, process_index: int, process_count: int) -> list:
+  """This process's sentences [process_index::process_count] (as the sentence pipeline shards)."""
+  return list(docs[process_index::process_count])
 
 
 def _dropout_rngs(dropout: float, key: jax.Array) -> nnx.Rngs | None:
@@ -137,6 +145,8 @@ class LD4LGDiffusionTask(Task):
     check_choice("ld4lg.objective", lc.objective, OBJECTIVES)
     check_range("ld4lg.self_condition_prob", lc.self_condition_prob, 0.0, 1.0)
     check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
+    if not isinstance(lc.get("cache_latents", False), bool):
+      raise ConfigError(f"ld4lg.cache_latents={lc.cache_latents!r} must be true or false")
     check_choice("sample.sampler", config.sample.sampler, latent_sampling.SAMPLERS)
     ctx = lc.get("context_encoder", "")
     check_choice("ld4lg.context_encoder", ctx, ("", *FROZEN_ENCODERS))
@@ -180,6 +190,8 @@ class LD4LGDiffusionTask(Task):
     return self._autoencoder
 
   def make_data(self, workdir, *, process_index: int, process_count: int):
+    """Sentence batches, or (`ld4lg.cache_latents`) the same sentences' latents encoded once by
+    the frozen autoencoder (`ArrayData` rows {"latents", "label"?, "source_tokens"?, ...})."""
     ae = self.autoencoder()
     data = build_sentence_data(
       self.config.data,
@@ -196,7 +208,50 @@ class LD4LGDiffusionTask(Task):
       raise ConfigError(f"model.num_classes={n} but the sentences have no labels")
     if n and data.num_labels > n:
       raise ConfigError(f"the sentences have {data.num_labels} labels > model.num_classes={n}")
-    return data
+    if not self.config.ld4lg.get("cache_latents", False):
+      return data
+    t0 = time.perf_counter()
+    train_rows = self.latent_rows(shard_rows_of(data.train_docs, process_index, process_count))
+    eval_rows = self.latent_rows(data.eval_docs) if data.eval_docs else {}
+    if process_index == 0:
+      print(
+        f"ld4lg: encoded {len(train_rows['latents'])} training + {len(data.eval_docs)} eval "
+        f"sentences to latents in {time.perf_counter() - t0:.1f} s (ld4lg.cache_latents)",
+        flush=True,
+      )
+    return ArrayData(
+      tokenizer=data.tokenizer,
+      train=train_rows,
+      eval=eval_rows,
+      batch_size=self.config.data.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_labels=data.num_labels,
+    )
+
+  def latent_rows(self, docs: list[dict], chunk: int = 512) -> dict[str, np.ndarray]:
+    """Sentences -> {"latents": fp32[N, l, d] (the frozen AE's clean encoding), "label"?: int32[N],
+    "source_tokens"? / "source_valid"? (seq2seq)}. Encodes in fixed-size chunks (one compile)."""
+    ae, cfg = self.autoencoder(), self.config.data
+    tokens, valid = encode_sentences([d["text"] for d in docs], ae.tokenizer, cfg.max_len)
+    latents = []
+    for i in range(0, len(docs), chunk):
+      t, v = tokens[i : i + chunk], valid[i : i + chunk]
+      pad = chunk - len(t)
+      if pad:  # pad the last chunk to the compiled shape; padding rows are dropped below
+        t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
+        v = np.concatenate([v, np.repeat(v[-1:], pad, 0)])
+      z = _encode(ae.graphdef, ae.params, jnp.asarray(t), jnp.asarray(v))
+      latents.append(np.asarray(jax.device_get(z))[: chunk - pad])
+    rows = {"latents": np.concatenate(latents).astype(np.float32)}
+    if docs and "label" in docs[0]:
+      rows["label"] = np.array([d["label"] for d in docs], np.int32)
+    if self.context_encoder is not None:
+      rows["source_tokens"], rows["source_valid"] = encode_sentences(
+        [d["source"] for d in docs], self.context_encoder.tokenizer, cfg.max_source_len
+      )
+    return rows
 
   def build_model(self, rngs: nnx.Rngs) -> LatentDenoiser:
     return LatentDenoiser(DenoiserConfig.from_config(self.config.model), rngs=rngs)
@@ -204,7 +259,10 @@ class LD4LGDiffusionTask(Task):
   def loss(self, model: LatentDenoiser, batch: Batch, key: jax.Array):
     lc, mc = self.config.ld4lg, model.cfg
     ae = self.autoencoder()
-    x0 = jax.lax.stop_gradient(_encode(ae.graphdef, ae.params, batch["tokens"], batch["valid"]))
+    if "latents" in batch:  # ld4lg.cache_latents: encoded once when the data was built
+      x0 = jnp.asarray(batch["latents"], jnp.float32)
+    else:
+      x0 = jax.lax.stop_gradient(_encode(ae.graphdef, ae.params, batch["tokens"], batch["valid"]))
     context = context_valid = None
     if self.context_encoder is not None:
       context_valid = batch["source_valid"]
@@ -224,7 +282,8 @@ class LD4LGDiffusionTask(Task):
     )
 
   def tokens_in(self, batch: Batch) -> int:
-    return int(batch["tokens"].shape[0] * self.config.model.num_latents)
+    rows = batch["latents"] if "latents" in batch else batch["tokens"]
+    return int(rows.shape[0] * self.config.model.num_latents)
 
   def sample_text(self, model: LatentDenoiser, key: jax.Array, num_samples: int) -> list[dict]:
     """Unconditional samples, class-conditional ones cycling through the classes, or (seq2seq) one
@@ -383,16 +442,34 @@ def _encode_texts(tokenizer, graphdef, params, texts, max_len) -> jax.Array:
 
 def _decode_texts(tokenizer, graphdef, params, latents, sample, key=None) -> list[str]:
   key = jax.random.key(0) if key is None else key
-  tokens = latent_sampling.decode(
-    graphdef,
-    params,
-    key,
-    latents,
-    bos_id=tokenizer.bos_id,
-    max_new_tokens=int(sample.max_new_tokens),
-    top_p=float(sample.top_p),
-    temperature=float(sample.temperature),
-  )
+  beams = int(sample.get("num_beams", 1))
+  if beams < 1:
+    raise ConfigError(f"sample.num_beams={beams} must be >= 1 (1 = greedy / top-p decoding)")
+  if beams > 1:
+    tokens = latent_sampling.beam_decode(
+      graphdef,
+      params,
+      latents,
+      bos_id=tokenizer.bos_id,
+      eos_id=tokenizer.eos_id,
+      max_new_tokens=int(sample.max_new_tokens),
+      num_beams=beams,
+      length_penalty=float(sample.get("length_penalty", 1.0)),
+      repetition_penalty=float(sample.get("repetition_penalty", 1.0)),
+      no_repeat_ngram=int(sample.get("no_repeat_ngram", 0)),
+      min_new_tokens=int(sample.get("min_new_tokens", 0)),
+    )
+  else:
+    tokens = latent_sampling.decode(
+      graphdef,
+      params,
+      key,
+      latents,
+      bos_id=tokenizer.bos_id,
+      max_new_tokens=int(sample.max_new_tokens),
+      top_p=float(sample.top_p),
+      temperature=float(sample.temperature),
+    )
   out = []
   for row in np.asarray(jax.device_get(tokens)).tolist():
     if tokenizer.eos_id in row:

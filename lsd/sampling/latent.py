@@ -267,3 +267,65 @@ def decode(
 
   _, tokens = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(max_new_tokens))
   return tokens.T
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "graphdef",
+    "bos_id",
+    "eos_id",
+    "max_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "repetition_penalty",
+    "no_repeat_ngram",
+    "min_new_tokens",
+  ),
+)
+def beam_decode(
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  latents: Float[Array, "B L D"],
+  *,
+  bos_id: int,
+  eos_id: int,
+  max_new_tokens: int,
+  num_beams: int = 4,
+  length_penalty: float = 1.0,
+  repetition_penalty: float = 1.0,
+  no_repeat_ngram: int = 0,
+  min_new_tokens: int = 0,
+) -> Int[Array, "B N"]:
+  """Beam search (`lsd.sampling.beam.beam_search`) over an `LatentAutoencoder`'s decoder, as the
+  LD4LG reference decodes (4 beams, no repeated trigram, repetition penalty 1.2). The K beams of a
+  row share its reconstructed memory; the KV cache rows follow their beams. Returns [B, N] tokens,
+  eos after the end."""
+  from lsd.sampling.beam import beam_search
+
+  model = nnx.merge(graphdef, params)
+  b, k = latents.shape[0], num_beams
+  memory = jnp.repeat(model.reconstruct(latents), k, axis=0)  # [B * K, l, E]
+  cache = model.decoder.init_cache(b * k, max_new_tokens + 1)
+  bos = jnp.full((b * k, 1), bos_id, jnp.int32)
+  logits, cache = model.decoder(bos, context=memory, cache=cache)
+
+  def step(cache, tokens, parents):
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else x[:, parents], cache)
+    logits, cache = model.decoder(tokens[:, None], context=memory, cache=cache)
+    return logits[:, -1], cache
+
+  tokens, _ = beam_search(
+    step,
+    cache,
+    logits[:, -1],
+    batch=b,
+    num_beams=k,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    length_penalty=length_penalty,
+    repetition_penalty=repetition_penalty,
+    no_repeat_ngram=no_repeat_ngram,
+    min_new_tokens=min_new_tokens,
+  )
+  return tokens
