@@ -8,12 +8,15 @@ Protocol (issue "LD4LG end to end", item 4):
   split of configs/ld4lg_yelp.py (split_seed 0); tiny sizes (8 x 32 latents), one BPE tokenizer
   (trained on the training split) shared by the autoencoder, the denoiser and the AR baseline.
 - Stage 1 autoencoder, stage 2 class-conditional denoiser (label dropout 0.1: the null class is the
-  CFG baseline), and a causal LM of about the denoiser's size trained for the combined
-  training time of both LD4LG stages (the AR baseline), all within 60 minutes in all.
+  CFG baseline), and a causal LM of the denoiser's width and depth trained for the two LD4LG
+  stages' budget (the AR baseline), all within 60 minutes in all. Budgets are minutes on an idle
+  machine, converted to steps by an 80-step probe of each model, so other load changes wall time
+  only.
 - recon_bleu: greedy reconstructions of held-out sentences (sacrebleu vs the sentence itself).
 - Unconditional samples and AR samples: judge gen-PPL (SmolLM2-135M, per-sample mean), unigram
   entropy of each sample's token ids, MAUVE against held-out sentences on judge features
-  (mean-pooled final hidden states). The denoiser is class-conditional, so its unconditional
+  (mean-pooled final hidden states). Two ceilings at the same sample size: `real_mauve` (another
+  held-out sample) and `recon_mauve` (that sample's AE reconstructions). The denoiser is class-conditional, so its unconditional
   distribution p(x) = sum_c p(c) p(x | c) is sampled with labels drawn from the training split's
   class frequencies at w = 1; the same metrics for the null class (the label-dropout path, 10 % of
   training batches) are reported as null_class_*.
@@ -56,6 +59,24 @@ from lsd.eval.metrics import LinearProbe, bleu, mauve, unigram_entropy  # noqa: 
 from lsd.methods import ld4lg  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
 from lsd.train.trainer import train  # noqa: E402
+
+# Decodings of latents to text (overrides of a run's `sample` settings), for --decode.
+DECODINGS = {
+  "greedy": {"num_beams": 1, "top_p": 0.0},
+  # The reference's decoding: 4 beams, repetition penalty 1.2, no repeated trigram.
+  "beam": {"num_beams": 4, "top_p": 0.0, "repetition_penalty": 1.2, "no_repeat_ngram": 3},
+  "beam_norp": {"num_beams": 4, "top_p": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram": 3},
+}
+
+
+def load_with_decoding(run_dir: Path, args):
+  """`api.load(run_dir)` with its sample settings overridden by --decode / --sample_steps."""
+  run = api.load(run_dir)
+  if args.decode != "config":
+    run.config.sample.update(DECODINGS[args.decode])
+  if args.sample_steps and "steps" in run.config.sample:
+    run.config.sample.steps = args.sample_steps
+  return run
 
 
 def log(msg: str) -> None:
@@ -161,7 +182,8 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
       out[name] = json.loads(f.read_text())
       continue
     if ae is None:
-      ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
+      ae = load_with_decoding(workdir / "yelp_ae", args)
+      diff = load_with_decoding(workdir / "yelp_diff", args)
     tok = ae.tokenizer
     key = jax.random.key(args.seed)
     t0 = time.perf_counter()
@@ -233,8 +255,7 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
     return json.loads(f.read_text())
   judge = GenPPL(max_len=64, batch_size=32)
   features = functools.partial(cached_features, judge, workdir.parent / "judge_features")
-  ae_cfg = api.load(workdir / "yelp_ae").config
-  real = held_out(ae_cfg)
+  real = held_out(api.load(workdir / "yelp_ae").config)
   rng = np.random.default_rng(0)
   real = [real[i] for i in rng.permutation(len(real))]
   mauve_refs = [d["text"] for d in real[: args.samples]]
@@ -251,6 +272,15 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
   }
   log(f"classifier: {m}")
   ref_feats = features(mauve_refs)
+  # Ceilings at this sample size: another held-out sample, and its AE reconstructions.
+  other = [d["text"] for d in real[-args.samples :]]
+  ae = load_with_decoding(workdir / "yelp_ae", args)
+  recon = []
+  for i in range(0, len(other), 250):
+    recon += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, other[i : i + 250]))
+  m["real_mauve"] = mauve(ref_feats, features(other))
+  m["recon_mauve"] = mauve(ref_feats, judge.hidden_features(recon))
+  log(f"ceilings: real_mauve {m['real_mauve']:.3f} recon_mauve {m['recon_mauve']:.3f}")
   m["recon_bleu"] = bleu(samples["recon"]["texts"], samples["recon"]["references"])
   m["recon_exact"] = float(
     np.mean(
@@ -303,7 +333,7 @@ def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
   f = cache / "e2e_scores.json"
   if f.exists():
     return json.loads(f.read_text())
-  diff = api.load(workdir / "e2e_diff")
+  diff = load_with_decoding(workdir / "e2e_diff", args)
   sources, refs = e2e_test(data_dir)
   m = {"n_sources": len(sources)}
   for w in args.e2e_guidance:
@@ -321,7 +351,7 @@ def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
       json.dumps([{"source": s, "text": t} for s, t in zip(sources, out, strict=True)])
     )
     log(f"e2e w={w}: BLEU {m[f'bleu_w{w:g}']:.2f}, e.g. {out[:2]}")
-  ae = api.load(workdir / "e2e_ae")
+  ae = load_with_decoding(workdir / "e2e_ae", args)
   flat = [r[0] for r in refs]
   rec = []
   for i in range(0, len(flat), 256):
@@ -343,7 +373,7 @@ def main():
   # Budgets in minutes of training on this machine (an 80-step probe converts them to steps);
   # a positive --*_steps overrides. The AR baseline gets the two Yelp LD4LG stages' total time.
   p.add_argument("--ae_minutes", type=float, default=28.0)
-  p.add_argument("--diff_minutes", type=float, default=10.0)
+  p.add_argument("--diff_minutes", type=float, default=15.0)
   p.add_argument("--e2e_ae_minutes", type=float, default=4.0)
   p.add_argument("--e2e_diff_minutes", type=float, default=4.0)
   p.add_argument("--ae_steps", type=int, default=0)
@@ -359,6 +389,13 @@ def main():
   p.add_argument("--sst2_per_class", type=int, default=2000)
   p.add_argument("--probe_c", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--decode",
+    choices=["config", *DECODINGS],
+    default="config",
+    help="latents -> text for every LD4LG sample and reconstruction (config: the runs' settings)",
+  )
+  p.add_argument("--sample_steps", type=int, default=0, help="DDPM steps (0: the run's config)")
   p.add_argument("--only", choices=["yelp", "e2e"], default=None)
   args = p.parse_args()
   data_dir = Path(args.data_dir)
@@ -372,6 +409,9 @@ def main():
 
   if args.only in (None, "yelp"):
     cfgs = yelp_configs(data_dir, args)
+    # The AR baseline's budget: each LD4LG stage's minutes when its steps came from a probe (the
+    # steps that fit those minutes on an idle machine), else its measured training time.
+    sized_by_minutes = {"yelp_ae": not args.ae_steps, "yelp_diff": not args.diff_steps}
     args.ae_steps = train_budgeted(
       cfgs["yelp_ae"], workdir / "yelp_ae", workdir / "probe_ae", args.ae_steps, args.ae_minutes
     )
@@ -388,10 +428,14 @@ def main():
     tokenizer = workdir / "yelp_ae" / "tokenizer.json"
     if not (ar_dir / "tokenizer.json").exists():
       shutil.copy(tokenizer, ar_dir / "tokenizer.json")
+    budget = {
+      "yelp_ae": args.ae_minutes if sized_by_minutes["yelp_ae"] else secs["yelp_ae"] / 60,
+      "yelp_diff": args.diff_minutes if sized_by_minutes["yelp_diff"] else secs["yelp_diff"] / 60,
+    }
     if not args.ar_steps:
-      # Same budget: the AR steps that fit the two LD4LG stages' measured training time.
+      # Same budget: the AR steps that fit the two LD4LG stages' minutes on this machine.
       args.ar_steps = steps_for_minutes(
-        cfgs["yelp_ar"], workdir / "probe_ar", sum(secs.values()) / 60, tokenizer
+        cfgs["yelp_ar"], workdir / "probe_ar", sum(budget.values()), tokenizer
       )
     cfgs["yelp_ar"] = quiet(cfgs["yelp_ar"], args.ar_steps)
     log(f"training yelp_ar ({args.ar_steps} steps)")
@@ -407,6 +451,7 @@ def main():
       "mauve_within_0.05_of_ar": result["mauve"] >= result["ar_mauve"] - 0.05,
     }
     result["train_seconds"] = secs
+    result["budget_minutes"] = budget
     result["ld4lg_train_seconds"] = secs["yelp_ae"] + secs["yelp_diff"]
     result["n_params"] = {n: n_params(workdir / n) for n in ("yelp_ae", "yelp_diff", "yelp_ar")}
     config["yelp"] = {
@@ -414,7 +459,8 @@ def main():
       "steps": {"ae": args.ae_steps, "diffusion": args.diff_steps, "ar": args.ar_steps},
       "latents": [cfgs["yelp_ae"].model.num_latents, cfgs["yelp_ae"].model.d_latent],
       "ae_latent_noise": cfgs["yelp_ae"].model.latent_noise,
-      "sampler": dict(cfgs["yelp_diff"].sample),
+      "sampler": dict(load_with_decoding(workdir / "yelp_diff", args).config.sample),
+      "decode": args.decode,
       "samples": args.samples,
       "class_samples_per_w": args.class_samples,
       "classifier": f"logistic regression (C={args.probe_c}) on judge mean-pooled hidden states, "
@@ -444,7 +490,7 @@ def main():
       "test": "testset_w_refs.csv grouped by MR (multi-reference sacrebleu)",
       "steps": {"ae": args.e2e_ae_steps, "diffusion": args.e2e_diff_steps},
       "context": "frozen all-MiniLM-L6-v2 hidden states of the MR",
-      "sampler": dict(cfgs["e2e_diff"].sample),
+      "sampler": dict(load_with_decoding(workdir / "e2e_diff", args).config.sample),
     }
   name = "ld4lg" if args.only is None else f"ld4lg_{args.only}"
   write_result(name, result, config)

@@ -60,10 +60,10 @@ SIZES = {
     vocab_size=2048,
     batch_size=32,
     length_buckets=(16, 24),
-    # Per-example latent noise std ~ U(0, 0.5) in AE training: the decoder reads the neighbourhood
+    # Per-example latent noise std ~ U(0, 0.3) in AE training: the decoder reads the neighbourhood
     # of each sentence's latents as that sentence, so a tiny denoiser's errors decode to fluent
-    # text (benchmark: MAUVE 0.28 -> 0.38 from a 1500-step noisy fine-tune of a clean AE alone).
-    latent_noise=0.5,
+    # text. At 0.5 the benchmark's recon BLEU fell from 93.7 (clean) to 90.0.
+    latent_noise=0.3,
     ae=dict(
       d_encoder=128,
       encoder_layers=2,
@@ -80,7 +80,9 @@ SIZES = {
     ),
     denoiser=dict(d_model=128, n_layers=4, n_heads=4, d_ff=0, dropout=0.0),
     ae_train=dict(steps=2000, lr=1e-3, warmup_steps=100),
-    diffusion_train=dict(steps=3000, lr=5e-4, warmup_steps=100, ema_decay=0.999),
+    # Batch 128: with cached latents a step costs only the tiny denoiser, and the larger batch
+    # averages the noise-level sampling of the loss over more examples per update.
+    diffusion_train=dict(steps=3000, lr=1e-3, warmup_steps=100, ema_decay=0.999, batch_size=128),
     sample_steps=100,
   ),
   "base": dict(
@@ -115,6 +117,15 @@ SIZES = {
     ),
     sample_steps=250,
   ),
+}
+# Latents -> text. num_beams > 1: beam search with these processors (the reference decodes with 4
+# beams, repetition penalty 1.2 and no repeated trigram); 1: greedy (top_p = 0) or nucleus sampling.
+DECODE = {
+  "num_beams": 1,
+  "length_penalty": 1.0,
+  "repetition_penalty": 1.2,
+  "no_repeat_ngram": 3,
+  "min_new_tokens": 0,
 }
 DATA = {
   "yelp": dict(source="text", label_per_file=True, num_classes=2),
@@ -174,6 +185,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     c.model = ae
     c.train.update(size["ae_train"])
     c.sample = {"max_new_tokens": size["max_len"] - 1, "top_p": 0.0, "temperature": 1.0}
+    c.sample.update(DECODE)
   else:
     train = dict(size["diffusion_train"])
     c.data.batch_size = train.pop("batch_size", c.data.batch_size)
@@ -189,6 +201,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       dtype="float32",
     )
     c.train.update(train)
+    c.train.ema_warmup_power = 0.75  # the reference's EMA warm-up (ema_pytorch, power 3/4)
     c.ld4lg = {
       "autoencoder_workdir": "",
       "objective": "v",
@@ -196,6 +209,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       "cond_drop_prob": 0.1,
       "schedule_scale": 1.0,
       "context_encoder": a.get("context", ""),
+      # Encode the training sentences once with the frozen AE (fp32 l x d per sentence in host
+      # memory: 1 KB at tiny, 8 KB at base) instead of at every step.
+      "cache_latents": True,
     }
     c.sample = {
       "steps": size["sample_steps"],
@@ -208,6 +224,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       "max_new_tokens": size["max_len"] - 1,
       "top_p": 0.0,
       "temperature": 1.0,
+      **DECODE,
     }
   if a["steps"]:
     c.train.steps = a["steps"]

@@ -1,0 +1,127 @@
+"""Sampling and decoding settings of the LD4LG Yelp benchmark, chosen on a validation slice.
+
+    python benchmarks/ld4lg_decode.py --workdir runs/bench/ld4lg
+
+Reuses the autoencoder and class-conditional denoiser that `benchmarks/ld4lg.py` trained in
+`--workdir`. For each variant (DDPM steps x decoding: greedy, or beam search with or without the
+reference's repetition penalty) it draws `--samples` latents of the model's p(x) (labels from the
+training class frequencies, w = 1), decodes them and scores them against a validation slice of the
+held-out sentences that `benchmarks/ld4lg.py` never reports on (permuted held-out rows
+[1512, 1512 + samples); the benchmark uses [0, 512) for MAUVE and [512, 1512) for the classifier):
+MAUVE on judge features, judge gen-PPL (median), unigram entropy, and reconstruction BLEU / MAUVE
+of the validation sentences themselves with that decoding. Writes
+benchmarks/results/ld4lg_decode.json; the benchmark's `--decode` / `--sample_steps` take the winner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import write_result
+from ld4lg import DECODINGS, cached_features, class_prior, held_out, log
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lsd import api  # noqa: E402
+from lsd.eval.genppl import GenPPL  # noqa: E402
+from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
+from lsd.methods import ld4lg  # noqa: E402
+
+VARIANTS = {  # name -> (DDPM steps, decoding)
+  "greedy_s100": (100, "greedy"),
+  "greedy_s250": (250, "greedy"),
+  "beam_s100": (100, "beam"),
+  "beam_norp_s100": (100, "beam_norp"),
+  "beam_s250": (250, "beam"),
+}
+VALID = slice(1512, None)  # rows of the permuted held-out set the benchmark leaves unused
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", default="runs/bench/ld4lg")
+  p.add_argument("--samples", type=int, default=512)
+  p.add_argument("--seed", type=int, default=1)
+  args = p.parse_args()
+  workdir = Path(args.workdir)
+  for run in ("yelp_ae", "yelp_diff"):
+    if not (workdir / run / "checkpoints").is_dir():
+      sys.exit(f"--workdir={workdir} has no trained {run}: run benchmarks/ld4lg.py first")
+  ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
+  real = held_out(ae.config)
+  rng = np.random.default_rng(0)
+  real = [real[i] for i in rng.permutation(len(real))]
+  valid = [d["text"] for d in real[VALID]]
+  if len(valid) < 2 * args.samples:
+    sys.exit(f"only {len(valid)} validation sentences; need 2 x --samples={args.samples}")
+  refs, recon_src = valid[: args.samples], valid[args.samples : 2 * args.samples]
+  judge = GenPPL(max_len=64, batch_size=32)
+  features = functools.partial(cached_features, judge, workdir.parent / "judge_features")
+  ref_feats = features(refs)
+  results = {"real": {"mauve": mauve(ref_feats, features(recon_src))}}
+  log(f"real vs real: {results['real']}")
+  prior = class_prior(ae.config)
+  labels = jnp.asarray(
+    np.random.default_rng(args.seed).choice(len(prior), args.samples, p=prior), jnp.int32
+  )
+  latents = {}
+  for name, (steps, decoding) in VARIANTS.items():
+    diff.config.sample.steps = steps
+    if steps not in latents:
+      t0 = time.perf_counter()
+      z = diff.task.sample_latents(
+        diff.model(), jax.random.key(args.seed), args.samples, labels=labels
+      )
+      latents[steps] = (z, time.perf_counter() - t0)
+    z, secs = latents[steps]
+    sample = dict(diff.config.sample)
+    sample.update(DECODINGS[decoding])
+    sample = type(diff.config.sample)(sample)
+    t0 = time.perf_counter()
+    texts = ld4lg.decode_latents(ae, z, sample=sample)
+    decode_secs = time.perf_counter() - t0
+    recon = []
+    for i in range(0, len(recon_src), 256):
+      recon += ld4lg.decode_latents(
+        ae, ld4lg.encode_texts(ae, recon_src[i : i + 256]), sample=sample
+      )
+    ppl = np.array(judge.per_sample(texts))
+    results[name] = {
+      "mauve": mauve(ref_feats, judge.hidden_features(texts)),
+      "gen_ppl_median": float(np.nanmedian(ppl)),
+      "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
+      "recon_bleu": bleu(recon, recon_src),
+      "recon_mauve": mauve(ref_feats, judge.hidden_features(recon)),
+      "sample_steps": steps,
+      "decoding": DECODINGS[decoding],
+      "sampling_seconds": secs,
+      "decode_seconds": decode_secs,
+      "examples": texts[:5],
+    }
+    log(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "examples"}))
+    log(f"  e.g. {texts[:3]}")
+  write_result(
+    "ld4lg_decode",
+    results,
+    {
+      "samples": args.samples,
+      "refs": f"permuted held-out Yelp rows [1512, {1512 + args.samples}) (validation)",
+      "recon_source": f"rows [{1512 + args.samples}, {1512 + 2 * args.samples})",
+      "diffusion_steps": json.loads((workdir / "yelp_diff" / "config.json").read_text())["train"][
+        "steps"
+      ],
+    },
+  )
+
+
+if __name__ == "__main__":
+  main()
