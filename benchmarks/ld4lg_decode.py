@@ -81,7 +81,7 @@ def main():
       z = diff.task.sample_latents(
         diff.model(), jax.random.key(args.seed), args.samples, labels=labels
       )
-      latents[steps] = (z, time.perf_counter() - t0)
+      latents[steps] = (jax.block_until_ready(z), time.perf_counter() - t0)
     z, secs = latents[steps]
     sample = dict(diff.config.sample)
     sample.update(DECODINGS[decoding])
