@@ -83,9 +83,8 @@ def main():
       )
       latents[steps] = (jax.block_until_ready(z), time.perf_counter() - t0)
     z, secs = latents[steps]
-    sample = dict(diff.config.sample)
+    sample = diff.config.sample.copy_and_resolve_references()
     sample.update(DECODINGS[decoding])
-    sample = type(diff.config.sample)(sample)
     t0 = time.perf_counter()
     texts = ld4lg.decode_latents(ae, z, sample=sample)
     decode_secs = time.perf_counter() - t0

@@ -559,12 +559,13 @@ def test_array_data_epochs_resume_shards_and_eval_batches():
   again.set_state(state)
   for w in want:
     np.testing.assert_array_equal(next(again)["x"], w)
-  # Two processes: disjoint rows, half the global batch each.
+  # Two processes: disjoint shards that cover the rows, half the global batch each.
   parts = [_array_data(p, 2, n=12, batch_size=4) for p in (0, 1)]
-  rows = [
-    set(np.concatenate([next(d.train_iter())["x"][:, 0] for _ in range(1)]).tolist()) for d in parts
-  ]
-  assert all(len(r) == 2 for r in rows) and not rows[0] & rows[1]
+  shards = [set(d.train["x"][:, 0].tolist()) for d in parts]
+  assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(12))
+  for d, shard in zip(parts, shards, strict=True):
+    batch = next(d.train_iter())["x"][:, 0]
+    assert len(batch) == 2 and set(batch.tolist()) <= shard
   # Eval: 5 rows in global batches of 4, the last one wrapping around to rows 0..2.
   ev = data.eval_batches()
   assert [b["x"][:, 0].tolist() for b in ev] == [[100, 101, 102, 103], [104, 100, 101, 102]]

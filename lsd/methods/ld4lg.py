@@ -6,8 +6,8 @@ the frozen pretrained all-MiniLM-L6-v2 (`"minilm"`, with `data.tokenizer.kind="m
 paper's frozen-encoder setting, where only compressor, reconstruction net and decoder learn.
 Stage 2, `LD4LGDiffusionTask` ("ld4lg_diffusion"): the stage-1 run (`ld4lg.autoencoder_workdir`) is
 loaded frozen and encodes each batch on the fly, or (`ld4lg.cache_latents`) encodes every training
-sentence once when the data is built, so a step costs only the denoiser; a `LatentDenoiser` learns the v-prediction (cosine
-schedule, unweighted L2) with self-conditioning (a no-gradient first pass on half of the batches) and,
+sentence once when the data is built, so a step costs only the denoiser; a `LatentDenoiser` learns
+the v-prediction (cosine schedule, unweighted L2) with self-conditioning (a no-gradient first pass on half of the batches) and,
 when class-conditional, label dropout for classifier-free guidance. Seq2seq (`ld4lg.context_encoder`
 = "minilm", `data.source_field` set): each sentence's source text goes through the frozen MiniLM and
 its hidden states are the denoiser's cross-attention context (dropped to a null context for CFG).
@@ -43,11 +43,6 @@ from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
 from lsd.sampling import latent as latent_sampling
 from lsd.train.task import Batch, Task
-
-
-def shard_rows_of(docs: list, process_index: int, process_count: int) -> list:
-  """This process's sentences [process_index::process_count] (as the sentence pipeline shards)."""
-  return list(docs[process_index::process_count])
 
 
 def _dropout_rngs(dropout: float, key: jax.Array) -> nnx.Rngs | None:
@@ -211,7 +206,7 @@ class LD4LGDiffusionTask(Task):
     if not self.config.ld4lg.get("cache_latents", False):
       return data
     t0 = time.perf_counter()
-    train_rows = self.latent_rows(shard_rows_of(data.train_docs, process_index, process_count))
+    train_rows = self.latent_rows(data.train_docs[process_index::process_count])
     eval_rows = self.latent_rows(data.eval_docs) if data.eval_docs else {}
     if process_index == 0:
       print(

@@ -29,11 +29,8 @@ NEG = -1e30  # a finite -inf: keeps top-k and sums free of nan
 def _ngram_bans(hist: Int[Array, "R N"], i: Array, n: int, vocab: int) -> Array:
   """[R, V] bool: tokens that would complete an n-gram already present in hist[:, :i]."""
   r, big_n = hist.shape
-  if n < 1 or big_n < n:
+  if n < 2 or big_n < n:  # n = 1 is the `seen` mask itself (see `process_logits`)
     return jnp.zeros((r, vocab), bool)
-  if n == 1:
-    seen = (jnp.arange(big_n)[None, :] < i) & jnp.ones((r, 1), bool)
-    return jnp.zeros((r, vocab), bool).at[jnp.arange(r)[:, None], hist].max(seen)
   starts = jnp.arange(big_n - n + 1)  # n-gram j = hist[j : j + n]
   # The current (n - 1)-token suffix hist[i - n + 1 : i], compared with each n-gram's prefix.
   suffix = jax.vmap(lambda h: jax.lax.dynamic_slice(h, (jnp.maximum(i - n + 1, 0),), (n - 1,)))(
@@ -64,7 +61,9 @@ def process_logits(
   if repetition_penalty != 1.0:
     x = jnp.where(seen, jnp.where(x > 0, x / repetition_penalty, x * repetition_penalty), x)
   logp = jax.nn.log_softmax(x, axis=-1)
-  if no_repeat_ngram:
+  if no_repeat_ngram == 1:
+    logp = jnp.where(seen, NEG, logp)
+  elif no_repeat_ngram:
     logp = jnp.where(_ngram_bans(hist, i, no_repeat_ngram, x.shape[-1]), NEG, logp)
   if min_new_tokens:
     logp = logp.at[:, eos_id].set(jnp.where(i < min_new_tokens, NEG, logp[:, eos_id]))
