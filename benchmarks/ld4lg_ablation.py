@@ -1,0 +1,186 @@
+"""LD4LG ablations at a reduced, fixed budget on the Yelp protocol of `benchmarks/ld4lg.py`.
+
+    python benchmarks/ld4lg_ablation.py [--workdir runs/bench/ld4lg_ablation] [--variants a,b]
+
+Each variant trains its own tiny autoencoder (`--ae_steps`, default 5000) and class-conditional
+denoiser (`--diff_steps`, default 1500) from configs/ld4lg_yelp.py with a few overrides, then
+scores it on the validation slice of `benchmarks/ld4lg_decode.py` (permuted held-out rows that
+the main benchmark never reports on):
+- recon_bleu: greedy reconstructions of held-out rows [2024, 2536);
+- 512 samples of p(x) (labels from the training class frequencies, w = 1, DDPM, 100 steps, x0_hat
+  projected onto the sphere, greedy decoding): MAUVE against held-out rows [1512, 2024) on judge
+  features, judge gen-PPL (median) and unigram entropy.
+Step counts are fixed (not minutes), so variants with the same model sizes get the same compute.
+The question the default variants answer: how the AE's training-only latent noise trades
+reconstruction for the fluency of decoded denoiser samples. Trainings resume; a run directory
+whose stored config differs from the variant's is refused. Writes
+benchmarks/results/ld4lg_ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import write_result
+from ld4lg import DECODINGS, cached_features, class_prior, held_out, log
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lsd import api  # noqa: E402
+from lsd.config import load_config_file  # noqa: E402
+from lsd.eval.genppl import GenPPL  # noqa: E402
+from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
+from lsd.methods import ld4lg  # noqa: E402
+from lsd.train.checkpoint import Checkpointer  # noqa: E402
+from lsd.train.trainer import train  # noqa: E402
+
+# name -> {"ae": {dotted config field: value}, "diffusion": {...}} overrides of the tiny configs.
+VARIANTS = {
+  "noise0.3": {"ae": {"model.latent_noise": 0.3}, "diffusion": {}},  # the tiny default
+  "noise0.5": {"ae": {"model.latent_noise": 0.5}, "diffusion": {}},
+  "noise0.8": {"ae": {"model.latent_noise": 0.8}, "diffusion": {}},
+}
+MAUVE_REFS = slice(1512, 2024)
+RECON_ROWS = slice(2024, 2536)
+SAMPLES = 512
+# Fields that name where a run lives rather than what it trains.
+PATH_FIELDS = {("ld4lg", "autoencoder_workdir")}
+
+
+def _set(cfg, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def variant_config(stage: str, overrides: dict, steps: int, data_path: str, ae_dir: Path | None):
+  c = load_config_file(f"configs/ld4lg_yelp.py:stage={stage},size=tiny")
+  c.data.path = data_path
+  c.data.eval_fraction = 0.05
+  c.train.steps = steps
+  c.train.progress = False
+  c.train.num_samples = 0
+  if ae_dir is not None:
+    c.ld4lg.autoencoder_workdir = str(ae_dir)
+  for k, v in overrides.items():
+    _set(c, k, v)
+  return c
+
+
+def _differences(stored: dict, wanted: dict, prefix=()) -> list[str]:
+  out = []
+  for k in sorted(set(stored) | set(wanted)):
+    key = (*prefix, k)
+    if key in PATH_FIELDS:
+      continue
+    a, b = stored.get(k), wanted.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, key)
+    elif a != b:
+      out.append(f"{'.'.join(key)}: stored {a!r}, wanted {b!r}")
+  return out
+
+
+def train_or_reuse(cfg, run: Path) -> None:
+  """Trains `cfg` in `run` to cfg.train.steps (resuming), refusing a run trained with another config."""
+  if (run / "config.json").exists():
+    diff = _differences(json.loads((run / "config.json").read_text()), json.loads(cfg.to_json()))
+    if diff:
+      sys.exit(f"{run} was trained with another config ({'; '.join(diff)}); use another --workdir")
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    done = ckpt.latest_step() == cfg.train.steps
+    ckpt.close()
+    if done:
+      log(f"{run}: reusing the finished {cfg.train.steps}-step run")
+      return
+  log(f"training {run} ({cfg.train.steps} steps)")
+  train(cfg, run)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
+  p.add_argument("--workdir", default="runs/bench/ld4lg_ablation")
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--ae_steps", type=int, default=5000)
+  p.add_argument("--diff_steps", type=int, default=1500)
+  args = p.parse_args()
+  names = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown:
+    sys.exit(f"--variants: unknown {unknown}; accepted: {list(VARIANTS)}")
+  data_path = str(Path(args.data_dir).resolve() / "yelp" / "sentiment.dev.*")
+  if not list((Path(args.data_dir) / "yelp").glob("sentiment.dev.*")):
+    sys.exit(f"--data_dir={args.data_dir} has no yelp/sentiment.dev.* files")
+  workdir = Path(args.workdir)
+  out_file = Path(__file__).parent / "results" / "ld4lg_ablation.json"
+  results = json.loads(out_file.read_text())["metrics"] if out_file.exists() else {}
+
+  judge = None
+  for name in names:
+    ae_dir, diff_dir = workdir / name / "yelp_ae", workdir / name / "yelp_diff"
+    over = VARIANTS[name]
+    train_or_reuse(variant_config("ae", over["ae"], args.ae_steps, data_path, None), ae_dir)
+    train_or_reuse(
+      variant_config("diffusion", over["diffusion"], args.diff_steps, data_path, ae_dir), diff_dir
+    )
+    if judge is None:
+      judge = GenPPL(max_len=64, batch_size=32)
+      features = functools.partial(cached_features, judge, workdir / "judge_features")
+    ae, diff = api.load(ae_dir), api.load(diff_dir)
+    real = held_out(ae.config)
+    order = np.random.default_rng(0).permutation(len(real))
+    real = [real[i]["text"] for i in order]
+    refs, recon_src = real[MAUVE_REFS], real[RECON_ROWS]
+    greedy = diff.config.sample.copy_and_resolve_references()
+    greedy.update(DECODINGS["greedy"])
+    recon = []
+    for i in range(0, len(recon_src), 256):
+      z = ld4lg.encode_texts(ae, recon_src[i : i + 256])
+      recon += ld4lg.decode_latents(ae, z, sample=greedy)
+    prior = class_prior(ae.config)
+    labels = jnp.asarray(np.random.default_rng(1).choice(len(prior), SAMPLES, p=prior), jnp.int32)
+    diff.config.sample.update({"steps": 100, "sampler": "ddpm", "project": True})
+    z = diff.task.sample_latents(diff.model(), jax.random.key(1), SAMPLES, labels=labels)
+    texts = ld4lg.decode_latents(ae, z, sample=greedy)
+    ppl = np.array(judge.per_sample(texts))
+    results[name] = {
+      "overrides": over,
+      "ae_steps": args.ae_steps,
+      "diff_steps": args.diff_steps,
+      "recon_bleu": bleu(recon, recon_src),
+      "mauve": mauve(features(refs), judge.hidden_features(texts)),
+      "gen_ppl_median": float(np.nanmedian(ppl)),
+      "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
+      "mean_words": float(np.mean([len(t.split()) for t in texts])),
+      "examples": texts[:5],
+    }
+    log(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "examples"}))
+
+  write_result(
+    "ld4lg_ablation",
+    results,
+    {
+      "protocol": "benchmarks/ld4lg_ablation.py docstring",
+      "samples": SAMPLES,
+      "mauve_refs": "permuted held-out Yelp rows [1512, 2024) (validation)",
+      "recon_rows": "permuted held-out Yelp rows [2024, 2536)",
+      "sampling": "DDPM, 100 steps, sphere projection, w = 1, labels from the class prior",
+      "decoding": "greedy",
+      "sizes": "configs/ld4lg_yelp.py size=tiny (8 x 32 latents)",
+    },
+  )
+
+
+if __name__ == "__main__":
+  main()
