@@ -66,6 +66,7 @@ DECODINGS = {
   # The reference's decoding: 4 beams, repetition penalty 1.2, no repeated trigram.
   "beam": {"num_beams": 4, "top_p": 0.0, "repetition_penalty": 1.2, "no_repeat_ngram": 3},
   "beam_norp": {"num_beams": 4, "top_p": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram": 3},
+  "top_p0.9": {"num_beams": 1, "top_p": 0.9, "temperature": 1.0},
 }
 
 

@@ -3,8 +3,9 @@
     python benchmarks/ld4lg_decode.py --workdir runs/bench/ld4lg
 
 Reuses the autoencoder and class-conditional denoiser that `benchmarks/ld4lg.py` trained in
-`--workdir`. For each variant (DDPM steps x decoding: greedy, or beam search with or without the
-reference's repetition penalty) it draws `--samples` latents of the model's p(x) (labels from the
+`--workdir`. For each variant (sampling: DDPM or DDIM, steps, sphere projection of x0_hat, sampling
+schedule scale; decoding: greedy, or beam search with or without the reference's repetition
+penalty) it draws `--samples` latents of the model's p(x) (labels from the
 training class frequencies, w = 1), decodes them and scores them against a validation slice of the
 held-out sentences that `benchmarks/ld4lg.py` never reports on (permuted held-out rows
 [1512, 1512 + samples); the benchmark uses [0, 512) for MAUVE and [512, 1512) for the classifier):
@@ -32,16 +33,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lsd import api  # noqa: E402
+from lsd.diffusion.gaussian import CosineSchedule  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
 from lsd.methods import ld4lg  # noqa: E402
 
-VARIANTS = {  # name -> (DDPM steps, decoding)
-  "greedy_s100": (100, "greedy"),
-  "greedy_s250": (250, "greedy"),
-  "beam_s100": (100, "beam"),
-  "beam_norp_s100": (100, "beam_norp"),
-  "beam_s250": (250, "beam"),
+# name -> (sampling overrides: steps, and optionally sampler / project / schedule scale; decoding)
+VARIANTS = {
+  "greedy_s100": ({"steps": 100}, "greedy"),
+  "greedy_s250": ({"steps": 250}, "greedy"),
+  "beam_s100": ({"steps": 100}, "beam"),
+  "beam_norp_s100": ({"steps": 100}, "beam_norp"),
+  "beam_s250": ({"steps": 250}, "beam"),
+  # The reference projects x0_hat onto the sphere only in seq2seq sampling; DDIM is deterministic.
+  "top_p0.9_s100": ({"steps": 100}, "top_p0.9"),
+  "greedy_s100_noproject": ({"steps": 100, "project": False}, "greedy"),
+  "greedy_ddim_s100": ({"steps": 100, "sampler": "ddim"}, "greedy"),
+  # The denoiser is conditioned on alpha_bar, so any sampling schedule is valid: scale < 1 spends
+  # more of the steps at high noise, scale > 1 at low noise.
+  "greedy_s100_scale0.5": ({"steps": 100, "schedule_scale": 0.5}, "greedy"),
+  "greedy_s100_scale2": ({"steps": 100, "schedule_scale": 2.0}, "greedy"),
 }
 VALID = slice(1512, None)  # rows of the permuted held-out set the benchmark leaves unused
 
@@ -73,34 +84,48 @@ def main():
   labels = jnp.asarray(
     np.random.default_rng(args.seed).choice(len(prior), args.samples, p=prior), jnp.int32
   )
-  latents = {}
-  for name, (steps, decoding) in VARIANTS.items():
-    diff.config.sample.steps = steps
-    if steps not in latents:
+  latents, recons = {}, {}
+  base_sample = diff.config.sample.copy_and_resolve_references()
+  for name, (sampling, decoding) in VARIANTS.items():
+    sampling = {"sampler": "ddpm", "project": True, "schedule_scale": 1.0, **sampling}
+    diff.config.sample = base_sample.copy_and_resolve_references()
+    diff.config.sample.update({k: v for k, v in sampling.items() if k != "schedule_scale"})
+    diff.task.schedule = CosineSchedule(scale=sampling["schedule_scale"])
+    key = json.dumps(sampling, sort_keys=True)
+    if key not in latents:
       t0 = time.perf_counter()
       z = diff.task.sample_latents(
         diff.model(), jax.random.key(args.seed), args.samples, labels=labels
       )
-      latents[steps] = (jax.block_until_ready(z), time.perf_counter() - t0)
-    z, secs = latents[steps]
+      latents[key] = (jax.block_until_ready(z), time.perf_counter() - t0)
+    z, secs = latents[key]
+    steps = sampling["steps"]
     sample = diff.config.sample.copy_and_resolve_references()
     sample.update(DECODINGS[decoding])
     t0 = time.perf_counter()
     texts = ld4lg.decode_latents(ae, z, sample=sample)
     decode_secs = time.perf_counter() - t0
-    recon = []
-    for i in range(0, len(recon_src), 256):
-      recon += ld4lg.decode_latents(
-        ae, ld4lg.encode_texts(ae, recon_src[i : i + 256]), sample=sample
+    if decoding not in recons:  # reconstructions depend on the decoding only
+      recon = []
+      for i in range(0, len(recon_src), 256):
+        recon += ld4lg.decode_latents(
+          ae, ld4lg.encode_texts(ae, recon_src[i : i + 256]), sample=sample
+        )
+      recons[decoding] = (
+        recon,
+        bleu(recon, recon_src),
+        mauve(ref_feats, judge.hidden_features(recon)),
       )
+    recon, recon_bleu, recon_mauve = recons[decoding]
     ppl = np.array(judge.per_sample(texts))
     results[name] = {
       "mauve": mauve(ref_feats, judge.hidden_features(texts)),
       "gen_ppl_median": float(np.nanmedian(ppl)),
       "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
-      "recon_bleu": bleu(recon, recon_src),
-      "recon_mauve": mauve(ref_feats, judge.hidden_features(recon)),
+      "recon_bleu": recon_bleu,
+      "recon_mauve": recon_mauve,
       "sample_steps": steps,
+      "sampling": sampling,
       "decoding": DECODINGS[decoding],
       "sampling_seconds": secs,
       "decode_seconds": decode_secs,
