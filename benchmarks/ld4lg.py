@@ -148,6 +148,32 @@ def held_out(ae_cfg) -> list[dict]:
   return eval_docs
 
 
+# Permuted held-out rows [VALIDATION_START, ...) are the validation slice of ld4lg_decode.py and
+# ld4lg_ablation.py; this benchmark reports on rows [0, 512) (MAUVE) and [512, 1512) (classifier).
+VALIDATION_START = 1512
+
+
+def validation_texts(ae_cfg) -> list[str]:
+  """The held-out sentences from row VALIDATION_START of their seeded permutation."""
+  real = held_out(ae_cfg)
+  order = np.random.default_rng(0).permutation(len(real))
+  return [real[i]["text"] for i in order][VALIDATION_START:]
+
+
+def reconstruct(ae, texts: list[str], sample=None, chunk: int = 256) -> list[str]:
+  """AE reconstructions of `texts` (encode, then decode with `sample`), `chunk` texts per call."""
+  out = []
+  for i in range(0, len(texts), chunk):
+    out += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, texts[i : i + chunk]), sample=sample)
+  return out
+
+
+def prior_labels(ae_cfg, n: int, seed: int) -> jax.Array:
+  """n class ids drawn from the training split's label frequencies."""
+  prior = class_prior(ae_cfg)
+  return jnp.asarray(np.random.default_rng(seed).choice(len(prior), n, p=prior), jnp.int32)
+
+
 def class_prior(ae_cfg) -> np.ndarray:
   """The training split's label frequencies."""
   cfg = ae_cfg.data
@@ -189,12 +215,8 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
     key = jax.random.key(args.seed)
     t0 = time.perf_counter()
     if name == "recon":
-      docs = held_out(ae.config)[: args.recon_sentences]
-      texts = []
-      for i in range(0, len(docs), 250):
-        z = ld4lg.encode_texts(ae, [d["text"] for d in docs[i : i + 250]])
-        texts += ld4lg.decode_latents(ae, z)
-      rec = {"texts": texts, "references": [d["text"] for d in docs]}
+      refs = [d["text"] for d in held_out(ae.config)[: args.recon_sentences]]
+      rec = {"texts": reconstruct(ae, refs, chunk=250), "references": refs}
     elif name == "ar":
       ar = api.load(workdir / "yelp_ar")
       prompt = jnp.full((args.samples, 1), ar.tokenizer.bos_id, jnp.int32)
@@ -211,10 +233,7 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
         # Unconditional = the model's p(x) = sum_c p(c) p(x | c): labels drawn from the training
         # split's class frequencies, w = 1 (no guidance).
         n, w = args.samples, 1.0
-        prior = class_prior(ae.config)
-        labels = jnp.asarray(
-          np.random.default_rng(args.seed).choice(len(prior), n, p=prior), jnp.int32
-        )
+        labels = prior_labels(ae.config, n, args.seed)
       elif name == "null":
         n, w = args.samples, 1.0
         labels = jnp.full((n,), n_cls, jnp.int32)  # the null class (10 % of training batches)

@@ -26,16 +26,15 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from common import write_result
-from ld4lg import DECODINGS, cached_features, class_prior, held_out, log
+from common import git_commit, write_result
+from ld4lg import DECODINGS, cached_features, log, prior_labels, reconstruct, validation_texts
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lsd import api  # noqa: E402
-from lsd.config import load_config_file  # noqa: E402
+from lsd.config import apply_override, load_config_file  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
 from lsd.methods import ld4lg  # noqa: E402
@@ -48,19 +47,9 @@ VARIANTS = {
   "noise0.5": {"ae": {"model.latent_noise": 0.5}, "diffusion": {}},
   "noise0.8": {"ae": {"model.latent_noise": 0.8}, "diffusion": {}},
 }
-MAUVE_REFS = slice(1512, 2024)
-RECON_ROWS = slice(2024, 2536)
-SAMPLES = 512
+SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {("ld4lg", "autoencoder_workdir")}
-
-
-def _set(cfg, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = cfg
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
 
 
 def variant_config(stage: str, overrides: dict, steps: int, data_path: str, ae_dir: Path | None):
@@ -72,8 +61,8 @@ def variant_config(stage: str, overrides: dict, steps: int, data_path: str, ae_d
   c.train.num_samples = 0
   if ae_dir is not None:
     c.ld4lg.autoencoder_workdir = str(ae_dir)
-  for k, v in overrides.items():
-    _set(c, k, v)
+  for k, v in overrides.items():  # checked field names, converted to the field's type
+    apply_override(c, k, v if isinstance(v, str) else json.dumps(v))
   return c
 
 
@@ -134,22 +123,17 @@ def main():
     train_or_reuse(
       variant_config("diffusion", over["diffusion"], args.diff_steps, data_path, ae_dir), diff_dir
     )
-    if judge is None:
+    ae, diff = api.load(ae_dir), api.load(diff_dir)
+    if judge is None:  # the data config is the same for every variant
       judge = GenPPL(max_len=64, batch_size=32)
       features = functools.partial(cached_features, judge, workdir / "judge_features")
-    ae, diff = api.load(ae_dir), api.load(diff_dir)
-    real = held_out(ae.config)
-    order = np.random.default_rng(0).permutation(len(real))
-    real = [real[i]["text"] for i in order]
-    refs, recon_src = real[MAUVE_REFS], real[RECON_ROWS]
+      valid = validation_texts(ae.config)
+      refs, recon_src = valid[:SAMPLES], valid[SAMPLES : 2 * SAMPLES]
+      ref_feats = features(refs)
+      labels = prior_labels(ae.config, SAMPLES, seed=1)
     greedy = diff.config.sample.copy_and_resolve_references()
     greedy.update(DECODINGS["greedy"])
-    recon = []
-    for i in range(0, len(recon_src), 256):
-      z = ld4lg.encode_texts(ae, recon_src[i : i + 256])
-      recon += ld4lg.decode_latents(ae, z, sample=greedy)
-    prior = class_prior(ae.config)
-    labels = jnp.asarray(np.random.default_rng(1).choice(len(prior), SAMPLES, p=prior), jnp.int32)
+    recon = reconstruct(ae, recon_src, greedy)
     diff.config.sample.update({"steps": 100, "sampler": "ddpm", "project": True})
     z = diff.task.sample_latents(diff.model(), jax.random.key(1), SAMPLES, labels=labels)
     texts = ld4lg.decode_latents(ae, z, sample=greedy)
@@ -159,11 +143,12 @@ def main():
       "ae_steps": args.ae_steps,
       "diff_steps": args.diff_steps,
       "recon_bleu": bleu(recon, recon_src),
-      "mauve": mauve(features(refs), judge.hidden_features(texts)),
+      "mauve": mauve(ref_feats, judge.hidden_features(texts)),
       "gen_ppl_median": float(np.nanmedian(ppl)),
       "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
       "mean_words": float(np.mean([len(t.split()) for t in texts])),
       "examples": texts[:5],
+      "git_commit": git_commit(),  # entries of variants not rerun keep their own
     }
     log(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "examples"}))
 

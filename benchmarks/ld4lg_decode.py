@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from common import write_result
-from ld4lg import DECODINGS, cached_features, class_prior, held_out, log
+from ld4lg import DECODINGS, cached_features, log, prior_labels, reconstruct, validation_texts
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,8 +44,8 @@ VARIANTS = {
   "beam_s100": ({"steps": 100}, "beam"),
   "beam_norp_s100": ({"steps": 100}, "beam_norp"),
   "beam_s250": ({"steps": 250}, "beam"),
-  # The reference projects x0_hat onto the sphere only in seq2seq sampling; DDIM is deterministic.
   "top_p0.9_s100": ({"steps": 100}, "top_p0.9"),
+  # The reference projects x0_hat onto the sphere only in seq2seq sampling; DDIM is deterministic.
   "greedy_s100_noproject": ({"steps": 100, "project": False}, "greedy"),
   "greedy_ddim_s100": ({"steps": 100, "sampler": "ddim"}, "greedy"),
   # The denoiser is conditioned on alpha_bar, so any sampling schedule is valid: scale < 1 spends
@@ -54,7 +53,6 @@ VARIANTS = {
   "greedy_s100_scale0.5": ({"steps": 100, "schedule_scale": 0.5}, "greedy"),
   "greedy_s100_scale2": ({"steps": 100, "schedule_scale": 2.0}, "greedy"),
 }
-VALID = slice(1512, None)  # rows of the permuted held-out set the benchmark leaves unused
 
 
 def main():
@@ -68,10 +66,7 @@ def main():
     if not (workdir / run / "checkpoints").is_dir():
       sys.exit(f"--workdir={workdir} has no trained {run}: run benchmarks/ld4lg.py first")
   ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
-  real = held_out(ae.config)
-  rng = np.random.default_rng(0)
-  real = [real[i] for i in rng.permutation(len(real))]
-  valid = [d["text"] for d in real[VALID]]
+  valid = validation_texts(ae.config)
   if len(valid) < 2 * args.samples:
     sys.exit(f"only {len(valid)} validation sentences; need 2 x --samples={args.samples}")
   refs, recon_src = valid[: args.samples], valid[args.samples : 2 * args.samples]
@@ -80,10 +75,7 @@ def main():
   ref_feats = features(refs)
   results = {"real": {"mauve": mauve(ref_feats, features(recon_src))}}
   log(f"real vs real: {results['real']}")
-  prior = class_prior(ae.config)
-  labels = jnp.asarray(
-    np.random.default_rng(args.seed).choice(len(prior), args.samples, p=prior), jnp.int32
-  )
+  labels = prior_labels(ae.config, args.samples, args.seed)
   latents, recons = {}, {}
   base_sample = diff.config.sample.copy_and_resolve_references()
   for name, (sampling, decoding) in VARIANTS.items():
@@ -106,17 +98,9 @@ def main():
     texts = ld4lg.decode_latents(ae, z, sample=sample)
     decode_secs = time.perf_counter() - t0
     if decoding not in recons:  # reconstructions depend on the decoding only
-      recon = []
-      for i in range(0, len(recon_src), 256):
-        recon += ld4lg.decode_latents(
-          ae, ld4lg.encode_texts(ae, recon_src[i : i + 256]), sample=sample
-        )
-      recons[decoding] = (
-        recon,
-        bleu(recon, recon_src),
-        mauve(ref_feats, judge.hidden_features(recon)),
-      )
-    recon, recon_bleu, recon_mauve = recons[decoding]
+      recon = reconstruct(ae, recon_src, sample)
+      recons[decoding] = (bleu(recon, recon_src), mauve(ref_feats, judge.hidden_features(recon)))
+    recon_bleu, recon_mauve = recons[decoding]
     ppl = np.array(judge.per_sample(texts))
     results[name] = {
       "mauve": mauve(ref_feats, judge.hidden_features(texts)),

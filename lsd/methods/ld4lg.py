@@ -7,8 +7,8 @@ paper's frozen-encoder setting, where only compressor, reconstruction net and de
 Stage 2, `LD4LGDiffusionTask` ("ld4lg_diffusion"): the stage-1 run (`ld4lg.autoencoder_workdir`) is
 loaded frozen and encodes each batch on the fly, or (`ld4lg.cache_latents`) encodes every training
 sentence once when the data is built, so a step costs only the denoiser; a `LatentDenoiser` learns
-the v-prediction (cosine schedule, unweighted L2) with self-conditioning (a no-gradient first pass on half of the batches) and,
-when class-conditional, label dropout for classifier-free guidance. Seq2seq (`ld4lg.context_encoder`
+the v-prediction (cosine schedule, unweighted L2) with self-conditioning (a no-gradient first pass
+on half of the batches) and, when class-conditional, label dropout for classifier-free guidance. Seq2seq (`ld4lg.context_encoder`
 = "minilm", `data.source_field` set): each sentence's source text goes through the frozen MiniLM and
 its hidden states are the denoiser's cross-attention context (dropped to a null context for CFG).
 
