@@ -11,8 +11,9 @@ the main benchmark never reports on):
   projected onto the sphere, greedy decoding): MAUVE against held-out rows [1512, 2024) on judge
   features, judge gen-PPL (median) and unigram entropy.
 Step counts are fixed (not minutes), so variants with the same model sizes get the same compute.
-The question the default variants answer: how the AE's training-only latent noise trades
-reconstruction for the fluency of decoded denoiser samples. Trainings resume; a run directory
+The questions the variants answer: how the AE's training-only latent noise trades
+reconstruction for the fluency of decoded denoiser samples (noise*), and whether a vocabulary of
+whole words makes decoded samples more fluent (vocab*). Trainings resume; a run directory
 whose stored config differs from the variant's is refused. Writes
 benchmarks/results/ld4lg_ablation.json.
 """
@@ -46,6 +47,16 @@ VARIANTS = {
   "noise0.3": {"ae": {"model.latent_noise": 0.3}, "diffusion": {}},  # the tiny default
   "noise0.5": {"ae": {"model.latent_noise": 0.5}, "diffusion": {}},
   "noise0.8": {"ae": {"model.latent_noise": 0.8}, "diffusion": {}},
+  # A BPE vocabulary of 8192 keeps nearly every Yelp word (8268 types) one token, so a decoder
+  # reading an off-manifold latent can no longer spell non-words out of subword pieces.
+  "vocab8192": {
+    "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 8192},
+    "diffusion": {"data.tokenizer.vocab_size": 8192},
+  },
+  "vocab4096": {  # most Yelp words whole (the 4000 commonest cover 98 % of the tokens)
+    "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096},
+    "diffusion": {"data.tokenizer.vocab_size": 4096},
+  },
 }
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
@@ -96,6 +107,45 @@ def train_or_reuse(cfg, run: Path) -> None:
   train(cfg, run)
 
 
+class ValidationScorer:
+  """Scores on the validation slice: held-out rows [0, SAMPLES) of `validation_texts` are the MAUVE
+  references, [SAMPLES, 2 SAMPLES) the reconstruction source; judge features are cached in
+  `feature_dir`. Labels of the p(x) samples come from the training class frequencies."""
+
+  def __init__(self, ae_config, feature_dir: Path):
+    self.judge = GenPPL(max_len=64, batch_size=32)
+    self.features = functools.partial(cached_features, self.judge, feature_dir)
+    valid = validation_texts(ae_config)
+    self.refs, self.recon_src = valid[:SAMPLES], valid[SAMPLES : 2 * SAMPLES]
+    self.ref_feats = self.features(self.refs)
+    self.ae_config = ae_config
+
+  @staticmethod
+  def greedy(diff):
+    sample = diff.config.sample.copy_and_resolve_references()
+    sample.update(DECODINGS["greedy"])
+    return sample
+
+  def recon_bleu(self, ae, diff) -> float:
+    return bleu(reconstruct(ae, self.recon_src, self.greedy(diff)), self.recon_src)
+
+  def samples(self, ae, diff, seed: int = 1) -> dict:
+    """SAMPLES latents of p(x) (w = 1, DDPM 100 steps, sphere projection), decoded greedily; `seed`
+    draws the labels and the sampling noise."""
+    diff.config.sample.update({"steps": 100, "sampler": "ddpm", "project": True})
+    labels = prior_labels(self.ae_config, SAMPLES, seed=seed)
+    z = diff.task.sample_latents(diff.model(), jax.random.key(seed), SAMPLES, labels=labels)
+    texts = ld4lg.decode_latents(ae, z, sample=self.greedy(diff))
+    ppl = np.array(self.judge.per_sample(texts))
+    return {
+      "mauve": mauve(self.ref_feats, self.judge.hidden_features(texts)),
+      "gen_ppl_median": float(np.nanmedian(ppl)),
+      "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
+      "mean_words": float(np.mean([len(t.split()) for t in texts])),
+      "examples": texts[:5],
+    }
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
@@ -115,7 +165,7 @@ def main():
   out_file = Path(__file__).parent / "results" / "ld4lg_ablation.json"
   results = json.loads(out_file.read_text())["metrics"] if out_file.exists() else {}
 
-  judge = None
+  scorer = None
   for name in names:
     ae_dir, diff_dir = workdir / name / "yelp_ae", workdir / name / "yelp_diff"
     over = VARIANTS[name]
@@ -124,30 +174,14 @@ def main():
       variant_config("diffusion", over["diffusion"], args.diff_steps, data_path, ae_dir), diff_dir
     )
     ae, diff = api.load(ae_dir), api.load(diff_dir)
-    if judge is None:  # the data config is the same for every variant
-      judge = GenPPL(max_len=64, batch_size=32)
-      features = functools.partial(cached_features, judge, workdir / "judge_features")
-      valid = validation_texts(ae.config)
-      refs, recon_src = valid[:SAMPLES], valid[SAMPLES : 2 * SAMPLES]
-      ref_feats = features(refs)
-      labels = prior_labels(ae.config, SAMPLES, seed=1)
-    greedy = diff.config.sample.copy_and_resolve_references()
-    greedy.update(DECODINGS["greedy"])
-    recon = reconstruct(ae, recon_src, greedy)
-    diff.config.sample.update({"steps": 100, "sampler": "ddpm", "project": True})
-    z = diff.task.sample_latents(diff.model(), jax.random.key(1), SAMPLES, labels=labels)
-    texts = ld4lg.decode_latents(ae, z, sample=greedy)
-    ppl = np.array(judge.per_sample(texts))
+    if scorer is None:  # the data config is the same for every variant
+      scorer = ValidationScorer(ae.config, workdir / "judge_features")
     results[name] = {
       "overrides": over,
       "ae_steps": args.ae_steps,
       "diff_steps": args.diff_steps,
-      "recon_bleu": bleu(recon, recon_src),
-      "mauve": mauve(ref_feats, judge.hidden_features(texts)),
-      "gen_ppl_median": float(np.nanmedian(ppl)),
-      "entropy": float(np.mean([unigram_entropy(ae.tokenizer.encode(t)) for t in texts])),
-      "mean_words": float(np.mean([len(t.split()) for t in texts])),
-      "examples": texts[:5],
+      "recon_bleu": scorer.recon_bleu(ae, diff),
+      **scorer.samples(ae, diff),
       "git_commit": git_commit(),  # entries of variants not rerun keep their own
     }
     log(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "examples"}))
