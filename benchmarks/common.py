@@ -16,18 +16,22 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-  """HEAD of the repository holding this file, or "unknown" (no git, not a checkout)."""
+  """HEAD of the repository holding this file, or "unknown" (no git, not a checkout); with a
+  "+dirty" suffix when tracked code (anything but benchmarks/results) differs from HEAD, since
+  then HEAD alone does not name the code that produced a result."""
+  root = Path(__file__).resolve().parents[1]
+
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+
   try:
-    out = subprocess.run(
-      ["git", "rev-parse", "HEAD"],
-      cwd=Path(__file__).parent,
-      capture_output=True,
-      text=True,
-      check=True,
-    )
+    head = git("rev-parse", "HEAD").stdout.strip()
+    changed = git("diff", "--name-only", "HEAD", "--", ".", ":(exclude)benchmarks/results").stdout
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-  return out.stdout.strip() or "unknown"
+  if not head:
+    return "unknown"
+  return head + ("+dirty" if changed.strip() else "")
 
 
 def machine() -> dict:
