@@ -142,6 +142,15 @@ def yelp_configs(data_dir: Path, args) -> dict:
   return {"yelp_ae": ae, "yelp_diff": diff, "yelp_ar": ar}
 
 
+def load_trained(workdir: Path, flag: str = "--workdir"):
+  """The Yelp autoencoder and denoiser runs this benchmark trained in `workdir`; exits with a
+  message naming the missing run when it has not trained them."""
+  for run in ("yelp_ae", "yelp_diff"):
+    if not (workdir / run / "checkpoints").is_dir():
+      sys.exit(f"{flag}={workdir} has no trained {run}: run benchmarks/ld4lg.py first")
+  return api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
+
+
 def held_out(ae_cfg) -> list[dict]:
   cfg = ae_cfg.data
   _, eval_docs = split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)

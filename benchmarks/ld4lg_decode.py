@@ -26,12 +26,19 @@ from pathlib import Path
 import jax
 import numpy as np
 from common import write_result
-from ld4lg import DECODINGS, cached_features, log, prior_labels, reconstruct, validation_texts
+from ld4lg import (
+  DECODINGS,
+  cached_features,
+  load_trained,
+  log,
+  prior_labels,
+  reconstruct,
+  validation_texts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lsd import api  # noqa: E402
 from lsd.diffusion.gaussian import CosineSchedule  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
@@ -62,10 +69,7 @@ def main():
   p.add_argument("--seed", type=int, default=1)
   args = p.parse_args()
   workdir = Path(args.workdir)
-  for run in ("yelp_ae", "yelp_diff"):
-    if not (workdir / run / "checkpoints").is_dir():
-      sys.exit(f"--workdir={workdir} has no trained {run}: run benchmarks/ld4lg.py first")
-  ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
+  ae, diff = load_trained(workdir)
   valid = validation_texts(ae.config)
   if len(valid) < 2 * args.samples:
     sys.exit(f"only {len(valid)} validation sentences; need 2 x --samples={args.samples}")

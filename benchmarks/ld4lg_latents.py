@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import write_result
-from ld4lg import DECODINGS, log, prior_labels, validation_texts
+from ld4lg import load_trained, log, prior_labels, validation_texts
+from ld4lg_ablation import ValidationScorer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lsd import api  # noqa: E402
 from lsd.data import split_documents  # noqa: E402
 from lsd.data.sentences import load_sentences  # noqa: E402
 from lsd.eval.metrics import bleu  # noqa: E402
@@ -73,12 +73,8 @@ def main():
   p.add_argument("--workdir", default="runs/bench/ld4lg")
   args = p.parse_args()
   workdir = Path(args.workdir)
-  for run in ("yelp_ae", "yelp_diff"):
-    if not (workdir / run / "checkpoints").is_dir():
-      sys.exit(f"--workdir={workdir} has no trained {run}: run benchmarks/ld4lg.py first")
-  ae, diff = api.load(workdir / "yelp_ae"), api.load(workdir / "yelp_diff")
-  greedy = diff.config.sample.copy_and_resolve_references()
-  greedy.update(DECODINGS["greedy"])
+  ae, diff = load_trained(workdir)
+  greedy = ValidationScorer.greedy(diff)
 
   def decode(z: np.ndarray) -> list[str]:
     return ld4lg.decode_latents(ae, jnp.asarray(z, jnp.float32), sample=greedy)

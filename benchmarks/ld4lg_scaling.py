@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from common import git_commit, train_seconds, write_result
-from ld4lg import log, steps_for_minutes
+from ld4lg import load_trained, log, steps_for_minutes
 from ld4lg_ablation import ValidationScorer, train_or_reuse, variant_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,16 +70,13 @@ def main():
   if unknown:
     sys.exit(f"--variants: unknown {unknown}; accepted: {list(VARIANTS)}")
   bench = Path(args.bench_workdir)
-  for run in ("yelp_ae", "yelp_diff"):
-    if not (bench / run / "checkpoints").is_dir():
-      sys.exit(f"--bench_workdir={bench} has no trained {run}: run benchmarks/ld4lg.py first")
+  ae, _ = load_trained(bench, "--bench_workdir")
   base_cfg = json.loads((bench / "yelp_diff" / "config.json").read_text())
   base_steps, data_path = base_cfg["train"]["steps"], base_cfg["data"]["path"]
   ae_dir, workdir = bench / "yelp_ae", Path(args.workdir)
   out_file = Path(__file__).parent / "results" / "ld4lg_scaling.json"
   results = json.loads(out_file.read_text())["metrics"] if out_file.exists() else {}
 
-  ae = api.load(ae_dir)
   scorer = ValidationScorer(ae.config, bench.parent / "judge_features")
   for name in names:
     (unit, mult), over = VARIANTS[name]
