@@ -359,24 +359,27 @@ def e2e_test(data_dir: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
-  f = cache / "e2e_scores.json"
+  k = args.e2e_candidates
+  tag = f"_mbr{k}" if k > 1 else ""  # k = 1: the file names of runs from before MBR
+  f = cache / f"e2e_scores{tag}.json"
   if f.exists():
     return json.loads(f.read_text())
   diff = load_with_decoding(workdir / "e2e_diff", args)
   sources, refs = e2e_test(data_dir)
-  m = {"n_sources": len(sources)}
+  m = {"n_sources": len(sources), "candidates": k}
+  chunk_size = max(1, 256 // k)  # 256 latents per sampler call whatever k is
   for w in args.e2e_guidance:
     t0 = time.perf_counter()
     out = []
-    for i in range(0, len(sources), 256):
-      chunk = sources[i : i + 256]
-      padded = chunk + [chunk[-1]] * (256 - len(chunk))  # one compiled shape for every chunk
+    for i in range(0, len(sources), chunk_size):
+      chunk = sources[i : i + chunk_size]
+      padded = chunk + [chunk[-1]] * (chunk_size - len(chunk))  # one compiled shape per call
       out += ld4lg.generate_from_sources(
-        diff, jax.random.key(args.seed + i), padded, guidance_scale=w
+        diff, jax.random.key(args.seed + i), padded, guidance_scale=w, candidates=k
       )[: len(chunk)]
     m[f"bleu_w{w:g}"] = bleu(out, refs)
     m[f"seconds_w{w:g}"] = time.perf_counter() - t0
-    (cache / f"e2e_samples_w{w:g}.json").write_text(
+    (cache / f"e2e_samples{tag}_w{w:g}.json").write_text(
       json.dumps([{"source": s, "text": t} for s, t in zip(sources, out, strict=True)])
     )
     log(f"e2e w={w}: BLEU {m[f'bleu_w{w:g}']:.2f}, e.g. {out[:2]}")
@@ -411,6 +414,12 @@ def main():
   p.add_argument("--e2e_ae_steps", type=int, default=0)
   p.add_argument("--e2e_diff_steps", type=int, default=0)
   p.add_argument("--e2e_guidance", type=float, nargs="+", default=[1.0, 2.0])
+  p.add_argument(
+    "--e2e_candidates",
+    type=int,
+    default=1,
+    help="outputs sampled per E2E source, the MBR (ROUGE-2) one scored; the reference uses 5",
+  )
   p.add_argument("--samples", type=int, default=512)
   p.add_argument("--class_samples", type=int, default=256)
   p.add_argument("--recon_sentences", type=int, default=1000)
@@ -427,6 +436,8 @@ def main():
   p.add_argument("--sample_steps", type=int, default=0, help="DDPM steps (0: the run's config)")
   p.add_argument("--only", choices=["yelp", "e2e"], default=None)
   args = p.parse_args()
+  if args.e2e_candidates < 1:
+    p.error(f"--e2e_candidates={args.e2e_candidates} must be >= 1 (1 = no MBR)")
   data_dir = Path(args.data_dir)
   if not (data_dir / "yelp").is_dir():
     sys.exit(f"--data_dir={data_dir} has no yelp/ folder (the shared corpora)")

@@ -58,6 +58,23 @@ def test_bleu_identical_and_multi_reference():
   assert metrics.bleu(["a dog ran away from home"], [text]) < 10.0
 
 
+@pytest.mark.parametrize("metric", metrics.MBR_METRICS)
+def test_mbr_select_keeps_the_consensus_candidate(metric):
+  # Candidate 2 shares three of four bigrams with each of 0 and 1, which share two with each
+  # other; 3 shares nothing. The consensus (highest mean similarity) is 2 under either metric.
+  group = ["a b c d x", "q b c d e", "a b c d e", "z z z z"]
+  single = ["only one candidate"]
+  tied = ["the same text", "the same text"]
+  assert metrics.mbr_select([group, single, tied], metric=metric) == [2, 0, 0]
+
+
+def test_mbr_select_bad_input_names_the_field():
+  with pytest.raises(ValueError, match="metric='rouge1'; accepted: rouge2, bleu"):
+    metrics.mbr_select([["a", "b"]], metric="rouge1")
+  with pytest.raises(ValueError, match=r"candidates\[1\]=\[\] must be a non-empty list"):
+    metrics.mbr_select([["a"], []])
+
+
 def test_mauve_same_and_separated_clouds():
   rng = np.random.default_rng(0)
   p = rng.normal(size=(200, 8))

@@ -15,6 +15,7 @@ from lsd.config import ConfigError, load_config_file
 from lsd.convert.hf import load_minilm
 from lsd.data.sentences import encode_sentences
 from lsd.data.tokenizer import minilm_tokenizer
+from lsd.eval import metrics
 from lsd.methods import get_task, ld4lg
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.train.trainer import train
@@ -174,6 +175,18 @@ def test_seq2seq_trains_samples_and_generates_from_sources(tmp_path, e2e_csv, e2
   assert len(out) == 2 and all(isinstance(t, str) for t in out)
   # Same key and sources: deterministic.
   assert out == ld4lg.generate_from_sources(diff, jax.random.key(0), sources, guidance_scale=2.0)
+
+  # MBR over 3 candidates: the candidates are the outputs for each source repeated 3 times (same
+  # rows, same key), and the output is the one mbr_select picks among them.
+  k = 3
+  repeated = [s for s in sources for _ in range(k)]
+  cands = ld4lg.generate_from_sources(diff, jax.random.key(0), repeated, candidates=1)
+  mbr = ld4lg.generate_from_sources(diff, jax.random.key(0), sources, candidates=k)
+  groups = [cands[i * k : (i + 1) * k] for i in range(len(sources))]
+  picks = metrics.mbr_select(groups, metric="rouge2")
+  assert mbr == [g[j] for g, j in zip(groups, picks, strict=True)]
+  with pytest.raises(ConfigError, match="candidates=0 must be >= 1"):
+    ld4lg.generate_from_sources(diff, jax.random.key(0), sources, candidates=0)
 
 
 def test_dropped_context_is_the_null_context():

@@ -1,4 +1,5 @@
-"""Metrics for generated text: entropy, n-gram diversity, ROUGE, BLEU, MAUVE, attribute accuracy.
+"""Metrics for generated text: entropy, n-gram diversity, ROUGE, BLEU, MBR selection, MAUVE,
+attribute accuracy.
 
 Everything here is host-side numpy/Python over finished samples; nothing is jitted. Where a
 reference implementation exists (rouge-score, sacrebleu, mauve-text, scikit-learn) we call it
@@ -142,6 +143,53 @@ def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], **kw: Any) -
   num_streams = max(len(g) for g in groups)
   streams = [[g[k] if k < len(g) else None for g in groups] for k in range(num_streams)]
   return float(sacrebleu.corpus_bleu(list(preds), streams, **kw).score)
+
+
+MBR_METRICS = ("rouge2", "bleu")
+
+
+def _pair_score(metric: str):
+  """(hypothesis, reference) -> similarity in [0, 100] for `mbr_select`."""
+  if metric == "rouge2":
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge2"])
+    return lambda hyp, ref: 100.0 * scorer.score(ref, hyp)["rouge2"].fmeasure
+  import sacrebleu
+
+  return lambda hyp, ref: float(sacrebleu.sentence_bleu(hyp, [ref]).score)
+
+
+def mbr_select(candidates: Sequence[Sequence[str]], metric: str = "rouge2") -> list[int]:
+  """Minimum-Bayes-risk selection: for each input, the index of the candidate with the highest mean
+  similarity to its other candidates (ties: the lowest index).
+
+  Args:
+    candidates: N groups of k >= 1 candidate texts for the same input (k may vary per group).
+    metric: "rouge2" (ROUGE-2 F1, LD4LG's and SLD's choice) or "bleu" (sentence sacreBLEU).
+
+  Returns:
+    N indices into the groups.
+  """
+  if metric not in MBR_METRICS:
+    raise ValueError(f"mbr_select: metric={metric!r}; accepted: {', '.join(MBR_METRICS)}")
+  score = _pair_score(metric)
+  out = []
+  for i, group in enumerate(candidates):
+    group = list(group)
+    if not group or not all(isinstance(t, str) for t in group):
+      raise ValueError(f"candidates[{i}]={group!r} must be a non-empty list of strings")
+    k = len(group)
+    if k == 1:
+      out.append(0)
+      continue
+    sim = np.zeros((k, k))
+    for a in range(k):
+      for b in range(k):
+        if a != b:
+          sim[a, b] = score(group[a], group[b])
+    out.append(int(np.argmax(sim.sum(axis=1))))
+  return out
 
 
 def _check_features(name: str, x: Any, min_rows: int = 2) -> np.ndarray:

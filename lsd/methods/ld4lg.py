@@ -320,20 +320,41 @@ class LD4LGDiffusionTask(Task):
     return _context(enc.graphdef, enc.params, jnp.asarray(tokens), jnp.asarray(valid)), valid
 
   def generate_from_sources(
-    self, model: LatentDenoiser, key: jax.Array, sources: list[str], guidance_scale=None
+    self,
+    model: LatentDenoiser,
+    key: jax.Array,
+    sources: list[str],
+    guidance_scale=None,
+    candidates: int | None = None,
   ) -> list[str]:
     """Seq2seq: one output text per source (the run's sample settings; `guidance_scale` overrides
-    sample.guidance_scale, CFG against the null context)."""
+    sample.guidance_scale, CFG against the null context). With `candidates` k > 1 (default
+    sample.candidates, else 1) each source gets k samples in one batch and the output is their
+    minimum-Bayes-risk choice under sample.mbr_metric (default ROUGE-2), as in the reference."""
+    s = self.config.sample
+    k = int(s.get("candidates", 1) if candidates is None else candidates)
+    if k < 1:
+      raise ConfigError(f"candidates={k} must be >= 1 (1 = one sample per source, no MBR)")
     context, valid = self.encode_sources(sources)
+    valid = jnp.asarray(valid)
+    if k > 1:  # rows [i * k, (i + 1) * k) are source i's candidates
+      context, valid = jnp.repeat(context, k, axis=0), jnp.repeat(valid, k, axis=0)
     latents = self.sample_latents(
       model,
       key,
-      len(sources),
+      len(sources) * k,
       context=context,
-      context_valid=jnp.asarray(valid),
+      context_valid=valid,
       guidance_scale=guidance_scale,
     )
-    return decode_latents(self.autoencoder(), latents, sample=self.config.sample)
+    texts = decode_latents(self.autoencoder(), latents, sample=s)
+    if k == 1:
+      return texts
+    from lsd.eval.metrics import mbr_select
+
+    groups = [texts[i * k : (i + 1) * k] for i in range(len(sources))]
+    picks = mbr_select(groups, metric=str(s.get("mbr_metric", "rouge2")))
+    return [g[j] for g, j in zip(groups, picks, strict=True)]
 
   def sample_latents(
     self, model: LatentDenoiser, key: jax.Array, num_samples: int, guidance_scale=None, **cond
@@ -497,12 +518,18 @@ def interpolate_texts(ae_run, text_a: str, text_b: str, n: int = 5) -> list[str]
 
 
 def generate_from_sources(
-  diffusion_run, key: jax.Array, sources: list[str], *, guidance_scale: float | None = None
+  diffusion_run,
+  key: jax.Array,
+  sources: list[str],
+  *,
+  guidance_scale: float | None = None,
+  candidates: int | None = None,
 ) -> list[str]:
   """Seq2seq with a loaded diffusion run that has a context encoder: one output text per source
-  (guidance_scale defaults to the run's sample.guidance_scale; 1 = no guidance)."""
+  (guidance_scale defaults to the run's sample.guidance_scale, 1 = no guidance; candidates to its
+  sample.candidates, 1 = no MBR: k > 1 samples k outputs per source and keeps the MBR choice)."""
   return diffusion_run.task.generate_from_sources(
-    diffusion_run.model(), key, list(sources), guidance_scale=guidance_scale
+    diffusion_run.model(), key, list(sources), guidance_scale=guidance_scale, candidates=candidates
   )
 
 
