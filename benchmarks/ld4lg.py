@@ -531,6 +531,7 @@ def main():
       "steps": {"ae": args.e2e_ae_steps, "diffusion": args.e2e_diff_steps},
       "context": "frozen all-MiniLM-L6-v2 hidden states of the MR",
       "sampler": dict(load_with_decoding(workdir / "e2e_diff", args).config.sample),
+      "candidates": args.e2e_candidates,  # overrides sampler.candidates: outputs per source (MBR)
     }
   name = "ld4lg" if args.only is None else f"ld4lg_{args.only}"
   write_result(name, result, config)
