@@ -43,10 +43,12 @@ from lsd.train.checkpoint import Checkpointer  # noqa: E402
 from lsd.train.trainer import train  # noqa: E402
 
 # name -> {"ae": {dotted config field: value}, "diffusion": {...}} overrides of the tiny configs.
+# The noise variants ran with the 2048-entry BPE that was the tiny default then (now 4096).
+V2048 = {"data.tokenizer.vocab_size": 2048}
 VARIANTS = {
-  "noise0.3": {"ae": {"model.latent_noise": 0.3}, "diffusion": {}},  # the tiny default
-  "noise0.5": {"ae": {"model.latent_noise": 0.5}, "diffusion": {}},
-  "noise0.8": {"ae": {"model.latent_noise": 0.8}, "diffusion": {}},
+  "noise0.3": {"ae": {"model.latent_noise": 0.3, **V2048}, "diffusion": dict(V2048)},
+  "noise0.5": {"ae": {"model.latent_noise": 0.5, **V2048}, "diffusion": dict(V2048)},
+  "noise0.8": {"ae": {"model.latent_noise": 0.8, **V2048}, "diffusion": dict(V2048)},
   # A BPE vocabulary of 8192 keeps nearly every Yelp word (8268 types) one token, so a decoder
   # reading an off-manifold latent can no longer spell non-words out of subword pieces.
   "vocab8192": {
