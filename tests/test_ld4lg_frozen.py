@@ -222,6 +222,15 @@ def test_context_config_errors_name_the_field():
   cfg.ld4lg.context_encoder = "bert-large"
   with pytest.raises(ConfigError, match="ld4lg.context_encoder"):
     get_task(cfg)
+  cfg = load_config_file("configs/ld4lg_e2e.py:stage=diffusion,size=test")
+  cfg.sample.mbr_metric = "rouge1"
+  with pytest.raises(ConfigError, match="sample.mbr_metric"):
+    get_task(cfg)
+  for bad in (0, -2):  # (the config's int type already refuses non-integers)
+    cfg = load_config_file("configs/ld4lg_e2e.py:stage=diffusion,size=test")
+    cfg.sample.candidates = bad
+    with pytest.raises(ConfigError, match=f"sample.candidates={bad} must be an integer >= 1"):
+      get_task(cfg)
   rows = encode_sentences(["a b"], minilm_tokenizer(), 8)
   assert rows[0].shape == (1, 8)
 

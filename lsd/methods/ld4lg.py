@@ -33,6 +33,7 @@ from lsd.data.arrays import ArrayData
 from lsd.data.sentences import build_sentence_data, encode_sentences, load_sentences
 from lsd.diffusion.gaussian import COSINE, OBJECTIVES, CosineSchedule, predict_x0_eps, q_sample
 from lsd.diffusion.gaussian import diffusion_loss as gaussian_loss
+from lsd.eval.metrics import MBR_METRICS, mbr_select
 from lsd.models.autoencoder import (
   AutoencoderConfig,
   LatentAutoencoder,
@@ -143,6 +144,12 @@ class LD4LGDiffusionTask(Task):
     if not isinstance(lc.get("cache_latents", False), bool):
       raise ConfigError(f"ld4lg.cache_latents={lc.cache_latents!r} must be true or false")
     check_choice("sample.sampler", config.sample.sampler, latent_sampling.SAMPLERS)
+    check_choice("sample.mbr_metric", config.sample.get("mbr_metric", "rouge2"), MBR_METRICS)
+    k = config.sample.get("candidates", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ConfigError(
+        f"sample.candidates={k!r} must be an integer >= 1 (1 = one sample per source, no MBR)"
+      )
     ctx = lc.get("context_encoder", "")
     check_choice("ld4lg.context_encoder", ctx, ("", *FROZEN_ENCODERS))
     if ctx and config.model.d_context != frozen_encoder(ctx).width:
@@ -350,8 +357,6 @@ class LD4LGDiffusionTask(Task):
     texts = decode_latents(self.autoencoder(), latents, sample=s)
     if k == 1:
       return texts
-    from lsd.eval.metrics import mbr_select
-
     groups = [texts[i * k : (i + 1) * k] for i in range(len(sources))]
     picks = mbr_select(groups, metric=str(s.get("mbr_metric", "rouge2")))
     return [g[j] for g, j in zip(groups, picks, strict=True)]
