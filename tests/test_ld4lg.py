@@ -2,6 +2,7 @@
 the two trainer tasks end to end, the configs, and the pure functions of loaded runs."""
 
 import dataclasses
+import json
 import math
 import types
 
@@ -24,6 +25,7 @@ from lsd.data.sentences import (
   split_into_sentences,
 )
 from lsd.data.tokenizer import train_bpe
+from lsd.main import main as lsd_main
 from lsd.methods import get_task, ld4lg
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
@@ -345,10 +347,15 @@ def test_diffusion_loss_at_init_is_the_v_target_energy(denoiser):
 # ---------------------------------------------------------------------------------------------------
 # Configs and the two tasks through the trainer
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", ["ae", "diffusion"])
+@pytest.mark.parametrize("stage", ["ae", "diffusion", "decoder"])
 @pytest.mark.parametrize("size", ["test", "tiny", "base"])
 def test_configs_initialise_under_eval_shape(stage, size):
   config = load_config_file(f"configs/ld4lg_yelp.py:stage={stage},size={size}")
+  if stage == "decoder":  # stage 3 tunes the stage-1 model: the model configs are one
+    ae_config = load_config_file(f"configs/ld4lg_yelp.py:stage=ae,size={size}")
+    assert config.model.to_dict() == ae_config.model.to_dict()
+    assert tuple(config.train.freeze) == ("encoder", "compressor")
+    config.ld4lg.autoencoder_workdir, config.ld4lg.denoiser_workdir = "ae", "diffusion"
   task = get_task(config)
   task.tokenizer = types.SimpleNamespace(vocab_size=config.data.tokenizer.vocab_size)
   model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
@@ -411,3 +418,124 @@ def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
   assert len(edited) == 2 and all(isinstance(t, str) for t in edited)
   samples = lsd.api.sample(diff, jax.random.key(1), 2)
   assert [s["label"] for s in samples] == [0, 1]
+
+
+def _toy_yelp(path):
+  rng = np.random.default_rng(0)
+  words = [s.split()[:-1] for s in SENTENCES]
+  for label in (0, 1):
+    lines = [
+      " ".join(rng.choice(words[label * 3 + int(rng.integers(3))], 4)) + " ." for _ in range(40)
+    ]
+    (path / f"yelp.{label}").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow  # three trainings and the CLI: about 3 minutes on 2 CPU cores
+def test_stage3_tunes_only_the_decoder_and_diffusion_runs_decode_with_it(tmp_path, capsys):
+  _toy_yelp(tmp_path)
+  # One eval batch and no end-of-run samples, to keep each stage's compiles few.
+  common = {"progress": False, "num_samples": 0, "eval_batches": 1, "log_every": 2}
+  stages = {}
+  for stage, steps in (("ae", 6), ("diffusion", 4), ("decoder", 6)):
+    cfg = load_config_file(f"configs/ld4lg_yelp.py:stage={stage},size=test,steps={steps}")
+    cfg.data.path = str(tmp_path / "yelp.*")
+    cfg.train.update(common)
+    if stage != "ae":
+      cfg.ld4lg.autoencoder_workdir = str(tmp_path / "ae")
+    if stage == "decoder":
+      cfg.ld4lg.denoiser_workdir = str(tmp_path / "diffusion")
+      cfg.train.weight_decay = 0.5  # frozen parameters must not even decay
+    stages[stage] = cfg
+    res = train(cfg, tmp_path / stage)
+    assert np.isfinite(res.losses[steps])
+  ae, dec = lsd.api.load(tmp_path / "ae"), lsd.api.load(tmp_path / "decoder")
+  assert dec.config.method == "ld4lg_decoder" and dec.step == 6
+  for name in ("encoder", "compressor"):  # frozen: bitwise the stage-1 weights
+    jax.tree.map(np.testing.assert_array_equal, ae.params[name], dec.params[name])
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+    ae.params["decoder"],
+    dec.params["decoder"],
+  )
+  assert all(jax.tree.leaves(moved))  # every decoder weight was trained
+  np.testing.assert_array_equal(
+    ld4lg.encode_texts(ae, SENTENCES), ld4lg.encode_texts(dec, SENTENCES)
+  )
+  # The diffusion run decodes with the stage-3 decoder once ld4lg.decoder_workdir names it.
+  diff_cfg = stages["diffusion"].copy_and_resolve_references()
+  task = get_task(diff_cfg)
+  assert task.decoder() is task.autoencoder()
+  diff_cfg.ld4lg.decoder_workdir = str(tmp_path / "decoder")
+  decoder = get_task(diff_cfg).decoder()
+  assert decoder.config.method == "ld4lg_decoder" and decoder.step == 6
+  jax.tree.map(np.testing.assert_array_equal, decoder.params, dec.params)
+  argv = ["sample", "--workdir", str(tmp_path / "ae"), "--decoder_workdir", "x"]
+  assert lsd_main(argv) == 2
+  assert "--decoder_workdir applies to ld4lg_diffusion runs" in capsys.readouterr().err
+  out = tmp_path / "samples.jsonl"
+  argv = ["sample", "--workdir", str(tmp_path / "diffusion"), "--num_samples", "2"]
+  assert lsd_main([*argv, "--decoder_workdir", str(tmp_path / "decoder"), "--out", str(out)]) == 0
+  rows = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [r["label"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
+  # Config errors name the field.
+  bad = stages["decoder"].copy_and_resolve_references()
+  bad.train.freeze = ("encoder",)
+  with pytest.raises(
+    ConfigError, match=r"train.freeze=\['encoder'\] must include \['compressor'\]"
+  ):
+    get_task(bad)
+  bad = stages["decoder"].copy_and_resolve_references()
+  bad.ld4lg.denoiser_workdir = ""
+  with pytest.raises(ConfigError, match="ld4lg.denoiser_workdir is empty"):
+    get_task(bad)
+  bad = stages["decoder"].copy_and_resolve_references()
+  bad.ld4lg.tune_t_max = 0.0
+  with pytest.raises(ConfigError, match="ld4lg.tune_t_max=0.0"):
+    get_task(bad)
+  bad = stages["decoder"].copy_and_resolve_references()
+  bad.model.decoder_layers = 2
+  with pytest.raises(ConfigError, match="model.decoder_layers=2 vs 1"):
+    get_task(bad).autoencoder()
+  diff_cfg.ld4lg.decoder_workdir = str(tmp_path / "ae")
+  with pytest.raises(ConfigError, match="must be a stage-3 ld4lg_decoder run"):
+    get_task(diff_cfg).decoder()
+
+
+def test_stage3_loss_reads_the_denoisers_estimates_or_the_clean_latents(tokenizer):
+  from lsd.api import LoadedRun
+  from lsd.diffusion.gaussian import CosineSchedule, q_sample
+
+  cfg = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=test")
+  cfg.ld4lg.autoencoder_workdir, cfg.ld4lg.denoiser_workdir = "ae", "diffusion"
+  task = get_task(cfg)
+  task.tokenizer = tokenizer
+  model_cfg = AutoencoderConfig.from_config(cfg.model, vocab_size=tokenizer.vocab_size)
+  ae = LatentAutoencoder(model_cfg, rngs=nnx.Rngs(0))
+  diff_cfg = load_config_file("configs/ld4lg_yelp.py:stage=diffusion,size=test")
+  # A freshly initialised denoiser: its output layer is zero, so it predicts v_hat = 0.
+  den = LatentDenoiser(DenoiserConfig.from_config(diff_cfg.model), rngs=nnx.Rngs(1))
+  task._denoiser = LoadedRun(diff_cfg, None, *nnx.split(den), 0)
+  tokens, valid = encode_sentences(SENTENCES, tokenizer, 16)
+  batch = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid)}
+  batch["label"] = jnp.arange(len(SENTENCES), dtype=jnp.int32) % 2
+  key = jax.random.key(3)
+  z0 = ae.encode(batch["tokens"], batch["valid"])
+  x0_hat, t = task.estimates(z0, batch["label"], key)
+  # v_hat = 0 gives x0_hat = sqrt(alpha_bar) z_t, which projects onto the sphere as z_t does.
+  _, k_noise, _ = jax.random.split(key, 3)
+  z_t, _ = q_sample(k_noise, z0, t, CosineSchedule(scale=float(diff_cfg.ld4lg.schedule_scale)))
+  np.testing.assert_allclose(x0_hat, ae_mod.normalize_to_sphere(z_t), atol=1e-5)
+  assert float(t.min()) > 0 and float(t.max()) <= cfg.ld4lg.tune_t_max
+  cfg.ld4lg.tune_t_max = 0.25
+  assert float(task.estimates(z0, batch["label"], key)[1].max()) <= 0.25
+  # tune_clean_prob 1: the plain reconstruction loss; 0: reconstruction from the estimates.
+  cfg.ld4lg.tune_clean_prob = 1.0
+  clean = reconstruction_loss(ae, batch["tokens"], batch["valid"])[0]
+  np.testing.assert_allclose(task.loss(ae, batch, key, train=False)[0], clean, rtol=1e-5)
+  cfg.ld4lg.tune_clean_prob = 0.0
+  k_est = jax.random.split(key, 3)[0]
+  estimated = task.estimates(z0, batch["label"], k_est)[0]
+  want = reconstruction_loss(ae, batch["tokens"], batch["valid"], latents=estimated)[0]
+  got = task.loss(ae, batch, key, train=False)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(float(got) - float(clean)) > 1e-4  # the estimates are not the clean latents

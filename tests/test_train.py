@@ -211,3 +211,35 @@ def test_ema_follows_its_decay_schedule(power):
     assert float(state.ema["w"][...]) == pytest.approx(want, rel=1e-5), n
   # Warm-up: the average tracks recent weights (about the last 40 % of 30 steps), not w_0 = 0.
   assert (float(state.ema["w"][...]) > 15) == (power > 0)
+
+
+def test_frozen_prefixes_get_no_update_not_even_weight_decay():
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from lsd.train.state import default_train_config, make_optimizer, validate_train_config
+  from lsd.train.trainer import check_freeze
+
+  cfg = ml_collections.ConfigDict(default_train_config())
+  cfg.update(lr=0.1, warmup_steps=0, weight_decay=0.5, freeze=("enc",))
+  params = {
+    "enc": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)},
+    "encoder2": {"w": jnp.ones((2, 2))},  # a longer name with the same prefix: trained
+    "dec": {"blocks": [{"w": jnp.ones((2, 2))}]},
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer(cfg)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates["enc"]))
+  assert float(jnp.abs(updates["encoder2"]["w"]).min()) > 0
+  assert float(jnp.abs(updates["dec"]["blocks"][0]["w"]).min()) > 0
+  cfg.freeze = ("dec.blocks.0",)  # a nested prefix, list index included
+  updates, _ = make_optimizer(cfg).update(grads, make_optimizer(cfg).init(params), params)
+  assert float(jnp.abs(updates["dec"]["blocks"][0]["w"]).max()) == 0.0
+  assert float(jnp.abs(updates["enc"]["w"]).min()) > 0
+  with pytest.raises(ConfigError, match=r"train.freeze entry 'decoder' names no parameter"):
+    check_freeze(("decoder",), params)
+  cfg.freeze = ("enc", "")
+  with pytest.raises(ConfigError, match=r"train.freeze=\('enc', ''\) must be a list"):
+    validate_train_config(cfg)

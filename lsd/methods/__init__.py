@@ -15,6 +15,7 @@ TASKS = {
   "sbd": "lsd.methods.sbd:SBDTask",
   "ld4lg_ae": "lsd.methods.ld4lg:LD4LGAutoencoderTask",
   "ld4lg_diffusion": "lsd.methods.ld4lg:LD4LGDiffusionTask",
+  "ld4lg_decoder": "lsd.methods.ld4lg:LD4LGDecoderTask",
 }
 
 

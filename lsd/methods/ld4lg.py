@@ -165,6 +165,7 @@ class LD4LGDiffusionTask(Task):
     self.context_encoder = frozen_encoder(ctx) if ctx else None
     self.schedule = CosineSchedule(scale=float(lc.schedule_scale))
     self._autoencoder = None  # the frozen stage-1 run, loaded on first use
+    self._decoder = None  # the stage-3 run of ld4lg.decoder_workdir, if any
 
   def autoencoder(self):
     """The stage-1 run (`lsd.api.LoadedRun`, EMA params if any), checked against this config."""
@@ -190,6 +191,30 @@ class LD4LGDiffusionTask(Task):
         )
       self._autoencoder = run
     return self._autoencoder
+
+  def decoder(self):
+    """The run whose decoder turns sampled latents into text: `ld4lg.decoder_workdir` (a stage-3
+    `ld4lg_decoder` run tuned on this denoiser's estimates) if set, else the stage-1 run."""
+    path = self.config.ld4lg.get("decoder_workdir", "")
+    if not path:
+      return self.autoencoder()
+    if self._decoder is None:
+      from lsd.api import load
+
+      run = load(path)
+      if run.config.method != "ld4lg_decoder":
+        raise ConfigError(
+          f"ld4lg.decoder_workdir={path!r} is a {run.config.method!r} run; it must be a stage-3 "
+          "ld4lg_decoder run (configs/ld4lg_yelp.py:stage=decoder)"
+        )
+      _check_same_run(
+        "ld4lg.decoder_workdir's ld4lg.autoencoder_workdir",
+        run.config.ld4lg.autoencoder_workdir,
+        "this run's ld4lg.autoencoder_workdir",
+        self.config.ld4lg.autoencoder_workdir,
+      )
+      self._decoder = run
+    return self._decoder
 
   def make_data(self, workdir, *, process_index: int, process_count: int):
     """Sentence batches, or (`ld4lg.cache_latents`) the same sentences' latents encoded once by
@@ -304,7 +329,7 @@ class LD4LGDiffusionTask(Task):
     n_cls = model.cfg.num_classes
     labels = jnp.arange(num_samples, dtype=jnp.int32) % n_cls if n_cls else None
     latents = self.sample_latents(model, key, num_samples, labels=labels)
-    texts = decode_latents(self.autoencoder(), latents, sample=self.config.sample)
+    texts = decode_latents(self.decoder(), latents, sample=self.config.sample)
     nfe = self._nfe(bool(n_cls))
     out = []
     for i, text in enumerate(texts):
@@ -354,7 +379,7 @@ class LD4LGDiffusionTask(Task):
       context_valid=valid,
       guidance_scale=guidance_scale,
     )
-    texts = decode_latents(self.autoencoder(), latents, sample=s)
+    texts = decode_latents(self.decoder(), latents, sample=s)
     if k == 1:
       return texts
     groups = [texts[i * k : (i + 1) * k] for i in range(len(sources))]
@@ -432,6 +457,186 @@ def diffusion_training_loss(
   loss = gaussian_loss(pred, x0, eps, t, objective, schedule=schedule)
   x0_hat, _ = predict_x0_eps(pred, z_t, ab, objective)
   return loss, {"x0_mse": jnp.mean(jnp.square(x0_hat - x0))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3 (optional): the decoder tuned on the denoiser's estimates
+# ---------------------------------------------------------------------------------------------------
+class LD4LGDecoderTask(LD4LGAutoencoderTask):
+  """Fine-tunes the stage-1 reconstruction network and decoder to read the stage-2 denoiser's
+  estimates of a sentence's latents as that sentence.
+
+  A decoder trained only on encodings (plus small Gaussian noise) reads the neighbourhoods of
+  actual encodings as sentences and the space between them as subword salad, and a denoiser's
+  samples land between them. Here each training sentence's latents z0 are noised to a level
+  t ~ U(0, ld4lg.tune_t_max), the frozen denoiser estimates x0_hat from z_t (a first pass, then a
+  self-conditioned second one, as the sampler does), and the decoder learns to reconstruct the
+  sentence from x0_hat; a fraction `ld4lg.tune_clean_prob` of the rows keeps the clean z0 so that
+  reconstruction of real encodings is trained too. Encoder and compressor stay frozen
+  (`train.freeze`), so the run encodes exactly as the stage-1 run did and its latents stay those the
+  denoiser was trained on. The result is a complete autoencoder run: `encode_texts` /
+  `decode_latents` take it like a stage-1 run, and a diffusion run decodes with it when given
+  `ld4lg.decoder_workdir`.
+  """
+
+  name = "ld4lg_decoder"
+  FROZEN = ("encoder", "compressor")
+
+  def __init__(self, config):
+    super().__init__(config)
+    lc = config.ld4lg
+    check_range("ld4lg.tune_clean_prob", lc.tune_clean_prob, 0.0, 1.0)
+    if not 0.0 < float(lc.tune_t_max) <= 1.0:
+      raise ConfigError(f"ld4lg.tune_t_max={lc.tune_t_max!r} must be in (0, 1]")
+    check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
+    freeze = tuple(config.train.get("freeze", ()))
+    missing = [m for m in self.FROZEN if m not in freeze]
+    if missing:
+      raise ConfigError(
+        f"train.freeze={list(freeze)} must include {missing}: the denoiser was trained on the "
+        "stage-1 encodings, so encoder and compressor may not change"
+      )
+    for field in ("autoencoder_workdir", "denoiser_workdir"):
+      if not lc.get(field, ""):
+        raise ConfigError(
+          f"ld4lg.{field} is empty; stage 3 tunes the decoder of a trained stage-1 run on the "
+          "estimates of a trained stage-2 run: pass --config.ld4lg.autoencoder_workdir=<stage-1 "
+          "dir> --config.ld4lg.denoiser_workdir=<stage-2 dir>"
+        )
+    self._autoencoder = self._denoiser = None
+
+  def autoencoder(self):
+    """The stage-1 run this one starts from; its model config must equal `config.model`."""
+    if self._autoencoder is None:
+      from lsd.api import load
+
+      path = self.config.ld4lg.autoencoder_workdir
+      run = load(path)
+      if run.config.method != "ld4lg_ae":
+        raise ConfigError(f"ld4lg.autoencoder_workdir={path!r} is a {run.config.method!r} run")
+      stored, wanted = run.config.model.to_dict(), self.config.model.to_dict()
+      diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+      if diff:
+        raise ConfigError(
+          "model fields differ from the stage-1 run in ld4lg.autoencoder_workdir: "
+          + "; ".join(f"model.{k}={wanted.get(k)!r} vs {stored.get(k)!r}" for k in diff)
+        )
+      self._autoencoder = run
+    return self._autoencoder
+
+  def denoiser(self):
+    """The frozen stage-2 run (EMA params if any), trained on this autoencoder's latents."""
+    if self._denoiser is None:
+      from lsd.api import load
+
+      path = self.config.ld4lg.denoiser_workdir
+      run = load(path)
+      if run.config.method != "ld4lg_diffusion":
+        raise ConfigError(f"ld4lg.denoiser_workdir={path!r} is a {run.config.method!r} run")
+      if run.config.ld4lg.get("context_encoder", ""):
+        raise ConfigError(
+          f"ld4lg.denoiser_workdir={path!r} is a seq2seq denoiser; stage 3 supports "
+          "unconditional and class-conditional denoisers"
+        )
+      _check_same_run(
+        "ld4lg.denoiser_workdir's ld4lg.autoencoder_workdir",
+        run.config.ld4lg.autoencoder_workdir,
+        "ld4lg.autoencoder_workdir",
+        self.config.ld4lg.autoencoder_workdir,
+      )
+      self._denoiser = run
+    return self._denoiser
+
+  def make_data(self, workdir, *, process_index: int, process_count: int):
+    """The stage-1 sentence batches with the stage-1 tokenizer (loads both frozen runs now,
+    outside any trace)."""
+    ae = self.autoencoder()
+    self.denoiser()
+    if self.config.model.encoder in FROZEN_ENCODERS:
+      frozen_encoder(self.config.model.encoder, "model.encoder")
+    data = build_sentence_data(
+      self.config.data,
+      workdir,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      tokenizer=ae.tokenizer,
+    )
+    self.tokenizer = data.tokenizer
+    return data
+
+  def initial_params(self, params):
+    loaded = self.autoencoder().params
+    if jax.tree.structure(loaded) != jax.tree.structure(params):
+      raise ConfigError(
+        f"the stage-1 run in {self.config.ld4lg.autoencoder_workdir} has another parameter tree"
+      )
+    return loaded
+
+  def estimates(self, z0: jax.Array, labels: jax.Array | None, key: jax.Array):
+    """The frozen denoiser's x0 estimates of latents z0 noised to t ~ U(0, tune_t_max)
+    (no gradient): (x0_hat [B, l, d], t [B])."""
+    lc, d = self.config.ld4lg, self.denoiser()
+    dc = d.config
+    den = nnx.merge(d.graphdef, d.params)
+    schedule = CosineSchedule(scale=float(dc.ld4lg.schedule_scale))
+    b = z0.shape[0]
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (b,)) * float(lc.tune_t_max)
+    z_t, _ = q_sample(k_noise, z0, t, schedule)
+    ab = schedule.alpha_bar(t)
+    cond = {}
+    if dc.model.num_classes:
+      if labels is None:
+        raise ConfigError("the denoiser is class-conditional but the sentences have no labels")
+      cond["labels"] = labels
+      if lc.cond_drop_prob > 0:  # the null class too: the sampler's CFG evaluates both
+        cond["drop_cond"] = jax.random.bernoulli(k_drop, lc.cond_drop_prob, (b,))
+    project = self.config.model.normalize_latents
+
+    def x0_of(pred):
+      x0_hat, _ = predict_x0_eps(pred, z_t, ab, dc.ld4lg.objective)
+      return normalize_to_sphere(x0_hat) if project else x0_hat
+
+    x0_hat = x0_of(den(z_t, ab, **cond))
+    if dc.model.self_condition:
+      sc_valid = jnp.ones((b,), bool)
+      x0_hat = x0_of(den(z_t, ab, x0_sc=x0_hat, sc_valid=sc_valid, **cond))
+    return jax.lax.stop_gradient(x0_hat), t
+
+  def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array, train: bool = True):
+    tokens, valid = batch["tokens"], batch["valid"]
+    hidden = _frozen_hidden(model, tokens, valid)
+    z0 = model.encode(tokens, valid) if hidden is None else model.encode_hidden(hidden, valid)
+    z0 = jax.lax.stop_gradient(z0)
+    k_est, k_clean, k_rest = jax.random.split(key, 3)
+    x0_hat, _ = self.estimates(z0, batch.get("label"), k_est)
+    clean = jax.random.bernoulli(k_clean, self.config.ld4lg.tune_clean_prob, (z0.shape[0],))
+    latents = jnp.where(clean[:, None, None], z0, x0_hat)
+    loss, metrics = reconstruction_loss(
+      model,
+      tokens,
+      valid,
+      latents=latents,
+      rngs=_dropout_rngs(model.cfg.dropout, k_rest) if train else None,
+      word_dropout_key=jax.random.fold_in(k_rest, 1) if train else None,
+      mask_id=self.tokenizer.mask_id,
+      latent_noise_key=jax.random.fold_in(k_rest, 2) if train else None,
+    )
+    return loss, dict(metrics, ppl=jnp.exp(loss), estimate_mse=jnp.mean(jnp.square(x0_hat - z0)))
+
+  def eval_loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array):
+    """The tuning loss (denoiser estimates included) without dropout or latent noise."""
+    return self.loss(model, batch, key, train=False)[0]
+
+
+def _check_same_run(name_a: str, a: str, name_b: str, b: str) -> None:
+  from pathlib import Path
+
+  if Path(a).resolve() != Path(b).resolve():
+    raise ConfigError(
+      f"{name_a}={a!r} and {name_b}={b!r} differ: the runs must share one stage-1 autoencoder"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

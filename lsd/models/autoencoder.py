@@ -329,6 +329,7 @@ def reconstruction_loss(
   word_dropout_key: Array | None = None,
   mask_id: int | None = None,
   latent_noise_key: Array | None = None,
+  latents: Float[Array, "B L D"] | None = None,
 ) -> tuple[Float[Array, ""], dict]:
   """Teacher-forced cross-entropy of reconstructing `tokens` ([bos] ids [eos] pad...) from their
   latents, averaged over valid target tokens; returns (loss, {"accuracy"}), fp32.
@@ -338,7 +339,8 @@ def reconstruction_loss(
   `word_dropout_key` (training) and `model.cfg.word_dropout` > 0, decoder inputs after the first
   are replaced by `mask_id` with that probability; the encoder always sees the clean tokens. With
   `latent_noise_key` (training) and `model.cfg.latent_noise` > 0, the decoder reads noised latents
-  (see AutoencoderConfig.latent_noise).
+  (see AutoencoderConfig.latent_noise). Given `latents`, the decoder reads those instead of the
+  encoding of `tokens` (which are then only its targets), e.g. a denoiser's estimates of them.
   """
   tokens_in = tokens[:, :-1]
   p = model.cfg.word_dropout
@@ -348,7 +350,9 @@ def reconstruction_loss(
     drop = jax.random.bernoulli(word_dropout_key, p, tokens_in.shape)
     drop = drop.at[:, 0].set(False)
     tokens_in = jnp.where(drop, mask_id, tokens_in)
-  if hidden is None:
+  if latents is not None:
+    latents = jnp.asarray(latents, jnp.float32)
+  elif hidden is None:
     latents = model.encode(tokens, valid, rngs=rngs)
   else:
     latents = model.encode_hidden(hidden, hidden_valid)

@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from lsd.config import check_positive, check_range
+from lsd.config import ConfigError, check_positive, check_range
 
 
 @flax.struct.dataclass
@@ -39,6 +39,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       # schedule; the LD4LG / DGLM reference code uses power 3/4), so a short run's EMA is not
       # dominated by its initial weights. 0: the constant ema_decay from the first update.
       "ema_warmup_power": 0.0,
+      # Parameter paths (dotted prefixes of the model's attribute paths, e.g. "encoder" or
+      # "decoder.blocks.0") that get no update at all: neither gradient steps nor weight decay.
+      "freeze": (),
       "log_every": 10,
       "eval_every": 0,  # 0: only at the end
       "eval_batches": 4,
@@ -62,6 +65,12 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   check_positive("train.grad_clip", cfg.grad_clip, allow_zero=True)
   check_range("train.ema_decay", cfg.ema_decay, 0.0, 1.0)
   check_positive("train.ema_warmup_power", cfg.get("ema_warmup_power", 0.0), allow_zero=True)
+  freeze = cfg.get("freeze", ())
+  if isinstance(freeze, str) or not all(isinstance(f, str) and f for f in freeze):
+    raise ConfigError(
+      f"train.freeze={freeze!r} must be a list of parameter path prefixes such as "
+      "['encoder', 'compressor'] (empty = train everything)"
+    )
   check_positive("train.log_every", cfg.log_every)
   check_positive("train.ckpt_every", cfg.ckpt_every)
   check_positive("train.keep_checkpoints", cfg.keep_checkpoints)
@@ -87,7 +96,33 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
       lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
     )
   )
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  freeze = tuple(cfg.get("freeze", ()))
+  if not freeze:
+    return tx
+  return optax.multi_transform(
+    {"train": tx, "frozen": optax.set_to_zero()},
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if is_frozen(param_path(path), freeze) else "train", params
+    ),
+  )
+
+
+def param_path(path: tuple) -> str:
+  """A pytree key path of an nnx.State leaf -> "decoder.blocks.0.attn.qkv.kernel"."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
+def is_frozen(path: str, freeze: tuple[str, ...]) -> bool:
+  return any(path == f or path.startswith(f + ".") for f in freeze)
 
 
 def ema_decay_at(cfg: ml_collections.ConfigDict, n: jax.Array) -> jax.Array:

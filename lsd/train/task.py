@@ -47,6 +47,12 @@ class Task(abc.ABC):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """Creates the model. Must be callable under `nnx.eval_shape` (no data-dependent work)."""
 
+  def initial_params(self, params: nnx.State) -> nnx.State:
+    """The parameters a fresh run starts from: `params` (the random init) unless the task starts
+    from another run's weights, in which case it returns a tree of the same structure (the trainer
+    places it with the init's shardings). Not called when a run resumes from its checkpoint."""
+    return params
+
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
     """Scalar fp32 loss and a dict of scalar metrics. Pure: randomness only from `key`."""

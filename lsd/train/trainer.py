@@ -24,8 +24,10 @@ from lsd.train.logging import MetricWriter, Progress, plot_loss_curve
 from lsd.train.state import (
   TrainState,
   init_state,
+  is_frozen,
   make_optimizer,
   make_train_step,
+  param_path,
   validate_train_config,
 )
 from lsd.train.task import Task
@@ -90,6 +92,7 @@ def train(
   rules = rules_from_config(config.mesh)
   graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
   n_params = sum(x.size for x in jax.tree.leaves(params))
+  check_freeze(tcfg.get("freeze", ()), params)
   tx = make_optimizer(tcfg)
   state = jax.jit(lambda p: init_state(p, tx, ema=tcfg.ema_decay > 0))(params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -107,6 +110,11 @@ def train(
         f"differ from the run that wrote it. Use a new --workdir. ({str(e).splitlines()[0]})"
       ) from e
     start = int(state.step)
+  else:  # a fresh run may start from another run's weights (e.g. a fine-tuning stage)
+    initial = task.initial_params(params)
+    if initial is not params:
+      initial = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, params))
+      state = jax.jit(lambda p: init_state(p, tx, ema=tcfg.ema_decay > 0))(initial)
   say = print if is_main else (lambda *a, **k: None)
   say(
     f"lsd: {task.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
@@ -203,6 +211,15 @@ def train(
         for s in samples:
           f.write(json.dumps(s if isinstance(s, dict) else {"text": s}) + "\n")
   return TrainResult(workdir, final, losses, eval_loss, samples)
+
+
+def check_freeze(freeze, params) -> None:
+  """Every train.freeze prefix must name at least one parameter (a typo would train everything)."""
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for f in freeze:
+    if not any(is_frozen(p, (f,)) for p in paths):
+      tops = sorted({p.split(".")[0] for p in paths})
+      raise ConfigError(f"train.freeze entry {f!r} names no parameter; top-level modules: {tops}")
 
 
 def _judge(samples: list) -> None:
