@@ -13,7 +13,9 @@ the main benchmark never reports on):
 Step counts are fixed (not minutes), so variants with the same model sizes get the same compute.
 The questions the variants answer: how the AE's training-only latent noise trades
 reconstruction for the fluency of decoded denoiser samples (noise*), and whether a vocabulary of
-whole words makes decoded samples more fluent (vocab*). Trainings resume; a run directory
+whole words makes decoded samples more fluent (vocab*), and whether a decoder tuned on the
+denoiser's estimates (stage 3, `--dec_steps`, default 1000) decodes its samples more fluently
+(*_dec*, reusing another variant's AE and denoiser). Trainings resume; a run directory
 whose stored config differs from the variant's is refused. Writes
 benchmarks/results/ld4lg_ablation.json.
 """
@@ -60,12 +62,55 @@ VARIANTS = {
     "diffusion": {"data.tokenizer.vocab_size": 4096},
   },
 }
+# Half the latent width (8 x 16 = 128 numbers per sentence instead of 256): the same sentences
+# packed into a smaller space, so less of it lies between encodings.
+L8D16 = {"model.d_latent": 16}
+VARIANTS["vocab4096_l8d16"] = {
+  "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096, **L8D16},
+  "diffusion": {"data.tokenizer.vocab_size": 4096, "model.d_latent": 16},
+}
+# Stage-3 variants: the AE and denoiser of the variant named by "reuse", then the decoder tuned on
+# that denoiser's estimates (configs/ld4lg_yelp.py:stage=decoder) for --dec_steps, with overrides.
+V4096 = {"data.tokenizer.vocab_size": 4096}
+VARIANTS.update(
+  {
+    "vocab4096_dec": {  # (0.5 was the stage-3 default when this ran; now 0.2)
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.5},
+    },
+    "vocab4096_dec_clean0.2": {
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.2},
+    },
+    "vocab4096_dec_tmax0.5": {
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_t_max": 0.5, "ld4lg.tune_clean_prob": 0.5},
+    },
+    # The compute-matched control: the same stage-3 steps on clean latents only (plain
+    # continued reconstruction training of reconstruction net and decoder).
+    "vocab4096_dec_clean1": {
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_clean_prob": 1.0},
+    },
+    "vocab4096_dec_clean0": {
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.0},
+    },
+    "vocab4096_dec_clean0.2_2k": {  # twice the stage-3 steps
+      "reuse": "vocab4096",
+      "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.2},
+      "dec_steps": 2000,
+    },
+  }
+)
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
-PATH_FIELDS = {("ld4lg", "autoencoder_workdir")}
+PATH_FIELDS = {("ld4lg", "autoencoder_workdir"), ("ld4lg", "denoiser_workdir")}
 
 
-def variant_config(stage: str, overrides: dict, steps: int, data_path: str, ae_dir: Path | None):
+def variant_config(
+  stage: str, overrides: dict, steps: int, data_path: str, ae_dir: Path | None, diff_dir=None
+):
   c = load_config_file(f"configs/ld4lg_yelp.py:stage={stage},size=tiny")
   c.data.path = data_path
   c.data.eval_fraction = 0.05
@@ -74,6 +119,8 @@ def variant_config(stage: str, overrides: dict, steps: int, data_path: str, ae_d
   c.train.num_samples = 0
   if ae_dir is not None:
     c.ld4lg.autoencoder_workdir = str(ae_dir)
+  if diff_dir is not None:
+    c.ld4lg.denoiser_workdir = str(diff_dir)
   for k, v in overrides.items():  # checked field names, converted to the field's type
     apply_override(c, k, v if isinstance(v, str) else json.dumps(v))
   return c
@@ -155,6 +202,7 @@ def main():
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--ae_steps", type=int, default=5000)
   p.add_argument("--diff_steps", type=int, default=1500)
+  p.add_argument("--dec_steps", type=int, default=1000)
   args = p.parse_args()
   names = [v for v in args.variants.split(",") if v]
   unknown = [v for v in names if v not in VARIANTS]
@@ -169,12 +217,21 @@ def main():
 
   scorer = None
   for name in names:
-    ae_dir, diff_dir = workdir / name / "yelp_ae", workdir / name / "yelp_diff"
     over = VARIANTS[name]
-    train_or_reuse(variant_config("ae", over["ae"], args.ae_steps, data_path, None), ae_dir)
+    base = over.get("reuse", name)
+    ae_dir, diff_dir = workdir / base / "yelp_ae", workdir / base / "yelp_diff"
+    stages = VARIANTS[base]
+    train_or_reuse(variant_config("ae", stages["ae"], args.ae_steps, data_path, None), ae_dir)
     train_or_reuse(
-      variant_config("diffusion", over["diffusion"], args.diff_steps, data_path, ae_dir), diff_dir
+      variant_config("diffusion", stages["diffusion"], args.diff_steps, data_path, ae_dir),
+      diff_dir,
     )
+    if "decoder" in over:  # stage 3: score with the tuned decoder
+      dec_dir = workdir / name / "yelp_dec"
+      dec_steps = over.get("dec_steps", args.dec_steps)
+      dec_cfg = variant_config("decoder", over["decoder"], dec_steps, data_path, ae_dir, diff_dir)
+      train_or_reuse(dec_cfg, dec_dir)
+      ae_dir = dec_dir
     ae, diff = api.load(ae_dir), api.load(diff_dir)
     if scorer is None:  # the data config is the same for every variant
       scorer = ValidationScorer(ae.config, workdir / "judge_features")
@@ -182,6 +239,7 @@ def main():
       "overrides": over,
       "ae_steps": args.ae_steps,
       "diff_steps": args.diff_steps,
+      **({"dec_steps": over.get("dec_steps", args.dec_steps)} if "decoder" in over else {}),
       "recon_bleu": scorer.recon_bleu(ae, diff),
       **scorer.samples(ae, diff),
       "git_commit": git_commit(),  # entries of variants not rerun keep their own

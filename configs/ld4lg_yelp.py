@@ -210,8 +210,10 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
         "autoencoder_workdir": "",  # the stage-1 run to start from
         "denoiser_workdir": "",  # the stage-2 run trained on its latents
         # Rows decoded from their clean latents (plain reconstruction) rather than from the
-        # denoiser's estimate at t ~ U(0, tune_t_max).
-        "tune_clean_prob": 0.5,
+        # denoiser's estimate at t ~ U(0, tune_t_max). benchmarks/ld4lg_ablation.py (1000 steps):
+        # 0 / 0.2 / 0.5 -> sample MAUVE 0.684 / 0.723 / 0.600, recon BLEU 71.5 / 74.0 / 77.8
+        # (84.0 and MAUVE 0.529 without stage 3): fewer clean rows, more fluent samples.
+        "tune_clean_prob": 0.2,
         "tune_t_max": 1.0,
         "cond_drop_prob": 0.1,  # rows estimated with the null class (as CFG sampling uses it)
       }
