@@ -12,7 +12,10 @@ Protocol (issue "LD4LG end to end", item 4):
   stages' budget (the AR baseline), all within 60 minutes in all. Budgets are minutes on an idle
   machine, converted to steps by an 80-step probe of each model, so other load changes wall time
   only.
-- recon_bleu: greedy reconstructions of held-out sentences (sacrebleu vs the sentence itself).
+- recon_bleu: reconstructions of held-out sentences by the stage-1 autoencoder (sacrebleu vs the
+  sentence itself). With a stage-3 run (--dec_minutes / --dec_steps), every sample is decoded by
+  that run's decoder (tuned on the denoiser's estimates; same encoder) and its own reconstruction
+  BLEU of the same sentences is reported as recon_bleu_stage3.
 - Unconditional samples and AR samples: judge gen-PPL (SmolLM2-135M, per-sample mean), unigram
   entropy of each sample's token ids, MAUVE against held-out sentences on judge features
   (mean-pooled final hidden states). Two ceilings at the same sample size: `real_mauve` (another
@@ -218,14 +221,17 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
   """variant -> {"texts", "tokens", "labels"?, "seconds"}; cached per variant."""
   out = {}
   ae = diff = None
-  for name in ["recon", "uncond", "null", "cfg_w1", "cfg_w2", "cfg_w3", "ar"]:
+  tuned = bool(args.dec_minutes or args.dec_steps)
+  names = ["recon", *(["recon_dec"] if tuned else []), "uncond", "null", "cfg_w1", "cfg_w2"]
+  for name in [*names, "cfg_w3", "ar"]:
     f = cache / f"samples_{name}.json"
     if f.exists():
       out[name] = json.loads(f.read_text())
       continue
-    if ae is None:  # the stage-3 run, when there is one, is the autoencoder the outputs use
-      tuned = args.dec_minutes or args.dec_steps
-      ae = load_with_decoding(workdir / ("yelp_dec" if tuned else "yelp_ae"), args)
+    if ae is None:
+      ae = load_with_decoding(workdir / "yelp_ae", args)
+      # Samples are decoded by the stage-3 decoder when there is one (its encoder is stage 1's).
+      gen = load_with_decoding(workdir / "yelp_dec", args) if tuned else ae
       diff = load_with_decoding(workdir / "yelp_diff", args)
     tok = ae.tokenizer
     key = jax.random.key(args.seed)
@@ -233,6 +239,9 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
     if name == "recon":
       refs = [d["text"] for d in held_out(ae.config)[: args.recon_sentences]]
       rec = {"texts": reconstruct(ae, refs, chunk=250), "references": refs}
+    elif name == "recon_dec":
+      refs = [d["text"] for d in held_out(ae.config)[: args.recon_sentences]]
+      rec = {"texts": reconstruct(gen, refs, chunk=250), "references": refs}
     elif name == "ar":
       ar = api.load(workdir / "yelp_ar")
       prompt = jnp.full((args.samples, 1), ar.tokenizer.bos_id, jnp.int32)
@@ -257,7 +266,7 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
         n, w = args.class_samples, float(name[-1])
         labels = jnp.arange(n, dtype=jnp.int32) % n_cls
       z = diff.task.sample_latents(diff.model(), key, n, labels=labels, guidance_scale=w)
-      texts = ld4lg.decode_latents(ae, z, sample=diff.config.sample)
+      texts = ld4lg.decode_latents(gen, z, sample=diff.config.sample)
       rec = {"texts": texts, "guidance_scale": w}
       rec["labels"] = np.asarray(labels).tolist()
     rec["seconds"] = time.perf_counter() - t0
@@ -318,6 +327,8 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
   m["recon_mauve"] = mauve(ref_feats, judge.hidden_features(recon))
   log(f"ceilings: real_mauve {m['real_mauve']:.3f} recon_mauve {m['recon_mauve']:.3f}")
   m["recon_bleu"] = bleu(samples["recon"]["texts"], samples["recon"]["references"])
+  if "recon_dec" in samples:  # the stage-3 decoder reconstructing the same sentences
+    m["recon_bleu_stage3"] = bleu(samples["recon_dec"]["texts"], samples["recon_dec"]["references"])
   m["recon_exact"] = float(
     np.mean(
       [
