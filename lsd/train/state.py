@@ -109,16 +109,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def param_path(path: tuple) -> str:
-  """A pytree key path of an nnx.State leaf -> "decoder.blocks.0.attn.qkv.kernel"."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+  """A pytree key path of an nnx.State leaf -> "decoder.blocks.0.attn.qkv.kernel.value"."""
+  return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def is_frozen(path: str, freeze: tuple[str, ...]) -> bool:

@@ -94,13 +94,18 @@ def train(
   n_params = sum(x.size for x in jax.tree.leaves(params))
   check_freeze(tcfg.get("freeze", ()), params)
   tx = make_optimizer(tcfg)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
+  resuming = ckpt.latest_step() is not None
+  if not resuming:  # a fresh run may start from another run's weights (e.g. a fine-tuning stage)
+    initial = task.initial_params(params)
+    if initial is not params:
+      params = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, params))
   state = jax.jit(lambda p: init_state(p, tx, ema=tcfg.ema_decay > 0))(params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ---------------------------------------------------------------- checkpoint / resume
-  ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
   start = 0
-  if ckpt.latest_step() is not None:
+  if resuming:
     try:
       state = ckpt.restore(state, data_iter)
     except ValueError as e:
@@ -110,11 +115,6 @@ def train(
         f"differ from the run that wrote it. Use a new --workdir. ({str(e).splitlines()[0]})"
       ) from e
     start = int(state.step)
-  else:  # a fresh run may start from another run's weights (e.g. a fine-tuning stage)
-    initial = task.initial_params(params)
-    if initial is not params:
-      initial = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, params))
-      state = jax.jit(lambda p: init_state(p, tx, ema=tcfg.ema_decay > 0))(initial)
   say = print if is_main else (lambda *a, **k: None)
   say(
     f"lsd: {task.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
