@@ -377,15 +377,20 @@ def test_bad_config_errors_name_the_field():
     get_task(config)
 
 
-@pytest.mark.slow
-def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
+def _toy_yelp(path):
+  """Two label files of 40 four-word sentences drawn from SENTENCES' words."""
   rng = np.random.default_rng(0)
   words = [s.split()[:-1] for s in SENTENCES]
   for label in (0, 1):
     lines = [
       " ".join(rng.choice(words[label * 3 + int(rng.integers(3))], 4)) + " ." for _ in range(40)
     ]
-    (tmp_path / f"yelp.{label}").write_text("\n".join(lines) + "\n")
+    (path / f"yelp.{label}").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
+  _toy_yelp(tmp_path)
   # Every decode below uses batches of 2, so the compiled decoder is reused.
   common = {"progress": False, "num_samples": 2, "log_every": 5, "ckpt_every": 100}
 
@@ -418,16 +423,6 @@ def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
   assert len(edited) == 2 and all(isinstance(t, str) for t in edited)
   samples = lsd.api.sample(diff, jax.random.key(1), 2)
   assert [s["label"] for s in samples] == [0, 1]
-
-
-def _toy_yelp(path):
-  rng = np.random.default_rng(0)
-  words = [s.split()[:-1] for s in SENTENCES]
-  for label in (0, 1):
-    lines = [
-      " ".join(rng.choice(words[label * 3 + int(rng.integers(3))], 4)) + " ." for _ in range(40)
-    ]
-    (path / f"yelp.{label}").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.slow  # three trainings and the CLI: about 3 minutes on 2 CPU cores
@@ -497,7 +492,7 @@ def test_stage3_tunes_only_the_decoder_and_diffusion_runs_decode_with_it(tmp_pat
   with pytest.raises(ConfigError, match="model.decoder_layers=2 vs 1"):
     get_task(bad).autoencoder()
   diff_cfg.ld4lg.decoder_workdir = str(tmp_path / "ae")
-  with pytest.raises(ConfigError, match="must be a stage-3 ld4lg_decoder run"):
+  with pytest.raises(ConfigError, match="is a 'ld4lg_ae' run; it must be a ld4lg_decoder run"):
     get_task(diff_cfg).decoder()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +72,14 @@ class LD4LGAutoencoderTask(Task):
       seed=self.config.seed,
       process_index=process_index,
       process_count=process_count,
+      tokenizer=self.data_tokenizer(),
     )
     self.tokenizer = data.tokenizer
     return data
+
+  def data_tokenizer(self):
+    """The tokenizer of the sentence data; None = train one on the training split."""
+    return None
 
   def model_config(self) -> AutoencoderConfig:
     cfg = AutoencoderConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
@@ -199,14 +205,9 @@ class LD4LGDiffusionTask(Task):
     if not path:
       return self.autoencoder()
     if self._decoder is None:
-      from lsd.api import load
-
-      run = load(path)
-      if run.config.method != "ld4lg_decoder":
-        raise ConfigError(
-          f"ld4lg.decoder_workdir={path!r} is a {run.config.method!r} run; it must be a stage-3 "
-          "ld4lg_decoder run (configs/ld4lg_yelp.py:stage=decoder)"
-        )
+      run = _load_run(
+        "ld4lg.decoder_workdir", path, "ld4lg_decoder", "(configs/ld4lg_yelp.py:stage=decoder)"
+      )
       _check_same_run(
         "ld4lg.decoder_workdir's ld4lg.autoencoder_workdir",
         run.config.ld4lg.autoencoder_workdir,
@@ -508,12 +509,9 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
   def autoencoder(self):
     """The stage-1 run this one starts from; its model config must equal `config.model`."""
     if self._autoencoder is None:
-      from lsd.api import load
-
-      path = self.config.ld4lg.autoencoder_workdir
-      run = load(path)
-      if run.config.method != "ld4lg_ae":
-        raise ConfigError(f"ld4lg.autoencoder_workdir={path!r} is a {run.config.method!r} run")
+      run = _load_run(
+        "ld4lg.autoencoder_workdir", self.config.ld4lg.autoencoder_workdir, "ld4lg_ae"
+      )
       stored, wanted = run.config.model.to_dict(), self.config.model.to_dict()
       diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
       if diff:
@@ -527,12 +525,8 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
   def denoiser(self):
     """The frozen stage-2 run (EMA params if any), trained on this autoencoder's latents."""
     if self._denoiser is None:
-      from lsd.api import load
-
       path = self.config.ld4lg.denoiser_workdir
-      run = load(path)
-      if run.config.method != "ld4lg_diffusion":
-        raise ConfigError(f"ld4lg.denoiser_workdir={path!r} is a {run.config.method!r} run")
+      run = _load_run("ld4lg.denoiser_workdir", path, "ld4lg_diffusion")
       if run.config.ld4lg.get("context_encoder", ""):
         raise ConfigError(
           f"ld4lg.denoiser_workdir={path!r} is a seq2seq denoiser; stage 3 supports "
@@ -547,23 +541,10 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
       self._denoiser = run
     return self._denoiser
 
-  def make_data(self, workdir, *, process_index: int, process_count: int):
-    """The stage-1 sentence batches with the stage-1 tokenizer (loads both frozen runs now,
-    outside any trace)."""
-    ae = self.autoencoder()
+  def data_tokenizer(self):
+    """Stage 1's tokenizer (loading both frozen runs now, outside any trace)."""
     self.denoiser()
-    if self.config.model.encoder in FROZEN_ENCODERS:
-      frozen_encoder(self.config.model.encoder, "model.encoder")
-    data = build_sentence_data(
-      self.config.data,
-      workdir,
-      seed=self.config.seed,
-      process_index=process_index,
-      process_count=process_count,
-      tokenizer=ae.tokenizer,
-    )
-    self.tokenizer = data.tokenizer
-    return data
+    return self.autoencoder().tokenizer
 
   def initial_params(self, params):
     loaded = self.autoencoder().params
@@ -606,9 +587,7 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
 
   def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array, train: bool = True):
     tokens, valid = batch["tokens"], batch["valid"]
-    hidden = _frozen_hidden(model, tokens, valid)
-    z0 = model.encode(tokens, valid) if hidden is None else model.encode_hidden(hidden, valid)
-    z0 = jax.lax.stop_gradient(z0)
+    z0 = jax.lax.stop_gradient(_encode_model(model, tokens, valid))
     k_est, k_clean, k_rest = jax.random.split(key, 3)
     x0_hat, _ = self.estimates(z0, batch.get("label"), k_est)
     clean = jax.random.bernoulli(k_clean, self.config.ld4lg.tune_clean_prob, (z0.shape[0],))
@@ -630,9 +609,19 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
     return self.loss(model, batch, key, train=False)[0]
 
 
-def _check_same_run(name_a: str, a: str, name_b: str, b: str) -> None:
-  from pathlib import Path
+def _load_run(field: str, path: str, method: str, hint: str = ""):
+  """`lsd.api.load(path)` for config field `field`, which must name a `method` run."""
+  from lsd.api import load
 
+  run = load(path)
+  if run.config.method != method:
+    raise ConfigError(
+      f"{field}={path!r} is a {run.config.method!r} run; it must be a {method} run {hint}".rstrip()
+    )
+  return run
+
+
+def _check_same_run(name_a: str, a: str, name_b: str, b: str) -> None:
   if Path(a).resolve() != Path(b).resolve():
     raise ConfigError(
       f"{name_a}={a!r} and {name_b}={b!r} differ: the runs must share one stage-1 autoencoder"
@@ -649,11 +638,15 @@ def _frozen_hidden(model: LatentAutoencoder, tokens, valid):
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode(graphdef, params, tokens, valid):
-  model = nnx.merge(graphdef, params)
+def _encode_model(model: LatentAutoencoder, tokens, valid):
+  """Sentences -> latents through the model's own encoder or its frozen pretrained one."""
   hidden = _frozen_hidden(model, tokens, valid)
   return model.encode(tokens, valid) if hidden is None else model.encode_hidden(hidden, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode(graphdef, params, tokens, valid):
+  return _encode_model(nnx.merge(graphdef, params), tokens, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
