@@ -69,6 +69,13 @@ VARIANTS["vocab4096_l8d16"] = {
   "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096, **L8D16},
   "diffusion": {"data.tokenizer.vocab_size": 4096, "model.d_latent": 16},
 }
+# Twice the AE decoder's depth (4 layers instead of 2): more capacity to read the space between
+# encodings as text.
+DEC4 = {"model.decoder_layers": 4}
+VARIANTS["vocab4096_declayers4"] = {
+  "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096, **DEC4},
+  "diffusion": {"data.tokenizer.vocab_size": 4096},
+}
 # Stage-3 variants: the AE and denoiser of the variant named by "reuse", then the decoder tuned on
 # that denoiser's estimates (configs/ld4lg_yelp.py:stage=decoder) for --dec_steps, with overrides.
 V4096 = {"data.tokenizer.vocab_size": 4096}
@@ -101,6 +108,11 @@ VARIANTS.update(
       "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.2},
       "dec_steps": 2000,
     },
+    # Stage 3 (the default tune_clean_prob 0.2) on the other latent spaces: does it add to the
+    # 8192-entry vocabulary's and the narrower latents' gains?
+    "vocab8192_dec": {"reuse": "vocab8192", "decoder": {"data.tokenizer.vocab_size": 8192}},
+    "vocab4096_l8d16_dec": {"reuse": "vocab4096_l8d16", "decoder": {**V4096, **L8D16}},
+    "vocab4096_declayers4_dec": {"reuse": "vocab4096_declayers4", "decoder": {**V4096, **DEC4}},
   }
 )
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
