@@ -67,7 +67,7 @@ VARIANTS = {
 L8D16 = {"model.d_latent": 16}
 VARIANTS["vocab4096_l8d16"] = {
   "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096, **L8D16},
-  "diffusion": {"data.tokenizer.vocab_size": 4096, "model.d_latent": 16},
+  "diffusion": {"data.tokenizer.vocab_size": 4096, **L8D16},
 }
 # Twice the AE decoder's depth (4 layers instead of 2): more capacity to read the space between
 # encodings as text.
@@ -108,8 +108,8 @@ VARIANTS.update(
       "decoder": {**V4096, "ld4lg.tune_clean_prob": 0.2},
       "dec_steps": 2000,
     },
-    # Stage 3 (the default tune_clean_prob 0.2) on the other latent spaces: does it add to the
-    # 8192-entry vocabulary's and the narrower latents' gains?
+    # Stage 3 (the default tune_clean_prob 0.2) on the other variants: does it add to the gains
+    # of the 8192-entry vocabulary, the narrower latents and the deeper decoder?
     "vocab8192_dec": {"reuse": "vocab8192", "decoder": {"data.tokenizer.vocab_size": 8192}},
     "vocab4096_l8d16_dec": {"reuse": "vocab4096_l8d16", "decoder": {**V4096, **L8D16}},
     "vocab4096_declayers4_dec": {"reuse": "vocab4096_declayers4", "decoder": {**V4096, **DEC4}},
