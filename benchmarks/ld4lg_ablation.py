@@ -115,15 +115,29 @@ VARIANTS.update(
     "vocab4096_declayers4_dec": {"reuse": "vocab4096_declayers4", "decoder": {**V4096, **DEC4}},
   }
 )
+# The paper's design at tiny scale: a frozen pretrained encoder (all-MiniLM-L6-v2, the registry
+# wheel; its WordPiece vocabulary of 30,522 mostly whole words is also the decoder's) in place of
+# the scratch encoder. "args" are configs/ld4lg_yelp.py arguments, used for every stage of the
+# variant and of the stage-3 variants that reuse it.
+VARIANTS["minilm"] = {"args": "encoder=minilm", "ae": {"model.latent_noise": 0.3}, "diffusion": {}}
+VARIANTS["minilm_dec"] = {"reuse": "minilm", "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {("ld4lg", "autoencoder_workdir"), ("ld4lg", "denoiser_workdir")}
 
 
 def variant_config(
-  stage: str, overrides: dict, steps: int, data_path: str, ae_dir: Path | None, diff_dir=None
+  stage: str,
+  overrides: dict,
+  steps: int,
+  data_path: str,
+  ae_dir: Path | None,
+  diff_dir=None,
+  args: str = "",
 ):
-  c = load_config_file(f"configs/ld4lg_yelp.py:stage={stage},size=tiny")
+  c = load_config_file(
+    f"configs/ld4lg_yelp.py:stage={stage},size=tiny" + (f",{args}" if args else "")
+  )
   c.data.path = data_path
   c.data.eval_fraction = 0.05
   c.train.steps = steps
@@ -233,15 +247,22 @@ def main():
     base = over.get("reuse", name)
     ae_dir, diff_dir = workdir / base / "yelp_ae", workdir / base / "yelp_diff"
     stages = VARIANTS[base]
-    train_or_reuse(variant_config("ae", stages["ae"], args.ae_steps, data_path, None), ae_dir)
+    cargs = stages.get("args", "")
     train_or_reuse(
-      variant_config("diffusion", stages["diffusion"], args.diff_steps, data_path, ae_dir),
+      variant_config("ae", stages["ae"], args.ae_steps, data_path, None, args=cargs), ae_dir
+    )
+    train_or_reuse(
+      variant_config(
+        "diffusion", stages["diffusion"], args.diff_steps, data_path, ae_dir, args=cargs
+      ),
       diff_dir,
     )
     if "decoder" in over:  # stage 3: score with the tuned decoder
       dec_dir = workdir / name / "yelp_dec"
       dec_steps = over.get("dec_steps", args.dec_steps)
-      dec_cfg = variant_config("decoder", over["decoder"], dec_steps, data_path, ae_dir, diff_dir)
+      dec_cfg = variant_config(
+        "decoder", over["decoder"], dec_steps, data_path, ae_dir, diff_dir, args=cargs
+      )
       train_or_reuse(dec_cfg, dec_dir)
       ae_dir = dec_dir
     ae, diff = api.load(ae_dir), api.load(diff_dir)

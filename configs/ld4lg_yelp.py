@@ -205,7 +205,8 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     c.sample.update(DECODE)
     c.sample.num_beams = size.get("num_beams", DECODE["num_beams"])
     if a["stage"] == "decoder":
-      c.train.freeze = ("encoder", "compressor")  # the denoiser's latents must stay the same
+      # The denoiser's latents must stay the same. A frozen MiniLM is not in the train state.
+      c.train.freeze = ("compressor",) if a["encoder"] == "minilm" else ("encoder", "compressor")
       c.ld4lg = {
         "autoencoder_workdir": "",  # the stage-1 run to start from
         "denoiser_workdir": "",  # the stage-2 run trained on its latents

@@ -534,3 +534,11 @@ def test_stage3_loss_reads_the_denoisers_estimates_or_the_clean_latents(tokenize
   got = task.loss(ae, batch, key, train=False)[0]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert abs(float(got) - float(clean)) > 1e-4  # the estimates are not the clean latents
+
+
+def test_decoder_stage_freezes_only_trained_modules_with_minilm():
+  # A frozen MiniLM encoder is not part of the train state, so stage 3 must not name it.
+  minilm = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=test,encoder=minilm")
+  scratch = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=test")
+  assert tuple(minilm.train.freeze) == ("compressor",)
+  assert tuple(scratch.train.freeze) == ("encoder", "compressor")
