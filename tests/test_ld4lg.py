@@ -30,7 +30,7 @@ from lsd.methods import get_task, ld4lg
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling import latent as ls
-from lsd.train.trainer import train
+from lsd.train.trainer import check_freeze, train
 
 SENTENCES = [
   "the food was great .",
@@ -536,9 +536,15 @@ def test_stage3_loss_reads_the_denoisers_estimates_or_the_clean_latents(tokenize
   assert abs(float(got) - float(clean)) > 1e-4  # the estimates are not the clean latents
 
 
-def test_decoder_stage_freezes_only_trained_modules_with_minilm():
-  # A frozen MiniLM encoder is not part of the train state, so stage 3 must not name it.
-  minilm = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=test,encoder=minilm")
-  scratch = load_config_file("configs/ld4lg_yelp.py:stage=decoder,size=test")
-  assert tuple(minilm.train.freeze) == ("compressor",)
-  assert tuple(scratch.train.freeze) == ("encoder", "compressor")
+@pytest.mark.parametrize("encoder", ["scratch", "minilm"])
+def test_decoder_stage_freeze_names_existing_parameters(encoder):
+  # Stage 3 must freeze exactly the modules that have parameters: a frozen MiniLM is not in the
+  # train state, so naming it would fail the trainer's check (and the task must accept that).
+  cfg = load_config_file(f"configs/ld4lg_yelp.py:stage=decoder,size=test,encoder={encoder}")
+  cfg.ld4lg.autoencoder_workdir = cfg.ld4lg.denoiser_workdir = "unused"
+  task = get_task(cfg)
+  task.tokenizer = types.SimpleNamespace(vocab_size=cfg.data.tokenizer.vocab_size)
+  params = nnx.state(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
+  check_freeze(cfg.train.freeze, params)  # raises ConfigError on a name without parameters
+  want = ("encoder", "compressor") if encoder == "scratch" else ("compressor",)
+  assert tuple(cfg.train.freeze) == want

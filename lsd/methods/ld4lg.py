@@ -491,7 +491,9 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
       raise ConfigError(f"ld4lg.tune_t_max={lc.tune_t_max!r} must be in (0, 1]")
     check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
     freeze = tuple(config.train.get("freeze", ()))
-    missing = [m for m in self.FROZEN if m not in freeze]
+    # A pretrained encoder (encoder != scratch) is frozen outside the train state: no parameters.
+    scratch = config.model.get("encoder", "scratch") == "scratch"
+    missing = [m for m in self.FROZEN if m not in freeze and (scratch or m != "encoder")]
     if missing:
       raise ConfigError(
         f"train.freeze={list(freeze)} must include {missing}: the denoiser was trained on the "
