@@ -278,20 +278,20 @@ def main():
       "git_commit": git_commit(),  # entries of variants not rerun keep their own
     }
     log(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "examples"}))
-
-  write_result(
-    "ld4lg_ablation",
-    results,
-    {
-      "protocol": "benchmarks/ld4lg_ablation.py docstring",
-      "samples": SAMPLES,
-      "mauve_refs": "permuted held-out Yelp rows [1512, 2024) (validation)",
-      "recon_rows": "permuted held-out Yelp rows [2024, 2536)",
-      "sampling": "DDPM, 100 steps, sphere projection, w = 1, labels from the class prior",
-      "decoding": "greedy",
-      "sizes": "configs/ld4lg_yelp.py size=tiny (8 x 32 latents)",
-    },
-  )
+    # Written after every variant: a later variant's failure keeps the scores already measured.
+    write_result(
+      "ld4lg_ablation",
+      results,
+      {
+        "protocol": "benchmarks/ld4lg_ablation.py docstring",
+        "samples": SAMPLES,
+        "mauve_refs": "permuted held-out Yelp rows [1512, 2024) (validation)",
+        "recon_rows": "permuted held-out Yelp rows [2024, 2536)",
+        "sampling": "DDPM, 100 steps, sphere projection, w = 1, labels from the class prior",
+        "decoding": "greedy",
+        "sizes": "configs/ld4lg_yelp.py size=tiny (8 x 32 latents)",
+      },
+    )
 
 
 if __name__ == "__main__":
