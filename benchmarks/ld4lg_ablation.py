@@ -121,9 +121,23 @@ VARIANTS.update(
 # variant and of the stage-3 variants that reuse it.
 VARIANTS["minilm"] = {"args": "encoder=minilm", "ae": {"model.latent_noise": 0.3}, "diffusion": {}}
 VARIANTS["minilm_dec"] = {"reuse": "minilm", "decoder": {}}
+# The AE decoder initialised from a causal LM with its sizes (ld4lg.decoder_init), trained first
+# on the same training sentences for "lm_steps" (the benchmark's AR baseline data config): does a
+# decoder that already models the language read the denoiser's samples more fluently? The paper's
+# decoder is BART's pretrained one; no such weights install offline, so the LM is trained here.
+VARIANTS["vocab4096_lminit"] = {
+  "lm_steps": 3000,
+  "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096},
+  "diffusion": {"data.tokenizer.vocab_size": 4096},
+}
+VARIANTS["vocab4096_lminit_dec"] = {"reuse": "vocab4096_lminit", "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
-PATH_FIELDS = {("ld4lg", "autoencoder_workdir"), ("ld4lg", "denoiser_workdir")}
+PATH_FIELDS = {
+  ("ld4lg", "autoencoder_workdir"),
+  ("ld4lg", "denoiser_workdir"),
+  ("ld4lg", "decoder_init"),
+}
 
 
 def variant_config(
@@ -159,11 +173,30 @@ def _differences(stored: dict, wanted: dict, prefix=()) -> list[str]:
     if key in PATH_FIELDS:
       continue
     a, b = stored.get(k), wanted.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _differences(a, b, key)
+    if isinstance(a, dict) or isinstance(b, dict):  # a section added since: compare its fields
+      out += _differences(a or {}, b or {}, key)
     elif a != b:
       out.append(f"{'.'.join(key)}: stored {a!r}, wanted {b!r}")
   return out
+
+
+def lm_config(ae_cfg, steps: int):
+  """A causal LM with the AE decoder's sizes, on the sentences of the AE's data config (one per
+  document, as the benchmark's AR baseline), for `ld4lg.decoder_init`."""
+  c = load_config_file("configs/causal_lm.py:size=tiny,data=text")
+  c.data.path = ae_cfg.data.path
+  c.data.eval_fraction = ae_cfg.data.eval_fraction
+  c.data.seq_len = 64
+  c.data.batch_size = 32
+  c.data.tokenizer.vocab_size = ae_cfg.data.tokenizer.vocab_size
+  m = ae_cfg.model
+  c.model.update(
+    d_model=m.d_model, n_layers=m.decoder_layers, n_heads=m.n_heads, mlp=m.mlp, norm=m.norm
+  )
+  c.train.steps = steps
+  c.train.progress = False
+  c.train.num_samples = 0
+  return c
 
 
 def train_or_reuse(cfg, run: Path) -> None:
@@ -248,9 +281,12 @@ def main():
     ae_dir, diff_dir = workdir / base / "yelp_ae", workdir / base / "yelp_diff"
     stages = VARIANTS[base]
     cargs = stages.get("args", "")
-    train_or_reuse(
-      variant_config("ae", stages["ae"], args.ae_steps, data_path, None, args=cargs), ae_dir
-    )
+    ae_cfg = variant_config("ae", stages["ae"], args.ae_steps, data_path, None, args=cargs)
+    if "lm_steps" in stages:  # stage 0: the LM whose weights initialise the AE decoder
+      lm_dir = workdir / base / "yelp_lm"
+      train_or_reuse(lm_config(ae_cfg, stages["lm_steps"]), lm_dir)
+      ae_cfg.ld4lg.decoder_init = str(lm_dir)
+    train_or_reuse(ae_cfg, ae_dir)
     train_or_reuse(
       variant_config(
         "diffusion", stages["diffusion"], args.diff_steps, data_path, ae_dir, args=cargs
@@ -270,6 +306,7 @@ def main():
       scorer = ValidationScorer(ae.config, workdir / "judge_features")
     results[name] = {
       "overrides": over,
+      **({"lm_steps": stages["lm_steps"]} if "lm_steps" in stages else {}),
       "ae_steps": args.ae_steps,
       "diff_steps": args.diff_steps,
       **({"dec_steps": over.get("dec_steps", args.dec_steps)} if "decoder" in over else {}),

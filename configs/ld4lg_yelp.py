@@ -204,6 +204,11 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     c.sample = {"max_new_tokens": size["max_len"] - 1, "top_p": 0.0, "temperature": 1.0}
     c.sample.update(DECODE)
     c.sample.num_beams = size.get("num_beams", DECODE["num_beams"])
+    if a["stage"] == "ae":
+      # A causal-LM run (configs/causal_lm.py with the decoder's sizes: d_model, n_layers =
+      # decoder_layers, n_heads, mlp, norm) whose weights initialise the decoder, its tokenizer
+      # becoming this run's; "" = the decoder starts from random weights.
+      c.ld4lg = {"decoder_init": ""}
     if a["stage"] == "decoder":
       # The denoiser's latents must stay the same. A frozen MiniLM is not in the train state.
       c.train.freeze = ("compressor",) if a["encoder"] == "minilm" else ("encoder", "compressor")

@@ -548,3 +548,48 @@ def test_decoder_stage_freeze_names_existing_parameters(encoder):
   check_freeze(cfg.train.freeze, params)  # raises ConfigError on a name without parameters
   want = ("encoder", "compressor") if encoder == "scratch" else ("compressor",)
   assert tuple(cfg.train.freeze) == want
+
+
+def test_decoder_init_copies_a_causal_lm_and_leaves_only_cross_attention_fresh(tmp_path):
+  # ld4lg.decoder_init: every weight of a causal LM with the decoder's sizes goes into the AE
+  # decoder; the cross-attention to the latents keeps its random init; the LM's tokenizer is used.
+  from flax import traverse_util
+
+  _toy_yelp(tmp_path)
+  lm_cfg = load_config_file("configs/causal_lm.py:size=test,data=text,steps=2")
+  lm_cfg.data.path = str(tmp_path / "yelp.*")
+  lm_cfg.data.tokenizer.vocab_size = 300
+  lm_cfg.model.update(d_model=32, n_layers=1, n_heads=2, mlp="gelu", norm="layer")
+  lm_cfg.train.update(progress=False, num_samples=0)
+  train(lm_cfg, tmp_path / "lm")
+  lm = lsd.api.load(tmp_path / "lm")
+
+  ae_cfg = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test")
+  ae_cfg.data.path = str(tmp_path / "yelp.*")
+  ae_cfg.ld4lg.decoder_init = str(tmp_path / "lm")
+  task = get_task(ae_cfg)
+  task.tokenizer = task.data_tokenizer()
+  assert task.tokenizer.vocab_size == lm.tokenizer.vocab_size
+  assert task.tokenizer.encode(SENTENCES[0]) == lm.tokenizer.encode(SENTENCES[0])
+  params = nnx.state(task.build_model(nnx.Rngs(0)), nnx.Param)
+  out = task.initial_params(params)
+  got = traverse_util.flatten_dict(out.to_pure_dict())
+  init = traverse_util.flatten_dict(params.to_pure_dict())
+  lm_flat = traverse_util.flatten_dict(lm.params.to_pure_dict())
+  for key, value in lm_flat.items():
+    np.testing.assert_array_equal(got[("decoder", *key)], value)
+  fresh = [k for k in got if k[0] == "decoder" and k[1:] not in lm_flat]
+  assert fresh and all(any("cross" in str(p) for p in k) for k in fresh)
+  for key in got:  # the rest (fresh cross-attention, encoder, compressor, ...) is the random init
+    if key[0] != "decoder" or key in fresh:
+      np.testing.assert_array_equal(got[key], init[key])
+
+  ae_cfg.model.decoder_layers = 2  # no longer the LM's depth: a clear error naming the field
+  task = get_task(ae_cfg)
+  task.tokenizer = task.data_tokenizer()
+  params = nnx.state(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
+  with pytest.raises(ConfigError, match=r"n_layers: LM 1, AE decoder 2"):
+    task.initial_params(params)
+  ae_cfg.ld4lg.decoder_init = str(tmp_path / "missing")
+  with pytest.raises(Exception, match="missing"):
+    get_task(ae_cfg).data_tokenizer()

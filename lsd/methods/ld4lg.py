@@ -20,6 +20,7 @@ The pure functions at the bottom work on runs loaded with `lsd.api.load`:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from lsd.config import ConfigError, check_choice, check_range
 from lsd.data.arrays import ArrayData
@@ -78,8 +79,73 @@ class LD4LGAutoencoderTask(Task):
     return data
 
   def data_tokenizer(self):
-    """The tokenizer of the sentence data; None = train one on the training split."""
-    return None
+    """The tokenizer of the sentence data: the `ld4lg.decoder_init` LM's when set (the decoder
+    starts from its weights, so the ids must mean the same); None = train one on the training split."""
+    run = self.decoder_init_run()
+    return None if run is None else run.tokenizer
+
+  def decoder_init_run(self):
+    """The causal-LM run named by `ld4lg.decoder_init` (None when unset), loaded once.
+
+    Its weights initialise the AE decoder (`initial_params`): every self-attention, MLP, norm and
+    embedding weight, leaving only the cross-attention to the latents fresh, so a decoder that
+    already models the language learns to read the latents (the paper fine-tunes BART's pretrained
+    decoder the same way). The LM's model must be the decoder's without cross-attention."""
+    path = (self.config.get("ld4lg") or {}).get("decoder_init", "")
+    if not path:
+      return None
+    if getattr(self, "_decoder_init", None) is None:
+      run = _load_run("ld4lg.decoder_init", path, "causal_lm", "(configs/causal_lm.py)")
+      kind, lm_kind = self.config.data.tokenizer.kind, run.config.data.tokenizer.kind
+      if kind != lm_kind:
+        raise ConfigError(
+          f"ld4lg.decoder_init={path!r} was trained with data.tokenizer.kind={lm_kind!r}, this run "
+          f"has data.tokenizer.kind={kind!r}: the decoder and the LM must share one tokenizer"
+        )
+      self._decoder_init = run
+    return self._decoder_init
+
+  def initial_params(self, params):
+    """The random init, with the AE decoder's weights from the `ld4lg.decoder_init` LM if set."""
+    run = self.decoder_init_run()
+    if run is None:
+      return params
+    path = self.config.ld4lg.decoder_init
+    want = dataclasses.replace(
+      self.model_config().decoder_config(), cross_attention=False, d_context=0
+    )
+    have = run.task.model_config()
+    diff = [
+      f"{f.name}: LM {getattr(have, f.name)!r}, AE decoder {getattr(want, f.name)!r}"
+      for f in dataclasses.fields(want)
+      if f.name not in ("dropout", "dtype") and getattr(have, f.name) != getattr(want, f.name)
+    ]
+    if diff:
+      raise ConfigError(
+        f"ld4lg.decoder_init={path!r}: its model is not the AE decoder without cross-attention "
+        f"({'; '.join(diff)}); train the LM with the decoder's sizes (model.d_model, "
+        "model.decoder_layers, model.n_heads, model.mlp, model.norm)"
+      )
+    flat = traverse_util.flatten_dict(params.to_pure_dict())
+    lm = traverse_util.flatten_dict(run.params.to_pure_dict())
+    for key, value in lm.items():
+      target = ("decoder", *key)
+      if target not in flat or tuple(flat[target].shape) != tuple(value.shape):
+        raise ConfigError(
+          f"ld4lg.decoder_init={path!r}: LM parameter {'.'.join(map(str, key))} "
+          f"{tuple(value.shape)} has no counterpart of that shape in the AE decoder"
+        )
+      flat[target] = jnp.asarray(value, flat[target].dtype)
+    fresh = [k for k in flat if k[0] == "decoder" and k[1:] not in lm]
+    if jax.process_index() == 0:
+      print(
+        f"lsd: AE decoder initialised from {path} (step {run.step}): {len(lm)} tensors copied, "
+        f"{len(fresh)} cross-attention tensors fresh",
+        flush=True,
+      )
+    out = jax.tree.map(lambda x: x, params)
+    out.replace_by_pure_dict(traverse_util.unflatten_dict(flat))
+    return out
 
   def model_config(self) -> AutoencoderConfig:
     cfg = AutoencoderConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
