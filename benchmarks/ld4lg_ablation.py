@@ -131,6 +131,16 @@ VARIANTS["vocab4096_lminit"] = {
   "diffusion": {"data.tokenizer.vocab_size": 4096},
 }
 VARIANTS["vocab4096_lminit_dec"] = {"reuse": "vocab4096_lminit", "decoder": {}}
+# The LM-initialised decoder reconstructs better (BLEU 91.6 against 84.0) but reads samples worse
+# (MAUVE 0.425 against 0.529): spend that headroom on more training-only latent noise, which
+# blurs the decoder towards the LM it started from. "lm_reuse": that variant's trained LM.
+VARIANTS["vocab4096_lminit_noise0.8"] = {
+  "lm_steps": 3000,
+  "lm_reuse": "vocab4096_lminit",
+  "ae": {"model.latent_noise": 0.8, "data.tokenizer.vocab_size": 4096},
+  "diffusion": {"data.tokenizer.vocab_size": 4096},
+}
+VARIANTS["vocab4096_lminit_noise0.8_dec"] = {"reuse": "vocab4096_lminit_noise0.8", "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {
@@ -283,7 +293,7 @@ def main():
     cargs = stages.get("args", "")
     ae_cfg = variant_config("ae", stages["ae"], args.ae_steps, data_path, None, args=cargs)
     if "lm_steps" in stages:  # stage 0: the LM whose weights initialise the AE decoder
-      lm_dir = workdir / base / "yelp_lm"
+      lm_dir = workdir / stages.get("lm_reuse", base) / "yelp_lm"
       train_or_reuse(lm_config(ae_cfg, stages["lm_steps"]), lm_dir)
       ae_cfg.ld4lg.decoder_init = str(lm_dir)
     train_or_reuse(ae_cfg, ae_dir)
