@@ -140,7 +140,17 @@ VARIANTS["vocab4096_lminit_noise0.8"] = {
   "ae": {"model.latent_noise": 0.8, "data.tokenizer.vocab_size": 4096},
   "diffusion": {"data.tokenizer.vocab_size": 4096},
 }
-VARIANTS["vocab4096_lminit_noise0.8_dec"] = {"reuse": "vocab4096_lminit_noise0.8", "decoder": {}}
+VARIANTS["vocab4096_lminit_noise0.5"] = {
+  "lm_steps": 3000,
+  "lm_reuse": "vocab4096_lminit",
+  "ae": {"model.latent_noise": 0.5, "data.tokenizer.vocab_size": 4096},
+  "diffusion": {"data.tokenizer.vocab_size": 4096},
+}
+for _noise in ("0.5", "0.8"):  # stage 3 keeps the stage-1 model fields, latent noise included
+  VARIANTS[f"vocab4096_lminit_noise{_noise}_dec"] = {
+    "reuse": f"vocab4096_lminit_noise{_noise}",
+    "decoder": {"model.latent_noise": float(_noise)},
+  }
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {
@@ -212,13 +222,15 @@ def lm_config(ae_cfg, steps: int):
 def train_or_reuse(cfg, run: Path) -> None:
   """Trains `cfg` in `run` to cfg.train.steps (resuming), refusing a run trained with another config."""
   if (run / "config.json").exists():
-    diff = _differences(json.loads((run / "config.json").read_text()), json.loads(cfg.to_json()))
-    if diff:
-      sys.exit(f"{run} was trained with another config ({'; '.join(diff)}); use another --workdir")
     ckpt = Checkpointer(run / "checkpoints", async_save=False)
-    done = ckpt.latest_step() == cfg.train.steps
+    step = ckpt.latest_step()
     ckpt.close()
-    if done:
+    # A run that stopped before its first checkpoint (e.g. on a config error) trained nothing:
+    # it starts afresh with the new config.
+    diff = _differences(json.loads((run / "config.json").read_text()), json.loads(cfg.to_json()))
+    if diff and step is not None:
+      sys.exit(f"{run} was trained with another config ({'; '.join(diff)}); use another --workdir")
+    if step == cfg.train.steps:
       log(f"{run}: reusing the finished {cfg.train.steps}-step run")
       return
   log(f"training {run} ({cfg.train.steps} steps)")
