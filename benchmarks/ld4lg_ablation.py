@@ -15,8 +15,9 @@ The questions the variants answer: how the AE's training-only latent noise trade
 reconstruction for the fluency of decoded denoiser samples (noise*), and whether a vocabulary of
 whole words makes decoded samples more fluent (vocab*), and whether a decoder tuned on the
 denoiser's estimates (stage 3, `--dec_steps`, default 1000) decodes its samples more fluently
-(*_dec*, reusing another variant's AE and denoiser). Trainings resume; a run directory
-whose stored config differs from the variant's is refused. Writes
+(*_dec*, reusing another variant's AE and denoiser), and whether a decoder initialised from a
+causal LM trained first on the same sentences (*lminit*, `ld4lg.decoder_init`) does. Trainings
+resume; a trained run directory whose stored config differs from the variant's is refused. Writes
 benchmarks/results/ld4lg_ablation.json.
 """
 
