@@ -147,7 +147,17 @@ VARIANTS["vocab4096_lminit_noise0.5"] = {
   "ae": {"model.latent_noise": 0.5, "data.tokenizer.vocab_size": 4096},
   "diffusion": {"data.tokenizer.vocab_size": 4096},
 }
-for _noise in ("0.5", "0.8"):  # stage 3 keeps the stage-1 model fields, latent noise included
+VARIANTS["vocab4096_lminit_noise0.65"] = {  # between no change (0.5) and the collapse (0.8)
+  "lm_steps": 3000,
+  "lm_reuse": "vocab4096_lminit",
+  "ae": {"model.latent_noise": 0.65, "data.tokenizer.vocab_size": 4096},
+  "diffusion": {"data.tokenizer.vocab_size": 4096},
+}
+for _noise in (
+  "0.5",
+  "0.65",
+  "0.8",
+):  # stage 3 keeps the stage-1 model fields, latent noise included
   VARIANTS[f"vocab4096_lminit_noise{_noise}_dec"] = {
     "reuse": f"vocab4096_lminit_noise{_noise}",
     "decoder": {"model.latent_noise": float(_noise)},
