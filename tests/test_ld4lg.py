@@ -572,9 +572,11 @@ def test_decoder_init_copies_a_causal_lm_and_leaves_only_cross_attention_fresh(t
   assert task.tokenizer.vocab_size == lm.tokenizer.vocab_size
   assert task.tokenizer.encode(SENTENCES[0]) == lm.tokenizer.encode(SENTENCES[0])
   params = nnx.state(task.build_model(nnx.Rngs(0)), nnx.Param)
+  init = traverse_util.flatten_dict(params.to_pure_dict())
   out = task.initial_params(params)
   got = traverse_util.flatten_dict(out.to_pure_dict())
-  init = traverse_util.flatten_dict(params.to_pure_dict())
+  for key, value in traverse_util.flatten_dict(params.to_pure_dict()).items():
+    np.testing.assert_array_equal(value, init[key])  # the random init itself is not overwritten
   lm_flat = traverse_util.flatten_dict(lm.params.to_pure_dict())
   for key, value in lm_flat.items():
     np.testing.assert_array_equal(got[("decoder", *key)], value)
@@ -591,5 +593,5 @@ def test_decoder_init_copies_a_causal_lm_and_leaves_only_cross_attention_fresh(t
   with pytest.raises(ConfigError, match=r"n_layers: LM 1, AE decoder 2"):
     task.initial_params(params)
   ae_cfg.ld4lg.decoder_init = str(tmp_path / "missing")
-  with pytest.raises(Exception, match="missing"):
+  with pytest.raises(ConfigError, match="missing.*holds no config.json"):
     get_task(ae_cfg).data_tokenizer()
