@@ -126,42 +126,19 @@ VARIANTS["minilm_dec"] = {"reuse": "minilm", "decoder": {}}
 # on the same training sentences for "lm_steps" (the benchmark's AR baseline data config): does a
 # decoder that already models the language read the denoiser's samples more fluently? The paper's
 # decoder is BART's pretrained one; no such weights install offline, so the LM is trained here.
-VARIANTS["vocab4096_lminit"] = {
-  "lm_steps": 3000,
-  "ae": {"model.latent_noise": 0.3, "data.tokenizer.vocab_size": 4096},
-  "diffusion": {"data.tokenizer.vocab_size": 4096},
-}
-VARIANTS["vocab4096_lminit_dec"] = {"reuse": "vocab4096_lminit", "decoder": {}}
 # The LM-initialised decoder reconstructs better (BLEU 91.6 against 84.0) but reads samples worse
-# (MAUVE 0.425 against 0.529): spend that headroom on more training-only latent noise, which
-# blurs the decoder towards the LM it started from. "lm_reuse": that variant's trained LM.
-VARIANTS["vocab4096_lminit_noise0.8"] = {
-  "lm_steps": 3000,
-  "lm_reuse": "vocab4096_lminit",
-  "ae": {"model.latent_noise": 0.8, "data.tokenizer.vocab_size": 4096},
-  "diffusion": {"data.tokenizer.vocab_size": 4096},
-}
-VARIANTS["vocab4096_lminit_noise0.5"] = {
-  "lm_steps": 3000,
-  "lm_reuse": "vocab4096_lminit",
-  "ae": {"model.latent_noise": 0.5, "data.tokenizer.vocab_size": 4096},
-  "diffusion": {"data.tokenizer.vocab_size": 4096},
-}
-VARIANTS["vocab4096_lminit_noise0.65"] = {  # between no change (0.5) and the collapse (0.8)
-  "lm_steps": 3000,
-  "lm_reuse": "vocab4096_lminit",
-  "ae": {"model.latent_noise": 0.65, "data.tokenizer.vocab_size": 4096},
-  "diffusion": {"data.tokenizer.vocab_size": 4096},
-}
-for _noise in (
-  "0.5",
-  "0.65",
-  "0.8",
-):  # stage 3 keeps the stage-1 model fields, latent noise included
-  VARIANTS[f"vocab4096_lminit_noise{_noise}_dec"] = {
-    "reuse": f"vocab4096_lminit_noise{_noise}",
-    "decoder": {"model.latent_noise": float(_noise)},
+# (MAUVE 0.425 against 0.529), so the noise variants spend that headroom on more training-only
+# latent noise, which blurs the decoder towards the LM it started from. "lm_reuse": the variant
+# whose trained LM they share.
+for _noise in (0.3, 0.5, 0.65, 0.8):
+  _name = "vocab4096_lminit" + ("" if _noise == 0.3 else f"_noise{_noise}")
+  VARIANTS[_name] = {
+    "lm_steps": 3000,
+    **({} if _noise == 0.3 else {"lm_reuse": "vocab4096_lminit"}),
+    "ae": {"model.latent_noise": _noise, **V4096},
+    "diffusion": dict(V4096),
   }
+  VARIANTS[f"{_name}_dec"] = {"reuse": _name, "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {
@@ -204,8 +181,10 @@ def _differences(stored: dict, wanted: dict, prefix=()) -> list[str]:
     if key in PATH_FIELDS:
       continue
     a, b = stored.get(k), wanted.get(k)
-    if isinstance(a, dict) or isinstance(b, dict):  # a section added since: compare its fields
-      out += _differences(a or {}, b or {}, key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, key)
+    elif isinstance(a, dict) and b is None or a is None and isinstance(b, dict):
+      out += _differences(a or {}, b or {}, key)  # a section added since: compare its fields
     elif a != b:
       out.append(f"{'.'.join(key)}: stored {a!r}, wanted {b!r}")
   return out
@@ -329,8 +308,11 @@ def main():
     if "decoder" in over:  # stage 3: score with the tuned decoder
       dec_dir = workdir / name / "yelp_dec"
       dec_steps = over.get("dec_steps", args.dec_steps)
+      # The stage-1 model fields carry over (stage 3 requires them equal), then the overrides.
+      dec_over = {k: v for k, v in stages["ae"].items() if k.startswith("model.")}
+      dec_over.update(over["decoder"])
       dec_cfg = variant_config(
-        "decoder", over["decoder"], dec_steps, data_path, ae_dir, diff_dir, args=cargs
+        "decoder", dec_over, dec_steps, data_path, ae_dir, diff_dir, args=cargs
       )
       train_or_reuse(dec_cfg, dec_dir)
       ae_dir = dec_dir
