@@ -7,6 +7,9 @@ Protocol (issue "LD4LG end to end", item 4):
 - Yelp review sentences (sentiment.dev.{0,1}: label 0 = negative, 1 = positive), the seeded 95/5
   split of configs/ld4lg_yelp.py (split_seed 0); tiny sizes (8 x 32 latents), one BPE tokenizer
   (trained on the training split) shared by the autoencoder, the denoiser and the AR baseline.
+- Optional stage 0 (--lm_minutes / --lm_steps, default none): a causal LM with the AE decoder's
+  sizes whose weights initialise that decoder (ld4lg.decoder_init); it counts towards the LD4LG
+  budget the AR baseline gets. --latent_noise sets the AE's model.latent_noise.
 - Stage 1 autoencoder, stage 2 class-conditional denoiser (label dropout 0.1: the null class is the
   CFG baseline), stage 3 decoder tuned on the denoiser's estimates (--dec_minutes 0 skips it), and
   a causal LM of the denoiser's width and depth trained for the Yelp LD4LG stages' total budget
@@ -141,6 +144,14 @@ def yelp_configs(data_dir: Path, args) -> dict:
   dec.data.eval_fraction = 0.05
   dec.ld4lg.autoencoder_workdir = diff.ld4lg.autoencoder_workdir
   dec.ld4lg.denoiser_workdir = str(Path(args.workdir) / "yelp_diff")
+  if args.latent_noise is not None:  # stage 3 requires the stage-1 model fields
+    ae.model.latent_noise = dec.model.latent_noise = args.latent_noise
+  cfgs = {}
+  if args.lm_minutes or args.lm_steps:
+    # Stage 0: a causal LM with the AE decoder's sizes whose weights initialise that decoder
+    # (ld4lg.decoder_init; its tokenizer becomes the AE's, the denoiser's and the AR baseline's).
+    cfgs["yelp_lm"] = decoder_lm_config(ae)
+    ae.ld4lg.decoder_init = str(Path(args.workdir) / "yelp_lm")
   # AR baseline: a causal LM of about the denoiser's width/depth on the same sentences (one per
   # document, [bos] ids [eos], packed), same tokenizer, trained for the LD4LG stages' total time.
   ar = load_config_file("configs/causal_lm.py:size=tiny,data=text")
@@ -149,7 +160,23 @@ def yelp_configs(data_dir: Path, args) -> dict:
   ar.data.seq_len = 64
   ar.data.batch_size = 32
   ar.data.tokenizer.vocab_size = ae.data.tokenizer.vocab_size
-  return {"yelp_ae": ae, "yelp_diff": diff, "yelp_dec": dec, "yelp_ar": ar}
+  return {**cfgs, "yelp_ae": ae, "yelp_diff": diff, "yelp_dec": dec, "yelp_ar": ar}
+
+
+def decoder_lm_config(ae_cfg):
+  """A causal LM with the sizes of `ae_cfg`'s decoder, on the sentences of its data config (one
+  per document, as the AR baseline), for `ld4lg.decoder_init`."""
+  c = load_config_file("configs/causal_lm.py:size=tiny,data=text")
+  c.data.path = ae_cfg.data.path
+  c.data.eval_fraction = ae_cfg.data.eval_fraction
+  c.data.seq_len = 64
+  c.data.batch_size = 32
+  c.data.tokenizer.vocab_size = ae_cfg.data.tokenizer.vocab_size
+  m = ae_cfg.model
+  c.model.update(
+    d_model=m.d_model, n_layers=m.decoder_layers, n_heads=m.n_heads, mlp=m.mlp, norm=m.norm
+  )
+  return c
 
 
 def load_trained(workdir: Path, flag: str = "--workdir"):
@@ -431,6 +458,15 @@ def main():
   # Stage 3 (the decoder tuned on the denoiser's estimates); 0 = none, decode with stage 1.
   p.add_argument("--dec_minutes", type=float, default=5.0)
   p.add_argument("--dec_steps", type=int, default=0)
+  # Stage 0 (0 = none): a causal LM that initialises the AE decoder (ld4lg.decoder_init).
+  p.add_argument("--lm_minutes", type=float, default=0.0)
+  p.add_argument("--lm_steps", type=int, default=0)
+  p.add_argument(
+    "--latent_noise",
+    type=float,
+    default=None,
+    help="the AE's training-only latent noise, model.latent_noise (default: the tiny config's)",
+  )
   p.add_argument("--e2e_ae_minutes", type=float, default=4.0)
   p.add_argument("--e2e_diff_minutes", type=float, default=4.0)
   p.add_argument("--ae_steps", type=int, default=0)
@@ -460,7 +496,16 @@ def main():
   )
   p.add_argument("--sample_steps", type=int, default=0, help="DDPM steps (0: the run's config)")
   p.add_argument("--only", choices=["yelp", "e2e"], default=None)
+  p.add_argument(
+    "--result",
+    default=None,
+    help="benchmarks/results/<result>.json (default: ld4lg, or ld4lg_<only> with --only)",
+  )
   args = p.parse_args()
+  if args.latent_noise is not None and not args.latent_noise >= 0:
+    p.error(f"--latent_noise={args.latent_noise} must be >= 0")
+  if args.result is not None and not args.result.replace("_", "").isalnum():
+    p.error(f"--result={args.result!r}: letters, digits and _ only (a file name)")
   if args.e2e_candidates < 1:
     p.error(f"--e2e_candidates={args.e2e_candidates} must be >= 1 (1 = no MBR)")
   data_dir = Path(args.data_dir)
@@ -477,6 +522,13 @@ def main():
     # The AR baseline's budget: each LD4LG stage's minutes when its steps came from a probe (the
     # steps that fit those minutes on an idle machine), else its measured training time.
     sized_by_minutes = {"yelp_ae": not args.ae_steps, "yelp_diff": not args.diff_steps}
+    stages = []
+    if "yelp_lm" in cfgs:
+      sized_by_minutes["yelp_lm"] = not args.lm_steps
+      args.lm_steps = train_budgeted(
+        cfgs["yelp_lm"], workdir / "yelp_lm", workdir / "probe_lm", args.lm_steps, args.lm_minutes
+      )
+      stages.append("yelp_lm")
     args.ae_steps = train_budgeted(
       cfgs["yelp_ae"], workdir / "yelp_ae", workdir / "probe_ae", args.ae_steps, args.ae_minutes
     )
@@ -487,7 +539,7 @@ def main():
       args.diff_steps,
       args.diff_minutes,
     )
-    stages = ["yelp_ae", "yelp_diff"]
+    stages += ["yelp_ae", "yelp_diff"]
     if args.dec_minutes or args.dec_steps:
       sized_by_minutes["yelp_dec"] = not args.dec_steps
       args.dec_steps = train_budgeted(
@@ -506,6 +558,7 @@ def main():
       shutil.copy(tokenizer, ar_dir / "tokenizer.json")
     minutes = {"yelp_ae": args.ae_minutes, "yelp_diff": args.diff_minutes}
     minutes["yelp_dec"] = args.dec_minutes
+    minutes["yelp_lm"] = args.lm_minutes
     budget = {n: minutes[n] if sized_by_minutes[n] else secs[n] / 60 for n in stages}
     if not args.ar_steps:
       # Same budget: the AR steps that fit the LD4LG stages' minutes on this machine.
@@ -536,6 +589,7 @@ def main():
         "diffusion": args.diff_steps,
         "decoder": args.dec_steps,
         "ar": args.ar_steps,
+        **({"lm": args.lm_steps} if "yelp_lm" in stages else {}),
       },
       "latents": [cfgs["yelp_ae"].model.num_latents, cfgs["yelp_ae"].model.d_latent],
       "ae_latent_noise": cfgs["yelp_ae"].model.latent_noise,
@@ -573,7 +627,7 @@ def main():
       "sampler": dict(load_with_decoding(workdir / "e2e_diff", args).config.sample),
       "candidates": args.e2e_candidates,  # overrides sampler.candidates: outputs per source (MBR)
     }
-  name = "ld4lg" if args.only is None else f"ld4lg_{args.only}"
+  name = args.result or ("ld4lg" if args.only is None else f"ld4lg_{args.only}")
   write_result(name, result, config)
 
 

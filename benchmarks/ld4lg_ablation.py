@@ -16,7 +16,8 @@ reconstruction for the fluency of decoded denoiser samples (noise*), and whether
 whole words makes decoded samples more fluent (vocab*), and whether a decoder tuned on the
 denoiser's estimates (stage 3, `--dec_steps`, default 1000) decodes its samples more fluently
 (*_dec*, reusing another variant's AE and denoiser), and whether a decoder initialised from a
-causal LM trained first on the same sentences (*lminit*, `ld4lg.decoder_init`) does. Trainings
+causal LM trained first on the same sentences (*lminit*, `ld4lg.decoder_init`) does, and whether
+latent noise in stage 3 alone (*lminit_dec_noise*, `ld4lg.tune_latent_noise`) does. Trainings
 resume; a trained run directory whose stored config differs from the variant's is refused. Writes
 benchmarks/results/ld4lg_ablation.json.
 """
@@ -32,7 +33,15 @@ from pathlib import Path
 import jax
 import numpy as np
 from common import git_commit, write_result
-from ld4lg import DECODINGS, cached_features, log, prior_labels, reconstruct, validation_texts
+from ld4lg import (
+  DECODINGS,
+  cached_features,
+  decoder_lm_config,
+  log,
+  prior_labels,
+  reconstruct,
+  validation_texts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -139,6 +148,14 @@ for _noise in (0.3, 0.5, 0.65, 0.8):
     "diffusion": dict(V4096),
   }
   VARIANTS[f"{_name}_dec"] = {"reuse": _name, "decoder": {}}
+# The latent noise in stage 3 only (ld4lg.tune_latent_noise): stage 1 keeps 0.3, so the encoder,
+# the denoiser's latents and the stage-1 reconstruction stay those of vocab4096_lminit, and only
+# the decoder that reads the samples is blurred.
+for _noise in (0.5, 0.65, 0.8):
+  VARIANTS[f"vocab4096_lminit_dec_noise{_noise}"] = {
+    "reuse": "vocab4096_lminit",
+    "decoder": {"ld4lg.tune_latent_noise": _noise},
+  }
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {
@@ -191,18 +208,8 @@ def _differences(stored: dict, wanted: dict, prefix=()) -> list[str]:
 
 
 def lm_config(ae_cfg, steps: int):
-  """A causal LM with the AE decoder's sizes, on the sentences of the AE's data config (one per
-  document, as the benchmark's AR baseline), for `ld4lg.decoder_init`."""
-  c = load_config_file("configs/causal_lm.py:size=tiny,data=text")
-  c.data.path = ae_cfg.data.path
-  c.data.eval_fraction = ae_cfg.data.eval_fraction
-  c.data.seq_len = 64
-  c.data.batch_size = 32
-  c.data.tokenizer.vocab_size = ae_cfg.data.tokenizer.vocab_size
-  m = ae_cfg.model
-  c.model.update(
-    d_model=m.d_model, n_layers=m.decoder_layers, n_heads=m.n_heads, mlp=m.mlp, norm=m.norm
-  )
+  """The benchmark's stage-0 LM config (`decoder_lm_config`) for `steps` steps."""
+  c = decoder_lm_config(ae_cfg)
   c.train.steps = steps
   c.train.progress = False
   c.train.num_samples = 0

@@ -221,6 +221,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
         # (84.0 and MAUVE 0.529 without stage 3): fewer clean rows, more fluent samples.
         "tune_clean_prob": 0.2,
         "tune_t_max": 1.0,
+        # Max std of the training-only latent noise on the decoder's inputs in this stage;
+        # None = model.latent_noise (stage 1's, which must stay equal to it).
+        "tune_latent_noise": None,
         "cond_drop_prob": 0.1,  # rows estimated with the null class (as CFG sampling uses it)
       }
   else:

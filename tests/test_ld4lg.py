@@ -535,6 +535,24 @@ def test_stage3_loss_reads_the_denoisers_estimates_or_the_clean_latents(tokenize
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert abs(float(got) - float(clean)) > 1e-4  # the estimates are not the clean latents
 
+  # ld4lg.tune_latent_noise (training only) replaces model.latent_noise in this stage; None keeps
+  # the model's. Test sizes have no dropout or word dropout, so without noise train = eval.
+  cfg.ld4lg.tune_clean_prob = 1.0
+  assert cfg.ld4lg.tune_latent_noise is None and ae.cfg.latent_noise == 0.0
+  np.testing.assert_allclose(task.loss(ae, batch, key, train=True)[0], clean, rtol=1e-5)
+  cfg.ld4lg.tune_latent_noise = 0.6
+  tuned = float(task.loss(ae, batch, key, train=True)[0])
+  assert abs(tuned - float(clean)) > 1e-4
+  np.testing.assert_allclose(task.loss(ae, batch, key, train=False)[0], clean, rtol=1e-5)
+  ae.cfg = dataclasses.replace(ae.cfg, latent_noise=0.6)
+  cfg.ld4lg.tune_latent_noise = None
+  np.testing.assert_allclose(task.loss(ae, batch, key, train=True)[0], tuned, rtol=1e-6)
+  cfg.ld4lg.tune_latent_noise = 0.0
+  np.testing.assert_allclose(task.loss(ae, batch, key, train=True)[0], clean, rtol=1e-5)
+  cfg.ld4lg.tune_latent_noise = -0.1
+  with pytest.raises(ConfigError, match=r"ld4lg.tune_latent_noise=-0.1 must be >= 0"):
+    type(task)(cfg)
+
 
 @pytest.mark.parametrize("encoder", ["scratch", "minilm"])
 def test_decoder_stage_freeze_names_existing_parameters(encoder):

@@ -539,7 +539,9 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
   t ~ U(0, ld4lg.tune_t_max), the frozen denoiser estimates x0_hat from z_t (a first pass, then a
   self-conditioned second one, as the sampler does), and the decoder learns to reconstruct the
   sentence from x0_hat; a fraction `ld4lg.tune_clean_prob` of the rows keeps the clean z0 so that
-  reconstruction of real encodings is trained too. Encoder and compressor stay frozen
+  reconstruction of real encodings is trained too. Training-only latent noise (std ~ U(0, s)) is
+  added to either, with s = `ld4lg.tune_latent_noise` (stage 1's `model.latent_noise` by
+  default; model fields must equal stage 1's, so this is the stage's own knob). Encoder and compressor stay frozen
   (`train.freeze`), so the run encodes exactly as the stage-1 run did and its latents stay those the
   denoiser was trained on. The result is a complete autoencoder run: `encode_texts` /
   `decode_latents` take it like a stage-1 run, and a diffusion run decodes with it when given
@@ -553,6 +555,9 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
     super().__init__(config)
     lc = config.ld4lg
     check_range("ld4lg.tune_clean_prob", lc.tune_clean_prob, 0.0, 1.0)
+    noise = lc.get("tune_latent_noise", None)
+    if noise is not None and not float(noise) >= 0.0:
+      raise ConfigError(f"ld4lg.tune_latent_noise={noise!r} must be >= 0 (0 = clean latents)")
     if not 0.0 < float(lc.tune_t_max) <= 1.0:
       raise ConfigError(f"ld4lg.tune_t_max={lc.tune_t_max!r} must be in (0, 1]")
     check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
@@ -669,6 +674,7 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
       word_dropout_key=jax.random.fold_in(k_rest, 1) if train else None,
       mask_id=self.tokenizer.mask_id,
       latent_noise_key=jax.random.fold_in(k_rest, 2) if train else None,
+      latent_noise=self.config.ld4lg.get("tune_latent_noise", None),
     )
     return loss, dict(metrics, ppl=jnp.exp(loss), estimate_mse=jnp.mean(jnp.square(x0_hat - z0)))
 

@@ -330,6 +330,7 @@ def reconstruction_loss(
   mask_id: int | None = None,
   latent_noise_key: Array | None = None,
   latents: Float[Array, "B L D"] | None = None,
+  latent_noise: float | None = None,
 ) -> tuple[Float[Array, ""], dict]:
   """Teacher-forced cross-entropy of reconstructing `tokens` ([bos] ids [eos] pad...) from their
   latents, averaged over valid target tokens; returns (loss, {"accuracy"}), fp32.
@@ -339,7 +340,8 @@ def reconstruction_loss(
   `word_dropout_key` (training) and `model.cfg.word_dropout` > 0, decoder inputs after the first
   are replaced by `mask_id` with that probability; the encoder always sees the clean tokens. With
   `latent_noise_key` (training) and `model.cfg.latent_noise` > 0, the decoder reads noised latents
-  (see AutoencoderConfig.latent_noise). Given `latents`, the decoder reads those instead of the
+  (see AutoencoderConfig.latent_noise; `latent_noise` given overrides that maximum std, e.g. for
+  stage 3's own setting). Given `latents`, the decoder reads those instead of the
   encoding of `tokens` (which are then only its targets), e.g. a denoiser's estimates of them.
   """
   tokens_in = tokens[:, :-1]
@@ -356,8 +358,9 @@ def reconstruction_loss(
     latents = model.encode(tokens, valid, rngs=rngs)
   else:
     latents = model.encode_hidden(hidden, hidden_valid)
-  if model.cfg.latent_noise and latent_noise_key is not None:
-    latents = noise_latents(latents, latent_noise_key, model.cfg.latent_noise)
+  max_std = model.cfg.latent_noise if latent_noise is None else latent_noise
+  if max_std and latent_noise_key is not None:
+    latents = noise_latents(latents, latent_noise_key, max_std)
     if model.cfg.normalize_latents:
       latents = normalize_to_sphere(latents)
   logits = model.decode_logits(latents, tokens_in, rngs=rngs)
