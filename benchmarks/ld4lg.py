@@ -154,24 +154,25 @@ def yelp_configs(data_dir: Path, args) -> dict:
     ae.ld4lg.decoder_init = str(Path(args.workdir) / "yelp_lm")
   # AR baseline: a causal LM of about the denoiser's width/depth on the same sentences (one per
   # document, [bos] ids [eos], packed), same tokenizer, trained for the LD4LG stages' total time.
-  ar = load_config_file("configs/causal_lm.py:size=tiny,data=text")
-  ar.data.path = path
-  ar.data.eval_fraction = 0.05
-  ar.data.seq_len = 64
-  ar.data.batch_size = 32
-  ar.data.tokenizer.vocab_size = ae.data.tokenizer.vocab_size
+  ar = sentence_lm_config(ae)
   return {**cfgs, "yelp_ae": ae, "yelp_diff": diff, "yelp_dec": dec, "yelp_ar": ar}
 
 
-def decoder_lm_config(ae_cfg):
-  """A causal LM with the sizes of `ae_cfg`'s decoder, on the sentences of its data config (one
-  per document, as the AR baseline), for `ld4lg.decoder_init`."""
+def sentence_lm_config(ae_cfg):
+  """The tiny causal LM on the sentences of `ae_cfg`'s data config (one per document, [bos] ids
+  [eos], packed) with its vocabulary size."""
   c = load_config_file("configs/causal_lm.py:size=tiny,data=text")
   c.data.path = ae_cfg.data.path
   c.data.eval_fraction = ae_cfg.data.eval_fraction
   c.data.seq_len = 64
   c.data.batch_size = 32
   c.data.tokenizer.vocab_size = ae_cfg.data.tokenizer.vocab_size
+  return c
+
+
+def decoder_lm_config(ae_cfg):
+  """`sentence_lm_config` with the sizes of `ae_cfg`'s decoder, for `ld4lg.decoder_init`."""
+  c = sentence_lm_config(ae_cfg)
   m = ae_cfg.model
   c.model.update(
     d_model=m.d_model, n_layers=m.decoder_layers, n_heads=m.n_heads, mlp=m.mlp, norm=m.norm
@@ -502,8 +503,6 @@ def main():
     help="benchmarks/results/<result>.json (default: ld4lg, or ld4lg_<only> with --only)",
   )
   args = p.parse_args()
-  if args.latent_noise is not None and not args.latent_noise >= 0:
-    p.error(f"--latent_noise={args.latent_noise} must be >= 0")
   if args.result is not None and not args.result.replace("_", "").isalnum():
     p.error(f"--result={args.result!r}: letters, digits and _ only (a file name)")
   if args.e2e_candidates < 1:

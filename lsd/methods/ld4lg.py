@@ -541,8 +541,8 @@ class LD4LGDecoderTask(LD4LGAutoencoderTask):
   sentence from x0_hat; a fraction `ld4lg.tune_clean_prob` of the rows keeps the clean z0 so that
   reconstruction of real encodings is trained too. Training-only latent noise (std ~ U(0, s)) is
   added to either, with s = `ld4lg.tune_latent_noise` (stage 1's `model.latent_noise` by
-  default; model fields must equal stage 1's, so this is the stage's own knob). Encoder and compressor stay frozen
-  (`train.freeze`), so the run encodes exactly as the stage-1 run did and its latents stay those the
+  default; model fields must equal stage 1's, so this is the stage's own knob). Encoder and
+  compressor stay frozen (`train.freeze`), so the run encodes exactly as the stage-1 run did and its latents stay those the
   denoiser was trained on. The result is a complete autoencoder run: `encode_texts` /
   `decode_latents` take it like a stage-1 run, and a diffusion run decodes with it when given
   `ld4lg.decoder_workdir`.
