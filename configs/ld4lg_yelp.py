@@ -254,6 +254,11 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       "cache_latents": True,
       # A stage-3 run (stage=decoder) whose decoder turns samples into text; "" = the stage-1 one.
       "decoder_workdir": "",
+      # Weight of the decoding loss (0 = off): the frozen stage-1 decoder's cross-entropy of each
+      # sentence read from the denoiser's estimate x0_hat, backpropagated into the denoiser (SLD's
+      # L_cnv), over the rows with t <= decoding_loss_t_max.
+      "decoding_loss_weight": 0.0,
+      "decoding_loss_t_max": 1.0,
     }
     c.sample = {
       "steps": size["sample_steps"],

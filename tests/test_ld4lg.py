@@ -554,6 +554,68 @@ def test_stage3_loss_reads_the_denoisers_estimates_or_the_clean_latents(tokenize
     type(task)(cfg)
 
 
+def test_decoding_loss_adds_the_frozen_decoders_ce_of_the_estimates_with_gradient(tokenizer):
+  from lsd.api import LoadedRun
+  from lsd.diffusion.gaussian import COSINE, q_sample
+
+  ae_cfg = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test")
+  ae = LatentAutoencoder(
+    AutoencoderConfig.from_config(ae_cfg.model, vocab_size=tokenizer.vocab_size),
+    rngs=nnx.Rngs(0),
+  )
+  cfg = load_config_file("configs/ld4lg_yelp.py:stage=diffusion,size=test")
+  cfg.ld4lg.autoencoder_workdir = "ae"
+  task = get_task(cfg)
+  assert cfg.ld4lg.decoding_loss_weight == 0.0  # off by default
+  task._autoencoder = LoadedRun(
+    ae_cfg, types.SimpleNamespace(tokenizer=tokenizer), *nnx.split(ae), 0
+  )
+  den = LatentDenoiser(DenoiserConfig.from_config(cfg.model), rngs=nnx.Rngs(1))
+  tokens, valid = encode_sentences(SENTENCES, tokenizer, 16)
+  batch = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid)}
+  batch["latents"] = ae.encode(batch["tokens"], batch["valid"])
+  batch["label"] = jnp.arange(len(SENTENCES), dtype=jnp.int32) % 2
+  key = jax.random.key(5)
+  plain, plain_metrics = task.loss(den, batch, key)
+  assert "decode_ce" not in plain_metrics
+
+  cfg.ld4lg.decoding_loss_weight = 0.5
+  loss, metrics = task.loss(den, batch, key)
+  np.testing.assert_allclose(metrics["l2_loss"], plain, rtol=1e-6)  # the same t, noise and coin
+  # The zero-initialised denoiser predicts v = 0, so x0_hat = sqrt(alpha_bar) z_t; the loss adds
+  # 0.5 x the decoder's cross-entropy of each sentence read from x0_hat on the sphere.
+  k_t, k_noise = jax.random.split(key, 6)[:2]
+  t = jax.random.uniform(k_t, (len(SENTENCES),))
+  z_t, _ = q_sample(k_noise, batch["latents"], t, COSINE)
+  x0_hat = jnp.sqrt(COSINE.alpha_bar(t))[:, None, None] * z_t
+  ce = reconstruction_loss(
+    ae, batch["tokens"], batch["valid"], latents=ae_mod.normalize_to_sphere(x0_hat)
+  )[0]
+  np.testing.assert_allclose(metrics["decode_ce"], ce, rtol=1e-5)
+  np.testing.assert_allclose(loss, plain + 0.5 * ce, rtol=1e-5)
+  # It reaches the denoiser's weights (gradient through x0_hat) ...
+  graphdef, params = nnx.split(den)
+
+  def grads(weight):
+    cfg.ld4lg.decoding_loss_weight = weight
+    return jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch, key)[0])(params)
+
+  g0, g1 = ravel_pytree(grads(0.0))[0], ravel_pytree(grads(0.5))[0]
+  assert float(jnp.linalg.norm(g1 - g0)) > 1e-3 * float(jnp.linalg.norm(g0))
+  # ... and only from the rows with t <= decoding_loss_t_max: none here, so the plain loss.
+  cfg.ld4lg.decoding_loss_t_max = float(t.min()) / 2
+  np.testing.assert_allclose(task.loss(den, batch, key)[0], plain, rtol=1e-6)
+  # With cached latents, the rows carry the tokens the loss reads.
+  rows = task.latent_rows([{"text": s, "label": 0} for s in SENTENCES[:3]])
+  np.testing.assert_array_equal(rows["tokens"], tokens[:3])
+  np.testing.assert_allclose(rows["latents"], batch["latents"][:3], atol=1e-5)
+  for field, value in (("decoding_loss_weight", -1.0), ("decoding_loss_t_max", 0.0)):
+    bad = cfg.copy_and_resolve_references()
+    bad.ld4lg[field] = value
+    with pytest.raises(ConfigError, match=f"ld4lg.{field}={value}"):
+      get_task(bad)
+
+
 @pytest.mark.parametrize("encoder", ["scratch", "minilm"])
 def test_decoder_stage_freeze_names_existing_parameters(encoder):
   # Stage 3 must freeze exactly the modules that have parameters: a frozen MiniLM is not in the

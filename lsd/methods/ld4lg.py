@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -215,6 +216,12 @@ class LD4LGDiffusionTask(Task):
     check_range("ld4lg.cond_drop_prob", lc.cond_drop_prob, 0.0, 1.0)
     if not isinstance(lc.get("cache_latents", False), bool):
       raise ConfigError(f"ld4lg.cache_latents={lc.cache_latents!r} must be true or false")
+    w = lc.get("decoding_loss_weight", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+      raise ConfigError(f"ld4lg.decoding_loss_weight={w!r} must be a number >= 0 (0 = off)")
+    t_max = lc.get("decoding_loss_t_max", 1.0)
+    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max <= 1:
+      raise ConfigError(f"ld4lg.decoding_loss_t_max={t_max!r} must be in (0, 1]")
     check_choice("sample.sampler", config.sample.sampler, latent_sampling.SAMPLERS)
     check_choice("sample.mbr_metric", config.sample.get("mbr_metric", "rouge2"), MBR_METRICS)
     k = config.sample.get("candidates", 1)
@@ -339,6 +346,8 @@ class LD4LGDiffusionTask(Task):
       z = _encode(ae.graphdef, ae.params, jnp.asarray(t), jnp.asarray(v))
       latents.append(np.asarray(jax.device_get(z))[: chunk - pad])
     rows = {"latents": np.concatenate(latents).astype(np.float32)}
+    if self.decoding_loss_weight:  # the decoding loss reads each sentence's tokens as targets
+      rows["tokens"], rows["valid"] = tokens, valid
     if docs and "label" in docs[0]:
       rows["label"] = np.array([d["label"] for d in docs], np.int32)
     if self.context_encoder is not None:
@@ -349,6 +358,31 @@ class LD4LGDiffusionTask(Task):
 
   def build_model(self, rngs: nnx.Rngs) -> LatentDenoiser:
     return LatentDenoiser(DenoiserConfig.from_config(self.config.model), rngs=rngs)
+
+  @property
+  def decoding_loss_weight(self) -> float:
+    return float(self.config.ld4lg.get("decoding_loss_weight", 0.0))
+
+  def decoding_loss(self, tokens: jax.Array, valid: jax.Array):
+    """The auxiliary loss on the denoiser's estimates (`diffusion_training_loss`'s `x0_loss`):
+    weight x the frozen stage-1 decoder's teacher-forced cross-entropy of each sentence read from
+    its x0_hat (projected onto the sphere when the AE normalises its latents), over the rows with
+    t <= ld4lg.decoding_loss_t_max. Gradients reach the denoiser through x0_hat only; the AE's
+    weights are constants. SLD's L_cnv, here as a live loss (the reference's carries no gradient).
+    """
+    ae = self.autoencoder()
+    weight = self.decoding_loss_weight
+    t_max = float(self.config.ld4lg.get("decoding_loss_t_max", 1.0))
+    project = bool(ae.config.model.normalize_latents)
+
+    def x0_loss(x0_hat, t):
+      model = nnx.merge(ae.graphdef, ae.params)
+      z = normalize_to_sphere(x0_hat) if project else x0_hat
+      rows = valid & (t <= t_max)[:, None]
+      ce, m = reconstruction_loss(model, tokens, rows, latents=z)
+      return weight * ce, {"decode_ce": ce, "decode_acc": m["accuracy"]}
+
+    return x0_loss
 
   def loss(self, model: LatentDenoiser, batch: Batch, key: jax.Array):
     lc, mc = self.config.ld4lg, model.cfg
@@ -373,6 +407,9 @@ class LD4LGDiffusionTask(Task):
       self_condition_prob=lc.self_condition_prob if mc.self_condition else 0.0,
       cond_drop_prob=lc.cond_drop_prob,
       project_self_cond=ae.config.model.normalize_latents,
+      x0_loss=self.decoding_loss(batch["tokens"], batch["valid"])
+      if self.decoding_loss_weight
+      else None,
     )
 
   def tokens_in(self, batch: Batch) -> int:
@@ -488,6 +525,7 @@ def diffusion_training_loss(
   self_condition_prob: float = 0.5,
   cond_drop_prob: float = 0.1,
   project_self_cond: bool = True,
+  x0_loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict]] | None = None,
 ) -> tuple[jax.Array, dict]:
   """The LD4LG denoiser loss on clean latents x0 [B, l, d] (fp32 scalar, metrics).
 
@@ -495,6 +533,8 @@ def diffusion_training_loss(
   reference) a first, gradient-free pass supplies x0_hat (projected onto the sqrt(d) sphere when
   the latents live there) to the second; each example's class / context is dropped with
   `cond_drop_prob`. Statics: objective, schedule, the probabilities, project_self_cond.
+  `x0_loss(x0_hat, t) -> (loss, metrics)`, if given, is added to the L2 loss with gradient through
+  the (second pass's) estimate x0_hat [B, l, d], e.g. `LD4LGDiffusionTask.decoding_loss`.
   """
   b = x0.shape[0]
   k_t, k_noise, k_coin, k_drop, k_first, k_second = jax.random.split(key, 6)
@@ -523,7 +563,12 @@ def diffusion_training_loss(
   )
   loss = gaussian_loss(pred, x0, eps, t, objective, schedule=schedule)
   x0_hat, _ = predict_x0_eps(pred, z_t, ab, objective)
-  return loss, {"x0_mse": jnp.mean(jnp.square(x0_hat - x0))}
+  metrics = {"x0_mse": jnp.mean(jnp.square(x0_hat - x0))}
+  if x0_loss is not None:
+    extra, extra_metrics = x0_loss(x0_hat, t)
+    metrics.update(extra_metrics, l2_loss=loss)
+    loss = loss + extra
+  return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------------
