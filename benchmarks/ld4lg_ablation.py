@@ -156,6 +156,21 @@ for _noise in (0.5, 0.65, 0.8):
     "reuse": "vocab4096_lminit",
     "decoder": {"ld4lg.tune_latent_noise": _noise},
   }
+# The decoding loss (ld4lg.decoding_loss_weight): the denoiser trained, beside its L2 loss, to
+# make its estimates x0_hat decode to the sentence under the frozen stage-1 decoder, so that its
+# samples land where the decoder reads text. "ae_reuse": the variant whose AE they share.
+for _w, _tmax in ((0.1, 1.0), (0.3, 0.3)):
+  _name = f"vocab4096_decloss{_w}" + ("" if _tmax == 1.0 else f"_tmax{_tmax}")
+  VARIANTS[_name] = {
+    "ae_reuse": "vocab4096",
+    "ae": VARIANTS["vocab4096"]["ae"],
+    "diffusion": {
+      **V4096,
+      "ld4lg.decoding_loss_weight": _w,
+      "ld4lg.decoding_loss_t_max": _tmax,
+    },
+  }
+  VARIANTS[f"{_name}_dec"] = {"reuse": _name, "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {
@@ -297,8 +312,9 @@ def main():
   for name in names:
     over = VARIANTS[name]
     base = over.get("reuse", name)
-    ae_dir, diff_dir = workdir / base / "yelp_ae", workdir / base / "yelp_diff"
     stages = VARIANTS[base]
+    ae_dir = workdir / stages.get("ae_reuse", base) / "yelp_ae"
+    diff_dir = workdir / base / "yelp_diff"
     cargs = stages.get("args", "")
     ae_cfg = variant_config("ae", stages["ae"], args.ae_steps, data_path, None, args=cargs)
     if "lm_steps" in stages:  # stage 0: the LM whose weights initialise the AE decoder
