@@ -17,7 +17,9 @@ whole words makes decoded samples more fluent (vocab*), and whether a decoder tu
 denoiser's estimates (stage 3, `--dec_steps`, default 1000) decodes its samples more fluently
 (*_dec*, reusing another variant's AE and denoiser), and whether a decoder initialised from a
 causal LM trained first on the same sentences (*lminit*, `ld4lg.decoder_init`) does, and whether
-latent noise in stage 3 alone (*lminit_dec_noise*, `ld4lg.tune_latent_noise`) does. Trainings
+latent noise in stage 3 alone (*lminit_dec_noise*, `ld4lg.tune_latent_noise`) does, and whether
+a denoiser trained to make its estimates decode to the sentence (*decloss*,
+`ld4lg.decoding_loss_weight`) samples more decodable latents. Trainings
 resume; a trained run directory whose stored config differs from the variant's is refused. Writes
 benchmarks/results/ld4lg_ablation.json.
 """
