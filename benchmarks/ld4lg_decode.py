@@ -104,7 +104,7 @@ def main():
   if out_file.exists():
     old = json.loads(out_file.read_text())
     same = {k: old["config"].get(k) for k in ("workdir", "seed", "samples")}
-    if same == {"workdir": workdir.name, "seed": args.seed, "samples": args.samples}:
+    if same == {"workdir": str(workdir), "seed": args.seed, "samples": args.samples}:
       results = old["metrics"]
   results["real"] = {"mauve": mauve(ref_feats, features(recon_src))}
   log(f"real vs real: {results['real']}")
@@ -161,7 +161,7 @@ def main():
     args.result,
     results,
     {
-      "workdir": workdir.name,
+      "workdir": str(workdir),
       "seed": args.seed,
       "samples": args.samples,
       "refs": f"permuted held-out Yelp rows [1512, {1512 + args.samples}) (validation)",
