@@ -172,7 +172,6 @@ for _w, _tmax in ((0.1, 1.0), (0.3, 0.3)):
       "ld4lg.decoding_loss_t_max": _tmax,
     },
   }
-  VARIANTS[f"{_name}_dec"] = {"reuse": _name, "decoder": {}}
 SAMPLES = 512  # validation rows [0, 512) are the MAUVE references, [512, 1024) the recon source
 # Fields that name where a run lives rather than what it trains.
 PATH_FIELDS = {

@@ -4,14 +4,16 @@
 
 Reuses the autoencoder and class-conditional denoiser that `benchmarks/ld4lg.py` trained in
 `--workdir`. For each variant (sampling: DDPM or DDIM, steps, sphere projection of x0_hat, sampling
-schedule scale, classifier-free guidance scale; decoding: greedy, or beam search with or without the reference's repetition
-penalty) it draws `--samples` latents of the model's p(x) (labels from the
-training class frequencies, w = 1 unless the variant guides), decodes them and scores them against a validation slice of the
-held-out sentences that `benchmarks/ld4lg.py` never reports on (permuted held-out rows
-[1512, 1512 + samples); the benchmark uses [0, 512) for MAUVE and [512, 1512) for the classifier):
-MAUVE on judge features, judge gen-PPL (median), unigram entropy, and reconstruction BLEU / MAUVE
-of the validation sentences themselves with that decoding. Writes
-benchmarks/results/ld4lg_decode.json; the benchmark's `--decode` / `--sample_steps` take the winner.
+schedule scale, classifier-free guidance scale; decoding: greedy, or beam search with or without
+the reference's repetition penalty) it draws `--samples` latents of the model's p(x) (labels from
+the training class frequencies, w = 1 unless the variant guides), decodes them and scores them
+against a validation slice of the held-out sentences that `benchmarks/ld4lg.py` never reports on
+(permuted held-out rows [1512, 1512 + samples); the benchmark uses [0, 512) for MAUVE and
+[512, 1512) for the classifier): MAUVE on judge features, judge gen-PPL (median), unigram entropy,
+and reconstruction BLEU / MAUVE of the validation sentences themselves with that decoding. Writes
+benchmarks/results/<--result>.json (default ld4lg_decode; the entries of variants not rerun stay
+when the file holds the same workdir, seed and sample count); the benchmark's `--decode` /
+`--sample_steps` take the winner.
 """
 
 from __future__ import annotations
