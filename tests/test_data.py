@@ -477,7 +477,7 @@ def test_default_data_config():
   assert cfg.to_dict() == dict(
     source="bbc", path="", text_field="text", label_field="", source_field="", text_split="line",
     csv_header=True,
-    csv_delimiter=",", tfds_name="", tfds_split="train", tfds_data_dir="", max_docs=0,
+    csv_delimiter=",", encoding="utf-8", tfds_name="", tfds_split="train", tfds_data_dir="", max_docs=0,
     eval_fraction=0.05, split_seed=0, seq_len=128, batch_size=16,
     tokenizer=dict(kind="bpe", vocab_size=4096, path=""),
   )  # fmt: skip

@@ -10,6 +10,7 @@ Typical use (in the trainer)::
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import os
@@ -74,6 +75,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       text_split="line",  # text source: one document per line / paragraph / file
       csv_header=True,  # False: csv fields are 0-based column indices
       csv_delimiter=",",  # "\t" for TSV (then quotes are plain characters)
+      encoding="utf-8",  # text/jsonl/csv files; undecodable bytes become U+FFFD, with a warning
       tfds_name="",
       tfds_split="train",
       tfds_data_dir="",
@@ -99,6 +101,14 @@ def check_data_config(cfg, process_count: int = 1) -> None:
   delimiter = cfg.csv_delimiter
   if cfg.source == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
     raise ConfigError(f"data.csv_delimiter={delimiter!r} must be one character, e.g. ',' or '\\t'")
+  encoding = cfg.get("encoding", "utf-8")  # absent from runs written before the field existed
+  try:
+    codecs.lookup(encoding)
+  except (LookupError, TypeError) as e:
+    raise ConfigError(
+      f"data.encoding={encoding!r} is not a text encoding Python knows; accepted: a codec name "
+      "such as 'utf-8', 'latin-1' or 'cp1252'"
+    ) from e
   if cfg.source == "tfds" and not cfg.tfds_name:
     raise ConfigError("data.tfds_name is empty; data.source='tfds' needs a TFDS dataset name")
   for field in ("max_docs", "split_seed"):
@@ -165,16 +175,17 @@ class DataBundle:
   @functools.cached_property
   def _eval_canvases(self) -> tuple[np.ndarray, np.ndarray]:
     # Tokenised once per bundle: evaluation runs many times with the same documents.
-    if not self.eval_docs:
-      raise ConfigError("data.eval_fraction=0 leaves no evaluation documents")
     return eval_canvases(self.eval_docs, self.tokenizer, self.seq_len)
 
   def eval_batches(self, num_batches: int = 0) -> list[dict[str, Any]]:
-    """This process's rows of the first `num_batches` fixed eval batches (0 = all canvases).
+    """This process's rows of the first `num_batches` fixed eval batches (0 = all canvases); an
+    empty list when no document is held out.
 
     Every batch is {"tokens": int32[B, L], "valid": bool[B, L]} with the training shapes; rows added
     to fill the last global batch are all-invalid, so metrics weighted by `valid` are exact.
     """
+    if not self.eval_docs:
+      return []  # data.eval_fraction=0 (or a one-document corpus): nothing held out
     tokens, valid = self._eval_canvases
     if num_batches:
       n = num_batches * self.batch_size

@@ -327,7 +327,7 @@ class SentenceData:
     are exact and shapes match training.
     """
     if not self.eval_docs:
-      raise ConfigError("data.eval_fraction=0 leaves no evaluation sentences")
+      return []  # data.eval_fraction=0 (or one sentence): nothing held out
     tokenize = _Tokenize(self.tokenizer, self.max_len, self.source_tokenizer, self.max_source_len)
     docs = self.eval_docs
     if num_batches:

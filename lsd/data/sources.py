@@ -12,12 +12,14 @@ Documents whose text is empty are dropped.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
 import itertools
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,58 @@ TEXT_SPLITS = ("line", "paragraph", "file")
 Document = dict[str, Any]
 
 
-def _read_text(path: Path) -> str:
+DEFAULT_ENCODING = "utf-8"
+
+
+def _read_text(path: Path, encoding: str = DEFAULT_ENCODING) -> str:
+  """The text of `path` decoded with `encoding` (the `data.encoding` field). Undecodable bytes
+  become U+FFFD and are counted in one warning naming the file: one bad byte must not silently
+  turn a whole UTF-8 file into Latin-1 mojibake."""
+  raw = path.read_bytes()
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError:
+    pass
+  except LookupError as e:
+    raise ConfigError(
+      f"data.encoding={encoding!r} is not a codec Python knows (e.g. 'utf-8', 'latin-1', 'cp1252')"
+    ) from e
+  _UNDECODABLE[0] = 0
+  text = codecs.decode(raw, encoding, errors="lsd-count-replace")
+  warnings.warn(
+    f"{path}: {_UNDECODABLE[0]} undecodable byte sequence(s) under data.encoding={encoding!r} "
+    "were replaced by U+FFFD; set data.encoding (e.g. 'latin-1') if the file uses another encoding",
+    UnicodeWarning,
+    stacklevel=2,
+  )
+  return text
+
+
+_UNDECODABLE = [0]  # sequences replaced by the last _read_text call
+
+
+def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+  _UNDECODABLE[0] += 1
+  return "\ufffd", err.end
+
+
+codecs.register_error("lsd-count-replace", _count_and_replace)
+
+
+def _bbc_text(path: Path) -> str:
+  """A BBC News article. The corpus is UTF-8 but for one article written in Latin-1 (its only
+  non-ASCII byte is a Latin-1 pound sign), so a file that does not decode as UTF-8 is read as
+  Latin-1 whole: that is the file's real encoding, not a fallback for a stray byte."""
   raw = path.read_bytes()
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError:
-    # Older corpora (one BBC article, for instance) are Latin-1, where every byte decodes.
     return raw.decode("latin-1")
+
+
+def _encoding(cfg) -> str:
+  # Runs written before data.encoding existed decode as UTF-8, the field's default.
+  return cfg.get("encoding", DEFAULT_ENCODING)
 
 
 def _as_text(value: Any, where: str) -> str:
@@ -102,7 +149,7 @@ def _bbc_documents(cfg) -> Iterator[Document]:
   topics = sorted(p.name for p in root.iterdir() if p.is_dir())
   for label, topic in enumerate(topics):
     for file in sorted((root / topic).glob("*.txt")):
-      text = _read_text(file).strip()
+      text = _bbc_text(file).strip()
       title = text.split("\n", 1)[0].strip()
       yield {"text": text, "label": label, "title": title, "topic": topic}
 
@@ -110,7 +157,7 @@ def _bbc_documents(cfg) -> Iterator[Document]:
 def _text_documents(cfg) -> Iterator[Document]:
   check_choice("data.text_split", cfg.text_split, TEXT_SPLITS)
   for file in _resolve_files(cfg):
-    text = _read_text(file)
+    text = _read_text(file, _encoding(cfg))
     if cfg.text_split == "line":
       pieces = text.splitlines()
     elif cfg.text_split == "paragraph":
@@ -160,13 +207,13 @@ def _record_documents(records: Iterator[tuple[str, Any]], cfg) -> Iterator[Docum
 def _jsonl_documents(cfg) -> Iterator[Document]:
   def records():
     for file in _resolve_files(cfg):
-      for lineno, line in enumerate(_read_text(file).splitlines(), 1):
+      for lineno, line in enumerate(_read_text(file, _encoding(cfg)).splitlines(), 1):
         if not line.strip():
           continue
         try:
           rec = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{file}:{lineno} is not valid JSON ({e})") from e
+          raise ConfigError(f"data.path: {file}:{lineno} is not valid JSON ({e.msg})") from e
         yield f"{file}:{lineno}", rec
 
   return _record_documents(records(), cfg)
@@ -197,7 +244,7 @@ def _csv_documents(cfg) -> Iterator[Document]:
   # TSV files conventionally have no quoting: a '"' inside a sentence is just a character.
   quoting = csv.QUOTE_NONE if cfg.csv_delimiter == "\t" else csv.QUOTE_MINIMAL
   for file in _resolve_files(cfg):
-    text = io.StringIO(_read_text(file), newline="")
+    text = io.StringIO(_read_text(file, _encoding(cfg)), newline="")
     reader = csv.reader(text, delimiter=cfg.csv_delimiter, quoting=quoting)
     header = None
     if cfg.csv_header:

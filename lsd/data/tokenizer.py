@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lsd import assets
 from lsd.config import ConfigError, check_choice
+from lsd.fileio import atomic_write
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
 TOKENIZER_KINDS = ("bpe", "gpt2", "file", "hub", "minilm")
@@ -103,23 +103,23 @@ class Tokenizer:
     return self._tok.decode_batch(rows, skip_special_tokens=skip_special)
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes one `tokenizer.json` (atomically: readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: several processes (even on several hosts) may save concurrently.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-      self._tok.save(tmp)
-      os.replace(tmp, path)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
+    """Writes one `tokenizer.json` atomically (readers never see a partial file), readable by the
+    same users as any file this process creates."""
+    atomic_write(path, self._tok.save)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Tokenizer:
     """Reads a `tokenizer.json` written by `save` (or any `tokenizers` JSON file)."""
-    return cls(tokenizers.Tokenizer.from_file(str(path)))
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(
+        f"tokenizer file {str(path)!r} does not exist (a run directory holds its tokenizer.json; "
+        "`lsd train` on the run rebuilds it from the data)"
+      )
+    try:
+      return cls(tokenizers.Tokenizer.from_file(str(path)))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+      raise ConfigError(f"tokenizer file {str(path)!r} cannot be read: {e}") from e
 
 
 def _byte_level(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lsd.config import ConfigError
 from lsd.eval import metrics as text_metrics
 
 METRICS = ("entropy", "dist_n", "diversity", "rouge", "bleu", "attribute_accuracy")
@@ -24,20 +25,37 @@ DIST_NS = (1, 2, 3)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-  """Reads one JSON object per non-blank line."""
+  """Reads one JSON object per non-blank line; errors name the file and line."""
   records = []
-  with open(path, encoding="utf-8") as f:
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f"{str(path)!r} does not exist or is not a file")
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg})") from e
+        raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from e
       if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line_no} holds a {type(record).__name__}; expected an object")
+        raise ConfigError(f"{path}:{line_no} holds a {type(record).__name__}; expected an object")
       records.append(record)
   return records
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+  """A samples JSONL: at least one record, each with a string "text"."""
+  samples = read_jsonl(path)
+  if not samples:
+    raise ConfigError(f"--samples {str(path)!r} holds no records (one JSON object per line)")
+  for i, s in enumerate(samples):
+    if not isinstance(s.get("text"), str):
+      got = f"fields {sorted(s)}" if "text" not in s else f"text={s['text']!r}"
+      raise ConfigError(
+        f"--samples {str(path)!r} record {i + 1}: needs a string field 'text'; it has {got}"
+      )
+  return samples
 
 
 def load_references(path: str | Path, field: str = "text") -> list[str] | list[list[str]]:
@@ -49,13 +67,13 @@ def load_references(path: str | Path, field: str = "text") -> list[str] | list[l
   if path.suffix == ".txt":
     return path.read_text(encoding="utf-8").splitlines()
   if path.suffix != ".jsonl":
-    raise ValueError(
+    raise ConfigError(
       f"references path {str(path)!r} has suffix {path.suffix!r}; accepted: .jsonl, .txt"
     )
   refs = []
   for i, record in enumerate(read_jsonl(path)):
     if field not in record:
-      raise ValueError(
+      raise ConfigError(
         f"references record {i} in {str(path)!r} has no field {field!r}; "
         f"its fields: {sorted(record)}"
       )
@@ -66,7 +84,7 @@ def load_references(path: str | Path, field: str = "text") -> list[str] | list[l
 def _field(samples: Sequence[Mapping[str, Any]], key: str, user: str) -> list[Any]:
   missing = [i for i, s in enumerate(samples) if key not in s]
   if missing:
-    raise ValueError(
+    raise ConfigError(
       f"{user} needs field {key!r} in every sample; missing in samples {missing[:5]}"
       f"{' ...' if len(missing) > 5 else ''}"
     )
@@ -110,16 +128,16 @@ def evaluate_samples(
   metrics = list(metrics)
   unknown = [m for m in metrics if m not in METRICS]
   if unknown:
-    raise ValueError(f"metrics {unknown} are unknown; accepted: {list(METRICS)}")
+    raise ConfigError(f"metrics {unknown} are unknown; accepted: {list(METRICS)}")
   if not samples:
-    raise ValueError("samples is empty; pass at least one sample record")
+    raise ConfigError("samples is empty; pass at least one sample record")
   texts = _field(samples, "text", "evaluate_samples")
   out: dict[str, Any] = {"num_samples": len(samples)}
   if all("nfe" in s for s in samples):
     out["nfe"] = float(np.mean([s["nfe"] for s in samples]))
   needs_refs = [m for m in metrics if m in ("rouge", "bleu")]
   if needs_refs and references is None:
-    raise ValueError(
+    raise ConfigError(
       f"metrics {needs_refs} need references; pass references= (see load_references)"
     )
   for name in metrics:
@@ -141,7 +159,7 @@ def evaluate_samples(
       )
   for key, value in (extra or {}).items():
     if key in out:
-      raise ValueError(f"extra key {key!r} clashes with a computed metric; rename it")
+      raise ConfigError(f"extra key {key!r} clashes with a computed metric; rename it")
     out[key] = value
   return out
 
