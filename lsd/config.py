@@ -62,6 +62,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     here = Path(__file__).resolve().parent.parent / "configs"
     known = sorted(p.name for p in here.glob("*.py")) if here.is_dir() else []
     raise ConfigError(f"config file {path!r} does not exist; configs shipped with lsd: {known}")
+  if file.suffix != ".py":
+    raise ConfigError(
+      f"--config {path!r} is not a Python config file: give a .py file defining get_config(arg), "
+      "e.g. configs/sbd.py:size=tiny (a run's config.json is reused by `--workdir RUN` alone)"
+    )
   # Config files may import shared helpers as `configs.common`: put the folder above `configs/` on
   # the path for the duration of the import.
   root = str(file.resolve().parent.parent)
@@ -77,7 +82,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
       sys.path.remove(root)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg) function")
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except (ValueError, KeyError, TypeError) as e:  # a config file's own argument checks
+    raise ConfigError(f"config argument {arg!r} of {path}: {e}") from e
 
 
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -86,15 +96,20 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
     raise ConfigError(f"{field}={value!r} is not supported; accepted: {choices}")
 
 
+def _is_number(value: Any) -> bool:
+  """An int or float, but not a bool (which Python counts as an int)."""
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_positive(field: str, value: Any, *, allow_zero: bool = False) -> None:
-  ok = isinstance(value, int | float) and (value >= 0 if allow_zero else value > 0)
+  ok = _is_number(value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
     bound = ">= 0" if allow_zero else "> 0"
     raise ConfigError(f"{field}={value!r} must be a number {bound}")
 
 
 def check_range(field: str, value: Any, lo: float, hi: float) -> None:
-  if not isinstance(value, int | float) or not lo <= value <= hi:
+  if not _is_number(value) or not lo <= value <= hi:
     raise ConfigError(f"{field}={value!r} must be a number in [{lo}, {hi}]")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]
       rest.append(argv[i])
     i += 1
   return rest, overrides
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+  return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     description="Load the latest checkpoint of a run and print samples.",
   )
   s.add_argument("--workdir", required=True)
-  s.add_argument("--num_samples", type=int, default=4)
+  s.add_argument("--num_samples", type=_positive_int, default=4, help="samples to draw (>= 1)")
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   s.add_argument("--out", default=None, help="also write the samples to this JSONL file")
@@ -122,7 +133,8 @@ def _train(args, overrides) -> None:
   for dotted, raw in overrides:
     apply_override(config, dotted, raw)
   result = train(config, workdir)
-  print_samples(result.samples)
+  if result.stopped_by is None:
+    print_samples(result.samples)
 
 
 def print_samples(samples: list, header: str = "") -> None:
@@ -161,7 +173,7 @@ def _sample(args) -> None:
 def _eval(args) -> None:
   from lsd.eval import report
 
-  samples = report.read_jsonl(args.samples)
+  samples = report.read_samples(args.samples)
   refs = report.load_references(args.references, args.reference_field) if args.references else None
   metrics = [m for m in args.metrics.split(",") if m]
   extra, judge_metrics = {}, [m for m in metrics if m in ("mauve", "classifier")]
@@ -214,10 +226,29 @@ def main(argv: list[str] | None = None) -> int:
       _sample(args)
     else:
       _eval(args)
-  except ConfigError as e:
+  except Exception as e:
+    code = _exit_code(e)
+    if code is None or os.environ.get("LSD_DEBUG"):
+      raise
     print(f"lsd {args.verb}: error: {e}", file=sys.stderr)
-    return 2
+    if code == 1:
+      print("(set LSD_DEBUG=1 to see the traceback)", file=sys.stderr)
+    return code
   return 0
+
+
+def _exit_code(e: BaseException) -> int | None:
+  """The exit code of an error shown as one message (2 bad input, 3 divergence, 1 the machine:
+  disk full, permissions); None for a bug, which keeps its traceback."""
+  from lsd.train.trainer import CheckpointWriteError, TrainingDiverged
+
+  if isinstance(e, ConfigError):
+    return 2
+  if isinstance(e, TrainingDiverged):
+    return 3
+  if isinstance(e, CheckpointWriteError | OSError):
+    return 1
+  return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def transformer_flops_per_token(cfg: TransformerConfig, seq_len: int, n_params: 
 class CausalLMTask(Task):
   name = "causal_lm"
 
+  def validate(self) -> None:
+    # The vocabulary comes from the tokenizer; any size checks the other model fields.
+    TransformerConfig.from_config(self.config.model, vocab_size=8)
+
   def model_config(self) -> TransformerConfig:
     return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
 

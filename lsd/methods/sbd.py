@@ -102,6 +102,11 @@ class SBDTask(Task):
       self.block_small == self.block_large or self.mix_lambda == 1.0
     )
 
+  def validate(self) -> None:
+    # The vocabulary comes from the tokenizer; any size checks the other model fields.
+    TransformerConfig.from_config(self.config.model, vocab_size=8)
+    self.sampler_config()
+
   def _require_tokenizer(self):
     if self.tokenizer is None:
       raise RuntimeError("SBDTask needs .tokenizer (set by make_data) before the model is built")

@@ -31,9 +31,30 @@ class MetricWriter:
     for k, v in metrics.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
 
+  def truncate_after(self, step: int) -> None:
+    """Drops the records of steps after `step` (a resumed run replays and logs them again), by an
+    atomic rewrite of metrics.jsonl."""
+    if not self.enabled or not self.path.exists():
+      return
+    from lsd.fileio import atomic_write_text
+
+    lines = self.path.read_text().splitlines()
+    steps = [_step_of(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps, strict=True) if s is not None and s <= step]
+    if len(keep) != len(lines):
+      atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line a kill tore mid-write (or a blank one)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -41,7 +62,7 @@ def read_metrics(workdir: Path) -> list[dict]:
   if not path.exists():
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if _step_of(line) is not None]
 
 
 def plot_loss_curve(workdir: Path, out: Path | None = None) -> Path | None:

@@ -27,6 +27,12 @@ class Task(abc.ABC):
     self.config = config
     self.tokenizer = None
 
+  def validate(self) -> None:
+    """Checks everything that can be checked before data loading (model fields, sampler and eval
+    settings) and raises ConfigError naming the first bad field. The trainer calls it first, so a
+    bad launch fails in seconds, not after tokenizer training or the whole run."""
+    return None
+
   def make_data(self, workdir: Path, *, process_index: int, process_count: int):
     """Returns an object with `.tokenizer`, `.train_iter()` (a checkpointable grain iterator of
     numpy batches with leading dim = per-process batch) and `.eval_batches(n)`. The default is the

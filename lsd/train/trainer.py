@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, to_json
+from lsd.fileio import atomic_write_text
 from lsd.parallel import batch_sharding, make_mesh, replicated, rules_from_config, sharded_init
 from lsd.train.checkpoint import Checkpointer
 from lsd.train.logging import MetricWriter, Progress, plot_loss_curve
@@ -31,10 +35,15 @@ from lsd.train.state import (
   validate_train_config,
 )
 from lsd.train.task import Task
+from lsd.train.workdir import StopSignals, WorkdirLock
 
 
 class TrainingDiverged(RuntimeError):
   """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
 
 
 @dataclasses.dataclass
@@ -44,6 +53,7 @@ class TrainResult:
   losses: dict[int, float]  # step -> train loss, for every step that was executed in this call
   eval_loss: float | None
   samples: list
+  stopped_by: str | None = None  # "SIGTERM" / "SIGINT" / "preemption": saved and stopped early
 
 
 def to_global(batch: dict, mesh, rules) -> dict:
@@ -73,13 +83,34 @@ def train(
   from lsd.methods import get_task
 
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   validate_train_config(config.train)
   task = task or get_task(config)
+  task.validate()  # everything checkable before data loading: model, sampler, eval settings
   tcfg = config.train
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(to_json(config))
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir {str(workdir)!r} cannot be created: {e.strerror}") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {str(workdir)!r} is not writable by this user")
+  # One writer per workdir (process 0 of a multi-host run stands for all of them).
+  lock = WorkdirLock(workdir) if is_main else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_step):
+  say = print if is_main else (lambda *a, **k: None)
+  if lock is not None and lock.stale:
+    say(
+      f"lsd: took over the workdir lock left by a process that is gone ({lock.stale})", flush=True
+    )
 
   # ---------------------------------------------------------------- input
   data = task.make_data(
@@ -106,16 +137,20 @@ def train(
   # ---------------------------------------------------------------- checkpoint / resume
   start = 0
   if resuming:
-    try:
+    # The newest checkpoint that reads; a config that does not fit is a CheckpointMismatch.
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", RuntimeWarning)
       state = ckpt.restore(state, data_iter)
-    except ValueError as e:
-      raise ConfigError(
-        f"the checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) does not fit the current "
-        "config: model or optimiser fields (e.g. model.*, train.grad_clip, train.ema_decay) "
-        f"differ from the run that wrote it. Use a new --workdir. ({str(e).splitlines()[0]})"
-      ) from e
+    for w in caught:
+      say(f"lsd: warning: {w.message}", flush=True)
     start = int(state.step)
-  say = print if is_main else (lambda *a, **k: None)
+  # The launch is now fully validated (task, data, model, and a checkpoint that fits it): only now
+  # does the workdir's config.json change, atomically.
+  if is_main:
+    atomic_write_text(workdir / "config.json", to_json(config))
+  writer = MetricWriter(workdir, enabled=is_main)
+  if resuming:
+    writer.truncate_after(start)  # the replayed steps are logged again below
   say(
     f"lsd: {task.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
     f"{'resuming at step ' + str(start) if start else 'fresh run'} | workdir {workdir}",
@@ -146,50 +181,68 @@ def train(
     return float(np.mean(losses))
 
   # ---------------------------------------------------------------- loop
-  writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(tcfg.steps, start, enabled=is_main and tcfg.progress)
   end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
   losses: dict[int, float] = {}
   last_log, t_log, tokens_since = start, time.perf_counter(), 0
   metrics = None
   eval_loss = None
+  stopped_by = None
+  multi = jax.process_count() > 1
   try:
-    for step in range(start, end):
-      batch = to_global(next(data_iter), mesh, rules)
-      tokens_since += task.tokens_in(batch)
-      state, metrics = train_step(state, batch)
-      done = step + 1
-      if record_every_step:
-        losses[done] = float(metrics["loss"])
-      if done % tcfg.log_every == 0 or done == end:
-        host = jax.device_get(metrics)
-        _check_finite(state, ckpt)
-        losses[done] = float(host["loss"])
-        dt = time.perf_counter() - t_log
-        host["tokens_per_s"] = tokens_since / max(dt, 1e-9)
-        host["steps_per_s"] = (done - last_log) / max(dt, 1e-9)
-        writer.write(done, host)
-        progress.update(
-          done - last_log, loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_s']:.0f}"
+    with StopSignals() as stop:
+      for step in range(start, end):
+        batch = to_global(next(data_iter), mesh, rules)
+        tokens_since += task.tokens_in(batch)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if record_every_step:
+          losses[done] = float(metrics["loss"])
+        if done % tcfg.log_every == 0 or done == end:
+          host = jax.device_get(metrics)
+          losses[done] = float(host["loss"])
+          dt = time.perf_counter() - t_log
+          host["tokens_per_s"] = tokens_since / max(dt, 1e-9)
+          host["steps_per_s"] = (done - last_log) / max(dt, 1e-9)
+          writer.write(done, host)  # before the guard: the diverging window is logged too
+          _check_finite(state, ckpt)
+          progress.update(
+            done - last_log, loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_s']:.0f}"
+          )
+          last_log, t_log, tokens_since = done, time.perf_counter(), 0
+        if tcfg.eval_every and done % tcfg.eval_every == 0:
+          eval_loss = evaluate(state.params)
+          if eval_loss is not None:
+            writer.write(done, {"loss": eval_loss}, prefix="eval")
+        stopped_by = stop.received or (
+          "preemption" if multi and ckpt.manager.reached_preemption(done) else None
         )
-        last_log, t_log, tokens_since = done, time.perf_counter(), 0
-      if tcfg.eval_every and done % tcfg.eval_every == 0:
-        eval_loss = evaluate(state.params)
-        if eval_loss is not None:
-          writer.write(done, {"loss": eval_loss}, prefix="eval")
-      if done % tcfg.ckpt_every == 0:
+        if done % tcfg.ckpt_every == 0 or stopped_by:
+          _check_finite(state, ckpt)
+          _save(ckpt, done, state, data_iter, force=bool(stopped_by))
+        if stopped_by:
+          break
+      # ---------------------------------------------------------- end
+      final = int(state.step)
+      if ckpt.latest_step() != final:
         _check_finite(state, ckpt)
-        ckpt.save(done, state, data_iter)
-    # ------------------------------------------------------------ end
-    final = int(state.step)
-    if ckpt.latest_step() != final:
-      _check_finite(state, ckpt)
-      ckpt.save(final, state, data_iter, force=True)
-    ckpt.wait()
+        _save(ckpt, final, state, data_iter, force=True)
+      _save(ckpt, final, None, None, force=False)  # waits for pending asynchronous writes
   finally:
     progress.close()
     writer.close()
-    ckpt.close()
+    try:
+      ckpt.close()
+    except Exception:
+      if sys.exc_info()[0] is None:  # no other error in flight: this one is the news
+        raise
+  if stopped_by:
+    say(
+      f"lsd: {stopped_by} received: stopped at step {final} with a checkpoint in "
+      f"{ckpt.directory}; rerun the same command to resume",
+      flush=True,
+    )
+    return TrainResult(workdir, final, losses, eval_loss, [], stopped_by=stopped_by)
 
   samples = []
   if final >= tcfg.steps and is_main:
@@ -211,6 +264,38 @@ def train(
         for s in samples:
           f.write(json.dumps(s if isinstance(s, dict) else {"text": s}) + "\n")
   return TrainResult(workdir, final, losses, eval_loss, samples)
+
+
+def _save(ckpt: Checkpointer, step: int, state, data_iter, *, force: bool) -> None:
+  """Saves, turning a write failure (disk full, permissions) into one message that names the
+  directory and the last checkpoint that is intact."""
+  try:
+    if state is not None:
+      ckpt.save(step, state, data_iter, force=force)
+    if force or state is None:
+      ckpt.wait()
+  except Exception as e:  # orbax wraps OSErrors in several exception types
+    cause = _root_cause(e)
+    try:
+      intact = ckpt.all_steps()
+    except Exception:
+      intact = []
+    raise CheckpointWriteError(
+      f"writing a checkpoint (step <= {step}) in {ckpt.directory} failed: {cause}. The checkpoints "
+      f"already written are intact (steps {intact}); free space or fix permissions, then rerun the "
+      "same command to resume"
+    ) from e
+
+
+def _root_cause(e: BaseException) -> str:
+  seen = e
+  while seen.__cause__ is not None or seen.__context__ is not None:
+    seen = seen.__cause__ or seen.__context__
+  text = str(seen).strip().splitlines()
+  for err in (seen, e):
+    if isinstance(err, OSError) and err.strerror:
+      return f"{err.strerror} ({type(err).__name__})"
+  return f"{type(seen).__name__}: {text[0] if text else ''}"[:300]
 
 
 def check_freeze(freeze, params) -> None:

@@ -1,0 +1,133 @@
+"""Run-directory safety: an exclusive lock per workdir, and stopping cleanly on SIGTERM / SIGINT.
+
+The lock is an `flock` on `<workdir>/.lock`, whose text names the holder (PID and host). The kernel
+releases an flock when its process dies, however it dies, so a lock left by a crash never blocks
+a rerun: the next launch takes it over and reports the dead holder. File systems without flock
+support (some network mounts) get a warning and no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import threading
+import warnings
+from pathlib import Path
+
+from lsd.config import ConfigError
+
+
+class WorkdirBusy(ConfigError):
+  """Another live process holds the workdir's lock."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir) as lock:`; `lock.stale` names a crashed holder it took over."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = Path(workdir) / ".lock"
+    self.stale: str | None = None
+    self._fd: int | None = None
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def acquire(self) -> None:
+    import fcntl
+
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise WorkdirBusy(
+        f"workdir {str(self.path.parent)!r} is in use by another lsd process ({holder}; lock "
+        f"file {self.path}): wait for it to finish, or use another --workdir"
+      ) from None
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        warnings.warn(
+          f"{self.path}: this file system does not support locks; two runs sharing this workdir "
+          "would not be detected",
+          RuntimeWarning,
+          stacklevel=2,
+        )
+        return
+      raise
+    previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    self.stale = self._stale_holder(previous)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    self._fd = fd
+
+  @staticmethod
+  def _stale_holder(text: str) -> str | None:
+    """The text of a lock left by a process that is gone (its flock was released on death)."""
+    parts = text.split()
+    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
+      return None
+    pid, host = int(parts[1]), parts[3]
+    if host == socket.gethostname() and (pid == os.getpid() or _alive(pid)):
+      return None
+    return text
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    import fcntl
+
+    os.ftruncate(self._fd, 0)  # an empty lock file names no holder: a clean exit
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+
+class StopSignals:
+  """Records SIGTERM / SIGINT instead of dying, so the training loop can checkpoint at the next step
+  boundary and exit 0 (a TPU preemption notice is a SIGTERM). A second signal of the same kind acts
+  as it would have without this handler (a second Ctrl-C interrupts at once).
+
+  Installed only in the main thread of a single-process run: in a multi-process run JAX's
+  preemption service owns SIGTERM and the loop asks it for the agreed step instead.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> StopSignals:
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, self._previous[signum])
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
