@@ -2,7 +2,9 @@
 
 `Transformer` is the token-in / logits-out backbone (causal LM, masked diffusion LM, judge LM); the
 attention pattern is the caller's `mask`, so the same weights serve causal, bidirectional, block-causal
-and the 2L block-diffusion pattern. `Block` is reused by latent denoisers and encoders.
+and the 2L block-diffusion pattern. It also takes input embeddings in place of token ids
+(`inputs_embeds`, e.g. soft prompts spliced between `embed_tokens` rows). `Block` is reused by latent
+denoisers and encoders.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Token ids -> logits over the vocabulary (or final hidden states with `return_hidden`)."""
+  """Token ids (or input embeddings) -> logits over the vocabulary (or final hidden states with
+  `return_hidden`)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     cfg.validate()
@@ -190,10 +193,17 @@ class Transformer(nnx.Module):
     c = self.cfg
     return KVCache.zeros(c.n_layers, batch, size, c.kv_heads, c.dim_per_head, dtype)
 
+  def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T E"]:
+    """The input embeddings of token ids in the compute dtype: what `__call__(tokens)` feeds its
+    first block (before learned positions), so `__call__(inputs_embeds=embed_tokens(tokens))` is
+    the same computation. Callers splice other vectors (soft prompts) between such rows."""
+    return self.embed(tokens)
+
   def __call__(
     self,
-    tokens: Int[Array, "B T"],
+    tokens: Int[Array, "B T"] | None = None,
     *,
+    inputs_embeds: Float[Array, "B T E"] | None = None,
     positions: Int[Array, "B T"] | None = None,
     mask: Bool[Array, "#B #H T S"] | None = None,
     cond: Float[Array, "B C"] | None = None,
@@ -204,17 +214,37 @@ class Transformer(nnx.Module):
     return_hidden: bool = False,
     num_outputs: int | None = None,
   ) -> tuple[Float[Array, "B T V"], KVCache | None]:
-    """With `cache`, `positions` must be the absolute positions of `tokens`; the returned cache holds
-    their keys/values and its length is advanced by T (callers that only peek discard it).
+    """Exactly one of `tokens` and `inputs_embeds` is given. `inputs_embeds` [B, T, d_model] takes
+    the place of the token embeddings (cast to the compute dtype; learned positions, if any, are
+    added to it as to token embeddings), so it may hold `embed_tokens` rows and other vectors, e.g.
+    a soft prompt between a prefix and its continuation.
+
+    With `cache`, `positions` must be the absolute positions of the inputs (default: the cache's
+    length onwards); the returned cache holds their keys/values and its length is advanced by T
+    (callers that only peek discard it). A cache filled from embeddings is continued with tokens
+    (or more embeddings) like any other.
 
     num_outputs: a static count; logits (or hidden states) are returned for the first `num_outputs`
     positions only, so the output head is not run where the caller would discard it (the x0 half of
     the 2L block-diffusion input)."""
-    b, t = tokens.shape
+    if (tokens is None) == (inputs_embeds is None):
+      raise ValueError(
+        "Transformer: pass exactly one of tokens [B, T] and inputs_embeds [B, T, E] "
+        f"(got {'both' if tokens is not None else 'neither'})"
+      )
+    if inputs_embeds is None:
+      x = self.embed(tokens)
+    else:
+      if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+        raise ValueError(
+          f"inputs_embeds has shape {inputs_embeds.shape}; expected [B, T, {self.cfg.d_model}] "
+          "(d_model)"
+        )
+      x = inputs_embeds.astype(self.cfg.compute_dtype)
+    b, t = x.shape[:2]
     if positions is None:
       offset = 0 if cache is None else cache.length
       positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
-    x = self.embed(tokens)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     new_layers = []
