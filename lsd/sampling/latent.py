@@ -241,32 +241,24 @@ def decode(
 ) -> Int[Array, "B N"]:
   """Generates N = max_new_tokens tokens after bos from an `LatentAutoencoder`'s decoder, which
   cross-attends to the memory reconstructed from `latents`. top_p = 0 is greedy (argmax; `key`
-  unused); otherwise nucleus sampling at `temperature`. One prefill then a `lax.scan` of one-token
-  steps against a fixed-size KV cache. Text ends at the first eos (the caller cuts there).
+  unused); otherwise nucleus sampling at `temperature`. The shared KV-cached loop
+  (`lsd.sampling.autoregressive.cached_decode`, the memory as the decoder's `context`). Text ends
+  at the first eos (the caller cuts there).
   """
+  from lsd.sampling.autoregressive import cached_decode
+
   model = nnx.merge(graphdef, params)
   b = latents.shape[0]
-  memory = model.reconstruct(latents)
-  cache = model.decoder.init_cache(b, max_new_tokens + 1)
   bos = jnp.full((b, 1), bos_id, jnp.int32)
-  logits, cache = model.decoder(bos, context=memory, cache=cache)
-
-  def step(carry, i):
-    cache, last = carry
-    if top_p > 0.0:
-      from lsd.sampling.categorical import sample_categorical
-
-      logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
-      token, _ = sample_categorical(
-        jax.random.fold_in(key, i), logp, top_p=top_p, temperature=temperature
-      )
-    else:
-      token = jnp.argmax(last, axis=-1).astype(jnp.int32)
-    logits, cache = model.decoder(token[:, None], context=memory, cache=cache)
-    return (cache, logits[:, -1]), token
-
-  _, tokens = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(max_new_tokens))
-  return tokens.T
+  return cached_decode(
+    model.decoder,
+    key,
+    bos,
+    max_new_tokens=max_new_tokens,
+    top_p=top_p,
+    temperature=temperature,
+    context=model.reconstruct(latents),
+  )
 
 
 @functools.partial(
@@ -299,26 +291,20 @@ def beam_decode(
 ) -> Int[Array, "B N"]:
   """Beam search (`lsd.sampling.beam.beam_search`) over an `LatentAutoencoder`'s decoder, as the
   LD4LG reference decodes (4 beams, no repeated trigram, repetition penalty 1.2). The K beams of a
-  row share its reconstructed memory; the KV cache rows follow their beams. Returns [B, N] tokens,
-  eos after the end."""
+  row share its reconstructed memory; the KV cache rows follow their beams (the prefill and step of
+  `lsd.sampling.autoregressive`, via `beam_step`). Returns [B, N] tokens, eos after the end."""
+  from lsd.sampling.autoregressive import beam_step, prefill
   from lsd.sampling.beam import beam_search
 
   model = nnx.merge(graphdef, params)
   b, k = latents.shape[0], num_beams
   memory = jnp.repeat(model.reconstruct(latents), k, axis=0)  # [B * K, l, E]
-  cache = model.decoder.init_cache(b * k, max_new_tokens + 1)
   bos = jnp.full((b * k, 1), bos_id, jnp.int32)
-  logits, cache = model.decoder(bos, context=memory, cache=cache)
-
-  def step(cache, tokens, parents):
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else x[:, parents], cache)
-    logits, cache = model.decoder(tokens[:, None], context=memory, cache=cache)
-    return logits[:, -1], cache
-
+  step, cache, logits = prefill(model.decoder, bos, new_tokens=max_new_tokens, context=memory)
   tokens, _ = beam_search(
-    step,
+    beam_step(step),
     cache,
-    logits[:, -1],
+    logits,
     batch=b,
     num_beams=k,
     max_new_tokens=max_new_tokens,
