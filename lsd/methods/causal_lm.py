@@ -42,7 +42,8 @@ class CausalLMTask(Task):
     targets, weights = tokens[:, 1:], (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-    return loss, {"ppl": jnp.exp(loss)}
+    # The mean's weight: train.grad_accum combines microbatches by it (the whole batch's gradient).
+    return loss, {"ppl": jnp.exp(loss), "loss_weight": jnp.sum(weights)}
 
   def flops_per_token(self) -> float:
     cfg = self.model_config()

@@ -42,6 +42,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       # Parameter paths (dotted prefixes of the model's attribute paths, e.g. "encoder" or
       # "decoder.blocks.0") that get no update at all: neither gradient steps nor weight decay.
       "freeze": (),
+      # Microbatches per step (a lax.scan): the same update from 1/grad_accum of the activation
+      # memory. Losses that are weighted means report their weight as metrics["loss_weight"].
+      "grad_accum": 1,
       "log_every": 10,
       "eval_every": 0,  # 0: only at the end
       "eval_batches": 4,
@@ -71,6 +74,9 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
       f"train.freeze={freeze!r} must be a list of parameter path prefixes such as "
       "['encoder', 'compressor'] (empty = train everything)"
     )
+  accum = cfg.get("grad_accum", 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"train.grad_accum={accum!r} must be an int >= 1 (microbatches per step)")
   check_positive("train.log_every", cfg.log_every)
   check_positive("train.ckpt_every", cfg.ckpt_every)
   check_positive("train.keep_checkpoints", cfg.keep_checkpoints)
@@ -137,6 +143,34 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, ema: bool) -
   )
 
 
+def train_state_shardings(params: nnx.State, tx: optax.GradientTransformation, ema: bool, mesh):
+  """Shardings of the TrainState of `params` (placed arrays): the optimiser's per-parameter leaves
+  (Adam moments) and the EMA are sharded exactly like their parameters, so FSDP shards the whole
+  state, not only the weights; counters and other non-parameter leaves are replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  rep = NamedSharding(mesh, PartitionSpec())
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, sharding: sharding,
+    jax.eval_shape(tx.init, params),
+    param_sh,
+    transform_non_params=lambda _: rep,
+  )
+  return TrainState(
+    step=rep, params=param_sh, opt_state=opt_sh, ema=param_sh if ema else None, nonfinite=rep
+  )
+
+
+def init_sharded_state(
+  params: nnx.State, tx: optax.GradientTransformation, ema: bool, mesh
+) -> TrainState:
+  """`init_state` jitted into `train_state_shardings`: every leaf is created in its shards."""
+  shardings = train_state_shardings(params, tx, ema, mesh)
+  return jax.jit(lambda p: init_state(p, tx, ema=ema), out_shardings=shardings)(params)
+
+
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -153,14 +187,54 @@ def make_train_step(
   base_key = jax.random.key(seed)
   schedule = lr_schedule(cfg)
 
+  accum = int(cfg.get("grad_accum", 1))
+
+  def loss_and_grads(params, batch, key):
+    def objective(params):
+      loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, key)
+      metrics = dict(metrics)
+      weight = jnp.asarray(metrics.pop("loss_weight", 1.0), jnp.float32)
+      return loss, (metrics, weight)
+
+    (loss, (metrics, weight)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return loss, metrics, weight, grads
+
+  def accumulated(params, batch, key):
+    """`accum` microbatches as a lax.scan, combined with the tasks' loss weights: for a loss that
+    is a weighted mean (e.g. over valid tokens) this is the gradient of the whole batch's loss.
+    Microbatch i holds rows i, i + accum, ... so each stays spread over the batch shards."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % accum:
+      raise ConfigError(f"train.grad_accum={accum} must divide the global batch of {rows} rows")
+    micro = jax.tree.map(
+      lambda x: x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+    def body(carry, inputs):
+      i, mb = inputs
+      loss, metrics, weight, grads = loss_and_grads(params, mb, jax.random.fold_in(key, i))
+      acc = jax.tree.map(
+        lambda a, x: a + weight * jnp.asarray(x, jnp.float32), carry, (loss, metrics, grads)
+      )
+      return acc, weight
+
+    zeros = jax.tree.map(
+      lambda x: jnp.zeros(x.shape, jnp.float32),
+      jax.eval_shape(lambda: loss_and_grads(params, jax.tree.map(lambda x: x[0], micro), key)),
+    )
+    init = (zeros[0], zeros[1], zeros[3])
+    (loss, metrics, grads), weights = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    loss, metrics = loss / total, jax.tree.map(lambda m: m / total, metrics)
+    grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grads, params)
+    return loss, metrics, grads
+
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(base_key, state.step)
-
-    def objective(params):
-      model = nnx.merge(graphdef, params)
-      return loss_fn(model, batch, key)
-
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    if accum == 1:
+      loss, metrics, _, grads = loss_and_grads(state.params, batch, key)
+    else:
+      loss, metrics, grads = accumulated(state.params, batch, key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -27,7 +27,7 @@ from lsd.train.checkpoint import Checkpointer
 from lsd.train.logging import MetricWriter, Progress, plot_loss_curve
 from lsd.train.state import (
   TrainState,
-  init_state,
+  init_sharded_state,
   is_frozen,
   make_optimizer,
   make_train_step,
@@ -57,13 +57,23 @@ class TrainResult:
 
 
 def to_global(batch: dict, mesh, rules) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
-  return {
-    k: jax.make_array_from_process_local_data(
-      batch_sharding(mesh, rules, np.ndim(v)), np.asarray(v)
-    )
-    for k, v in batch.items()
-  }
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes; the global batch is
+  the processes' rows stacked (a mesh whose batch axes do not span every process is refused)."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    try:
+      out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, rules, v.ndim), v, global_shape=shape
+      )
+    except ValueError as e:
+      raise ConfigError(
+        f"the mesh {dict(mesh.shape)} cannot hold a global batch of {shape[0]} rows from "
+        f"{jax.process_count()} processes: the batch axes (mesh.data x mesh.fsdp) must span every "
+        f"process, so put mesh.tensor within a host ({str(e).splitlines()[0]})"
+      ) from e
+  return out
 
 
 def train(
@@ -131,7 +141,7 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
     initial = task.initial_params(params)
     if initial is not params:
       params = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, params))
-  state = jax.jit(lambda p: init_state(p, tx, ema=tcfg.ema_decay > 0))(params)
+  state = init_sharded_state(params, tx, tcfg.ema_decay > 0, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ---------------------------------------------------------------- checkpoint / resume
@@ -245,24 +255,30 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
     return TrainResult(workdir, final, losses, eval_loss, [], stopped_by=stopped_by)
 
   samples = []
-  if final >= tcfg.steps and is_main:
+  if final >= tcfg.steps:
+    # Every process takes part in the jitted eval and sampler (their arrays span all processes);
+    # only process 0 writes. (Running them on process 0 alone hung multi-process runs here.)
     eval_loss = evaluate(state.params)
-    if eval_loss is not None:
+    if eval_loss is not None and is_main:
       MetricWriter(workdir).write(final, {"loss": eval_loss}, prefix="eval")
       say(f"eval loss at step {final}: {eval_loss:.4f}")
-    png = plot_loss_curve(workdir)
+    png = plot_loss_curve(workdir) if is_main else None
     if png:
       say(f"loss curve: {png}")
     if tcfg.num_samples:
       params = state.ema if state.ema is not None else state.params
+      if jax.process_count() > 1:  # samplers fetch their outputs: make them addressable here
+        params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)
       samples = task.sample_text(
         nnx.merge(graphdef, params), jax.random.key(config.seed + 2), tcfg.num_samples
       )
-      if tcfg.get("judge_samples"):
-        _judge(samples)
-      with open(workdir / "samples.jsonl", "w") as f:
-        for s in samples:
-          f.write(json.dumps(s if isinstance(s, dict) else {"text": s}) + "\n")
+      if is_main:
+        if tcfg.get("judge_samples"):
+          _judge(samples)
+        lines = "".join(
+          json.dumps(s if isinstance(s, dict) else {"text": s}) + "\n" for s in samples
+        )
+        atomic_write_text(workdir / "samples.jsonl", lines)
   return TrainResult(workdir, final, losses, eval_loss, samples)
 
 
