@@ -62,6 +62,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       "tie_embeddings": True,
       "dropout": 0.0,
       "dtype": "float32",
+      # Activation rematerialisation per block: "none", "full" (keep only block inputs) or
+      # "dots_saveable" (keep matmul outputs without batch dims): memory for recompute.
+      "remat": "none",
     }
   )
 

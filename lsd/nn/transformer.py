@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -21,6 +22,34 @@ from lsd.nn.attention import Attention, KVCache, LayerCache
 from lsd.nn.layers import MLP, AdaLN, Embed, dense, make_norm, modulate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Which activations of a block the backward pass keeps (the rest it recomputes): "none" keeps all;
+# "full" keeps only the block's inputs; "dots_saveable" keeps the matmul outputs that have no batch
+# dimension in their contraction (the projections), recomputing attention scores and elementwise ops.
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_forward(block, x, positions, mask, cond, context, context_mask, rngs):
+  return block(
+    x,
+    positions=positions,
+    mask=mask,
+    cond=cond,
+    context=context,
+    context_mask=context_mask,
+    cache=None,
+    rngs=rngs,
+  )
+
+
+_REMAT_FORWARD = {
+  name: nnx.remat(_block_forward, policy=policy)
+  for name, policy in REMAT_POLICIES.items()
+  if policy is not None
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +74,7 @@ class TransformerConfig:
   cross_attention: bool = False
   d_context: int = 0  # width of the cross-attention context (0 = d_model)
   dtype: str = "float32"  # compute dtype; params stay fp32
+  remat: str = "none"  # one of REMAT_POLICIES: recompute block activations in the backward pass
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, **overrides) -> TransformerConfig:
@@ -56,6 +86,7 @@ class TransformerConfig:
     check_choice(f"{prefix}.mlp", self.mlp, ["swiglu", "geglu", "gelu", "gelu_tanh", "relu"])
     check_choice(f"{prefix}.norm", self.norm, ["rms", "layer"])
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
+    check_choice(f"{prefix}.remat", self.remat, list(REMAT_POLICIES))
     if not self.head_dim and self.d_model % self.n_heads:
       raise ConfigError(
         f"{prefix}.d_model={self.d_model} must be divisible by {prefix}.n_heads={self.n_heads}"
@@ -248,7 +279,11 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     new_layers = []
+    remat = _REMAT_FORWARD.get(self.cfg.remat) if cache is None else None  # training passes only
     for i, block in enumerate(self.blocks):
+      if remat is not None:
+        x, _ = remat(block, x, positions, mask, cond, context, context_mask, rngs)
+        continue
       x, new_kv = block(
         x,
         positions=positions,
