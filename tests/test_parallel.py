@@ -1,5 +1,7 @@
 """Sharded training equals single-device training."""
 
+import contextlib
+
 import jax
 import ml_collections
 import numpy as np
@@ -43,7 +45,7 @@ def make_task():
   return task
 
 
-def run_steps(mesh_sizes, devices, n_steps=3, **train):
+def run_steps(mesh_sizes, devices, n_steps=3, ambient=False, **train):
   mcfg = default_mesh_config()
   mcfg.update(mesh_sizes)
   mesh = make_mesh(mcfg, devices)
@@ -63,6 +65,12 @@ def run_steps(mesh_sizes, devices, n_steps=3, **train):
   )
   rng = np.random.default_rng(0)
   losses = []
+  context = jax.set_mesh(mesh) if ambient else contextlib.nullcontext()
+  with context:
+    return _steps(step, state, mesh, rules, rng, n_steps, losses, shardings)
+
+
+def _steps(step, state, mesh, rules, rng, n_steps, losses, shardings):
   for _ in range(n_steps):
     tokens = rng.integers(0, 64, (8, 16)).astype(np.int32)
     valid = np.ones((8, 16), bool)
@@ -123,6 +131,28 @@ def test_grad_accum_gives_the_update_of_one_big_batch(accum):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
   with pytest.raises(ConfigError, match="train.grad_accum=3 must divide the global batch of 8"):
     run_steps(mesh, jax.devices(), n_steps=1, grad_accum=3)
+
+
+def test_activation_constraints_keep_the_losses_and_pin_the_batch_split():
+  """mesh.constrain_activations: with an ambient mesh the Transformer pins block activations to the
+  (data, fsdp) batch split; the training losses stay those of the unconstrained program."""
+  mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+  plain, _, _ = run_steps(mesh, jax.devices(), n_steps=2)
+  pinned, _, _ = run_steps(mesh, jax.devices(), n_steps=2, ambient=True)
+  np.testing.assert_allclose(pinned, plain, rtol=1e-5)
+  task = make_task()
+  model = task.build_model(nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = np.zeros((8, 16), np.int32)
+  fwd = lambda p, t: nnx.merge(graphdef, p)(t)[0]
+  with jax.set_mesh(make_mesh(ml_collections.ConfigDict(mesh))):
+    text = jax.jit(fwd).lower(params, tokens).as_text()
+  pinned_spec = "sharding_constraint %"
+  constraints = [line for line in text.splitlines() if pinned_spec in line]
+  # The embedding output and each of the 2 blocks' outputs: batch over (data, fsdp), rest replicated.
+  assert len(constraints) == 3
+  assert all('[{"data", "fsdp"}, {}, {}]' in line for line in constraints)
+  assert pinned_spec not in jax.jit(fwd).lower(params, tokens).as_text()  # no ambient mesh: no-op
 
 
 def test_logical_rules_replicate_indivisible_and_reused_axes():

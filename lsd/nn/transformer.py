@@ -32,6 +32,22 @@ REMAT_POLICIES = {
 }
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (lsd.parallel's "batch" rule)
+
+
+def constrain_batch(x: Array) -> Array:
+  """Pins activations [B, ...] to the batch split over the ambient mesh's (data, fsdp) axes, every
+  other dimension replicated. Under FSDP this keeps GSPMD from laying activations out like the
+  weights (more temporaries, many collectives). A no-op without an ambient mesh (`jax.set_mesh`,
+  entered by the trainer when `mesh.constrain_activations` is on) or when it lacks those axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) if not mesh.empty else ()
+  if not axes:
+    return x
+  spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def _block_forward(block, x, positions, mask, cond, context, context_mask, rngs):
   return block(
     x,
@@ -280,9 +296,11 @@ class Transformer(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     new_layers = []
     remat = _REMAT_FORWARD.get(self.cfg.remat) if cache is None else None  # training passes only
+    x = constrain_batch(x)
     for i, block in enumerate(self.blocks):
       if remat is not None:
         x, _ = remat(block, x, positions, mask, cond, context, context_mask, rngs)
+        x = constrain_batch(x)
         continue
       x, new_kv = block(
         x,
@@ -294,6 +312,7 @@ class Transformer(nnx.Module):
         cache=None if cache is None else cache.layer(i),
         rngs=rngs,
       )
+      x = constrain_batch(x)
       new_layers.append(new_kv)
     x = self.final_norm(x)
     if self.final_ada is not None:

@@ -35,7 +35,15 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def default_mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
-    {"data": -1, "fsdp": 1, "tensor": 1, "rules": [list(r) for r in DEFAULT_RULES]}
+    {
+      "data": -1,
+      "fsdp": 1,
+      "tensor": 1,
+      "rules": [list(r) for r in DEFAULT_RULES],
+      # Pin activations to the batch split at Transformer block boundaries (a memory lever under
+      # FSDP / tensor parallelism; lsd.nn.transformer.constrain_batch).
+      "constrain_activations": False,
+    }
   )
 
 

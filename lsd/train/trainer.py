@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -199,8 +200,10 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
   eval_loss = None
   stopped_by = None
   multi = jax.process_count() > 1
+  # An ambient mesh lets the model pin activations to the batch split (mesh.constrain_activations).
+  ambient = jax.set_mesh(mesh) if config.mesh.get("constrain_activations") else nullcontext()
   try:
-    with StopSignals() as stop:
+    with StopSignals() as stop, ambient:
       for step in range(start, end):
         batch = to_global(next(data_iter), mesh, rules)
         tokens_since += task.tokens_in(batch)
