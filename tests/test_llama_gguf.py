@@ -20,7 +20,6 @@ from llama_numpy_ref import (
 
 from lsd.convert import gguf as convert
 from lsd.eval.genppl import GenPPL
-from lsd.models.llama import LlamaLM
 
 Q = gguf.GGMLQuantizationType
 TINY = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, rope_base=500.0, eps=1e-5)
@@ -99,7 +98,7 @@ def _write_tiny_gguf(path, *, tied: bool, seed: int = 0) -> None:
 def tiny(request, tmp_path_factory):
   path = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
   _write_tiny_gguf(path, tied=request.param, seed=int(request.param))
-  return path, LlamaLM.from_gguf(path), convert.import_gguf(path).tokenizer, request.param
+  return path, convert.load_llama_gguf(path), convert.import_gguf(path).tokenizer, request.param
 
 
 def _padded(seqs: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """Checkpoint import (GGUF, safetensors) into lsd's NNX parameter trees."""
 
-from lsd.convert.gguf import GGUFImport, convert_cached, import_gguf, load_judge
+from lsd.convert.gguf import GGUFImport, convert_cached, import_gguf, load_judge, load_llama_gguf
 
-__all__ = ["GGUFImport", "convert_cached", "import_gguf", "load_judge"]
+__all__ = ["GGUFImport", "convert_cached", "import_gguf", "load_judge", "load_llama_gguf"]

@@ -232,6 +232,17 @@ def import_gguf(path: str | Path, dtype: str = "float32") -> GGUFImport:
 # --------------------------------------------------------------------------------------------------
 # Cached judge
 # --------------------------------------------------------------------------------------------------
+def load_llama_gguf(path: str | Path, dtype: str = "float32") -> LlamaLM:
+  """A `LlamaLM` from any llama GGUF file (uncached; the judge has `load_judge`)."""
+  imported = import_gguf(path)
+  return LlamaLM(
+    dataclasses.replace(imported.config, dtype=dtype),
+    imported.params,
+    name=Path(path).stem,
+    **imported.special_ids,
+  )
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   for k, v in tree.items():

@@ -23,6 +23,7 @@ scalars, so one compiled program serves every block size a mix-scale run draws.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,20 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lsd.diffusion.schedules import ClippedInterval, LogLinear
-from lsd.models.masked_lm import MaskedLM
 from lsd.nn import bd3_training_mask, padding_mask
+
+
+class MaskedLM(Protocol):
+  """What the losses need of a masked diffusion LM (`lsd.models.masked_lm.MaskedLM` is one):
+  `mask_id`, `cfg.dropout`, and a call returning (log-probs [B, T, V], cache)."""
+
+  mask_id: int
+
+  @property
+  def cfg(self) -> Any: ...
+
+  def __call__(self, tokens: Array, **kwargs) -> tuple[Array, Any]: ...
+
 
 # BD3-LM's convention: the mask probability is t itself; eps enters only through t_min.
 SCHEDULE = LogLinear(eps=0.0)

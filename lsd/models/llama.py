@@ -11,9 +11,7 @@ real token); padding sits on the right, so causal attention never lets a real to
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -150,19 +148,6 @@ class LlamaLM:
       jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     )
     self.state = state
-
-  @classmethod
-  def from_gguf(cls, path: str | Path, dtype: str = "float32") -> LlamaLM:
-    """Imports a llama GGUF file (see `lsd.convert.gguf.import_gguf`); uncached, for any file."""
-    from lsd.convert.gguf import import_gguf  # lsd.convert depends on this module, not vice versa
-
-    imported = import_gguf(path)
-    return cls(
-      dataclasses.replace(imported.config, dtype=dtype),
-      imported.params,
-      name=Path(path).stem,
-      **imported.special_ids,
-    )
 
   @property
   def params(self) -> dict[str, Any]:
