@@ -15,7 +15,6 @@ Shapes: B batch, T tokens, H encoder width, l latents, d latent width, E decoder
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from lsd.nn import (
   dot_product_attention,
   make_norm,
 )
+from lsd.nn.layers import normalize_to_sphere
 
 ENCODERS = ("scratch", "external", "minilm")
 
@@ -151,13 +151,6 @@ class AutoencoderConfig:
       dropout=self.dropout,
       dtype=self.dtype,
     )
-
-
-def normalize_to_sphere(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-  """Each vector along the last axis L2-normalised and scaled to norm sqrt(d); fp32."""
-  x = jnp.asarray(x, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), -1, keepdims=True))
-  return x / jnp.maximum(norm, 1e-6) * math.sqrt(x.shape[-1])
 
 
 class PerceiverLayer(nnx.Module):

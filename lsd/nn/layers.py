@@ -97,6 +97,15 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
+def normalize_to_sphere(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+  """Each vector along the last axis L2-normalised and scaled to norm sqrt(d); fp32. Where the
+  latents of a normalising autoencoder live (`lsd.models.autoencoder`), and where latent samplers
+  and losses project their clean estimates back to."""
+  x = jnp.asarray(x, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), -1, keepdims=True))
+  return x / jnp.maximum(norm, 1e-6) * math.sqrt(x.shape[-1])
+
+
 def make_norm(kind: str, dim: int, *, eps: float | None = None, rngs: nnx.Rngs) -> nnx.Module:
   if kind == "rms":
     return RMSNorm(dim, eps=eps or 1e-6, rngs=rngs)
