@@ -21,17 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from lsd.diffusion.gaussian import (
-  COSINE,
-  CosineSchedule,
-  ddim_step,
-  ddpm_step,
-  eps_from_x0,
-  predict_x0_eps,
-  q_sample,
-)
-from lsd.diffusion.guidance import cfg_combine
-from lsd.models.autoencoder import normalize_to_sphere
+from lsd.diffusion.gaussian import COSINE, CosineSchedule, ddim_step, ddpm_step, q_sample
+from lsd.diffusion.latent import estimate_x0
+from lsd.nn.layers import normalize_to_sphere
 
 SAMPLERS = ("ddpm", "ddim")
 _SAMPLER_STATICS = (
@@ -70,27 +62,31 @@ def _denoise(
   project: bool,
   guide: Callable[[Array], Array] | None,
 ) -> Float[Array, "B L D"]:
-  """The reverse process from z at t_start to t = 0 as one scan; returns the final x0_hat."""
+  """The reverse process from z at t_start to t = 0 as one scan; returns the final x0_hat. Each
+  step's estimate (`lsd.diffusion.latent.estimate_x0`) is self-conditioned on the previous step's,
+  guided by CFG and `guide`, and projected onto the sphere with `project`."""
   b = z.shape[0]
   ts = t_start * (1.0 - jnp.arange(steps + 1, dtype=jnp.float32) / steps)
-  guided = guidance_scale != 1.0 and bool(cond)
-  ones = jnp.ones((b,), bool)
+
+  def post(x0):  # x0_hat -> guided (classifier guidance), then projected
+    x0 = x0 if guide is None else guide(x0)
+    return normalize_to_sphere(x0) if project else x0
 
   def step(carry, i):
     z, x0_prev = carry
     t, s = jnp.full((b,), ts[i]), jnp.full((b,), ts[i + 1])
     ab = schedule.alpha_bar(t)
-    sc = dict(x0_sc=x0_prev, sc_valid=jnp.broadcast_to(i > 0, (b,)))
-    pred = model(z, ab, **sc, **cond)
-    if guided:
-      pred = cfg_combine(pred, model(z, ab, **sc, **cond, drop_cond=ones), guidance_scale)
-    x0, eps = predict_x0_eps(pred, z, ab, objective)
-    if guide is not None:
-      x0 = guide(x0)
-    if project:
-      x0 = normalize_to_sphere(x0)
-    if guide is not None or project:
-      eps = eps_from_x0(z, x0, ab)
+    _, x0, eps = estimate_x0(
+      model,
+      z,
+      ab,
+      objective=objective,
+      cond=cond,
+      x0_sc=x0_prev,
+      sc_valid=jnp.broadcast_to(i > 0, (b,)),
+      guidance_scale=guidance_scale,
+      project=post if guide is not None or project else None,
+    )
     k = jax.random.fold_in(key, i)
     if sampler == "ddpm":
       z_s = ddpm_step(k, z, x0, t, s, schedule)
