@@ -1,0 +1,199 @@
+"""Runs that build on earlier runs. A multi-stage method (LD4LG: autoencoder -> denoiser -> tuned
+decoder; a causal LM whose weights start a decoder; ...) names a finished run in a config field,
+loads it, checks it is the run it expects, and copies its weights into a fresh run's parameters.
+
+Every check raises `ConfigError` naming the config field and what differs. Loading a run needs the
+method registry's task factory (`lsd.methods.get_task`), which callers pass in: this module sits
+below the methods and never imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx, traverse_util
+
+from lsd.config import ConfigError, from_json_file
+
+TaskFactory = Callable[[ml_collections.ConfigDict], Any]  # config -> lsd.train.task.Task
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A finished run: its stored config, its task (tokenizer attached), model graph and params."""
+
+  config: ml_collections.ConfigDict
+  task: object  # lsd.train.task.Task with its tokenizer attached
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  step: int
+
+  @property
+  def tokenizer(self):
+    return self.task.tokenizer
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params)
+
+
+def load_run(
+  workdir: str | Path, make_task: TaskFactory, *, step: int | None = None, use_ema: bool = True
+) -> LoadedRun:
+  """Restores the latest (or `step`) checkpoint of a training run directory; `make_task` builds
+  its task from the stored config (`lsd.methods.get_task`). EMA params when the run has them and
+  `use_ema`."""
+  from lsd.data.tokenizer import Tokenizer
+  from lsd.parallel import make_mesh, rules_from_config, sharded_init
+  from lsd.train.checkpoint import Checkpointer
+  from lsd.train.state import init_state, make_optimizer
+
+  workdir = Path(workdir)
+  if not (workdir / "config.json").is_file():
+    raise ConfigError(f"workdir={str(workdir)!r} holds no config.json: is it a training run?")
+  try:
+    config = from_json_file(workdir / "config.json")
+  except ValueError as e:
+    raise ConfigError(f"{workdir / 'config.json'} is not valid JSON ({e})") from e
+  task = make_task(config)
+  task.tokenizer = Tokenizer.load(workdir / "tokenizer.json")
+  if not (workdir / "checkpoints").is_dir():
+    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
+  if ckpt.latest_step() is None:
+    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
+  mesh = make_mesh(config.mesh)
+  rules = rules_from_config(config.mesh)
+  graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
+  tx = make_optimizer(config.train)
+  state = jax.jit(lambda p: init_state(p, tx, ema=config.train.ema_decay > 0))(params)
+  state = ckpt.restore(state, step=step, set_aside=False)
+  ckpt.close()
+  params = state.ema if (use_ema and state.ema is not None) else state.params
+  return LoadedRun(config, task, graphdef, params, int(state.step))
+
+
+def load_stage_run(
+  field: str, path: str, make_task: TaskFactory, methods: str | Iterable[str], hint: str = ""
+) -> LoadedRun:
+  """The finished run that config field `field` names (`path`), which must be a run of one of
+  `methods` (checked from its config.json before anything is restored); `hint` (e.g. the config
+  that trains such a run) ends the error messages."""
+  methods = (methods,) if isinstance(methods, str) else tuple(methods)
+  want = " or ".join(methods)
+  if not path:
+    raise ConfigError(
+      f"{field} is empty; it must be the workdir of a finished {want} run {hint}".rstrip()
+      + f": pass --config.{field}=<dir>"
+    )
+  config = Path(path) / "config.json"
+  if not config.is_file():
+    raise ConfigError(f"{field}={path!r} holds no config.json: is it a training run?")
+  try:
+    method = json.loads(config.read_text()).get("method")
+  except ValueError as e:
+    raise ConfigError(f"{field}={path!r}: its config.json is not valid JSON ({e})") from e
+  if method not in methods:
+    raise ConfigError(
+      f"{field}={path!r} is a {method!r} run; it must be a {want} run {hint}".rstrip()
+    )
+  return load_run(path, make_task)
+
+
+def check_same_run(field_a: str, a: str, field_b: str, b: str, why: str) -> None:
+  """Raises unless workdirs `a` (config field `field_a`) and `b` are one directory; `why` says
+  what requires it."""
+  if Path(a).resolve() != Path(b).resolve():
+    raise ConfigError(f"{field_a}={a!r} and {field_b}={b!r} differ: {why}")
+
+
+def _fields(config: Any) -> dict[str, Any]:
+  if dataclasses.is_dataclass(config):
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.to_dict()
+  return dict(config)
+
+
+def config_diff(a: Any, b: Any, ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+  """(name, value in a, value in b) for every field where configs a and b (dataclasses, ConfigDicts
+  or mappings) differ, sorted by name; a field one side lacks is None there."""
+  fa, fb, ignore = _fields(a), _fields(b), set(ignore)
+  names = sorted((set(fa) | set(fb)) - ignore)
+  return [(k, fa.get(k), fb.get(k)) for k in names if fa.get(k) != fb.get(k)]
+
+
+def check_same_section(section: str, field: str, want: Mapping, have: Mapping) -> None:
+  """Raises unless this run's config section `section` (`want`) equals that of the run named by
+  config field `field` (`have`), e.g. a stage that continues an earlier run's model."""
+  diff = config_diff(want, have)
+  if diff:
+    raise ConfigError(
+      f"{section} fields differ from the run in {field}: "
+      + "; ".join(f"{section}.{k}={w!r} vs {h!r}" for k, w, h in diff)
+    )
+
+
+def check_fields_match(
+  field: str,
+  path: str,
+  source: Any,
+  target: Any,
+  *,
+  names: tuple[str, str],
+  what: str,
+  hint: str = "",
+  ignore: Iterable[str] = (),
+) -> None:
+  """Raises unless the model config `source` of the run named by config field `field` (`path`)
+  equals `target`, the config of the model its weights go into (fields in `ignore` may differ).
+  The message names every differing field with both values, labelled by `names`."""
+  diff = config_diff(source, target, ignore)
+  if diff:
+    fields = "; ".join(f"{k}: {names[0]} {s!r}, {names[1]} {t!r}" for k, s, t in diff)
+    raise ConfigError(f"{field}={path!r}: {what} ({fields})" + (f"; {hint}" if hint else ""))
+
+
+def copy_params(
+  params: nnx.State,
+  source: nnx.State,
+  *,
+  field: str,
+  path: str,
+  into: tuple[str, ...] = (),
+  names: tuple[str, str] = ("source", "model"),
+  complete: bool = False,
+) -> tuple[nnx.State, list[tuple]]:
+  """`params` (a fresh init) with every parameter of `source`, the params of the run named by
+  config field `field` (`path`), copied to the same path under `into` (cast to the init's dtype).
+
+  Returns (new params, the paths under `into` left at their init). Raises ConfigError naming the
+  parameter when `params` has none of that shape there, and, with `complete`, when any parameter
+  under `into` would stay fresh. `params` itself is not modified."""
+  flat = traverse_util.flatten_dict(params.to_pure_dict())
+  src = traverse_util.flatten_dict(source.to_pure_dict())
+  for key, value in src.items():
+    target = (*into, *key)
+    if target not in flat or tuple(flat[target].shape) != tuple(value.shape):
+      raise ConfigError(
+        f"{field}={path!r}: {names[0]} parameter {'.'.join(map(str, key))} "
+        f"{tuple(value.shape)} has no counterpart of that shape in the {names[1]}"
+      )
+    flat[target] = jnp.asarray(value, flat[target].dtype)
+  n = len(into)
+  fresh = [k for k in flat if k[:n] == into and k[n:] not in src]
+  if complete and fresh:
+    missing = ", ".join(".".join(map(str, k)) for k in fresh[:5])
+    raise ConfigError(
+      f"{field}={path!r}: the {names[0]} has no parameter for {len(fresh)} of the {names[1]}'s "
+      f"({missing}{', ...' if len(fresh) > 5 else ''})"
+    )
+  out = jax.tree.map(lambda x: x, params)
+  out.replace_by_pure_dict(traverse_util.unflatten_dict(flat))
+  return out, fresh
