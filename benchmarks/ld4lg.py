@@ -63,7 +63,6 @@ from lsd.data import split_documents  # noqa: E402
 from lsd.data.sentences import load_sentences  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import LinearProbe, bleu, mauve, unigram_entropy  # noqa: E402
-from lsd.methods import ld4lg  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
 from lsd.train.trainer import train  # noqa: E402
 
@@ -211,7 +210,7 @@ def reconstruct(ae, texts: list[str], sample=None, chunk: int = 256) -> list[str
   """AE reconstructions of `texts` (encode, then decode with `sample`), `chunk` texts per call."""
   out = []
   for i in range(0, len(texts), chunk):
-    out += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, texts[i : i + chunk]), sample=sample)
+    out += api.decode_latents(ae, api.encode_texts(ae, texts[i : i + chunk]), sample=sample)
   return out
 
 
@@ -295,7 +294,7 @@ def sample_yelp(workdir: Path, args, cache: Path) -> dict:
         n, w = args.class_samples, float(name[-1])
         labels = jnp.arange(n, dtype=jnp.int32) % n_cls
       z = diff.task.sample_latents(diff.model(), key, n, labels=labels, guidance_scale=w)
-      texts = ld4lg.decode_latents(gen, z, sample=diff.config.sample)
+      texts = api.decode_latents(gen, z, sample=diff.config.sample)
       rec = {"texts": texts, "guidance_scale": w}
       rec["labels"] = np.asarray(labels).tolist()
     rec["seconds"] = time.perf_counter() - t0
@@ -351,7 +350,7 @@ def score_yelp(workdir: Path, args, samples: dict, cache: Path, data_dir: Path) 
   ae = load_with_decoding(workdir / "yelp_ae", args)
   recon = []
   for i in range(0, len(other), 250):
-    recon += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, other[i : i + 250]))
+    recon += api.decode_latents(ae, api.encode_texts(ae, other[i : i + 250]))
   m["real_mauve"] = mauve(ref_feats, features(other))
   m["recon_mauve"] = mauve(ref_feats, judge.hidden_features(recon))
   log(f"ceilings: real_mauve {m['real_mauve']:.3f} recon_mauve {m['recon_mauve']:.3f}")
@@ -421,7 +420,7 @@ def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
     for i in range(0, len(sources), chunk_size):
       chunk = sources[i : i + chunk_size]
       padded = chunk + [chunk[-1]] * (chunk_size - len(chunk))  # one compiled shape per call
-      out += ld4lg.generate_from_sources(
+      out += api.generate_from_sources(
         diff, jax.random.key(args.seed + i), padded, guidance_scale=w, candidates=k
       )[: len(chunk)]
     m[f"bleu_w{w:g}"] = bleu(out, refs)
@@ -434,7 +433,7 @@ def run_e2e(workdir: Path, args, cache: Path, data_dir: Path) -> dict:
   flat = [r[0] for r in refs]
   rec = []
   for i in range(0, len(flat), 256):
-    rec += ld4lg.decode_latents(ae, ld4lg.encode_texts(ae, flat[i : i + 256]))
+    rec += api.decode_latents(ae, api.encode_texts(ae, flat[i : i + 256]))
   m["recon_bleu"] = bleu(rec, flat)
   f.write_text(json.dumps(m))
   return m

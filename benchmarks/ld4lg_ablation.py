@@ -52,7 +52,6 @@ from lsd import api  # noqa: E402
 from lsd.config import apply_override, load_config_file  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
-from lsd.methods import ld4lg  # noqa: E402
 from lsd.train.checkpoint import Checkpointer  # noqa: E402
 from lsd.train.trainer import train  # noqa: E402
 
@@ -278,7 +277,7 @@ class ValidationScorer:
     diff.config.sample.update({"steps": 100, "sampler": "ddpm", "project": True})
     labels = prior_labels(self.ae_config, SAMPLES, seed=seed)
     z = diff.task.sample_latents(diff.model(), jax.random.key(seed), SAMPLES, labels=labels)
-    texts = ld4lg.decode_latents(ae, z, sample=self.greedy(diff))
+    texts = api.decode_latents(ae, z, sample=self.greedy(diff))
     ppl = np.array(self.judge.per_sample(texts))
     return {
       "mauve": mauve(self.ref_feats, self.judge.hidden_features(texts)),

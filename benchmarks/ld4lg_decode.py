@@ -41,10 +41,10 @@ from ld4lg import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lsd import api  # noqa: E402
 from lsd.diffusion.gaussian import CosineSchedule  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
-from lsd.methods import ld4lg  # noqa: E402
 
 # name -> (sampling overrides: steps, and optionally sampler / project / schedule scale; decoding)
 VARIANTS = {
@@ -137,7 +137,7 @@ def main():
     sample = diff.config.sample.copy_and_resolve_references()
     sample.update(DECODINGS[decoding])
     t0 = time.perf_counter()
-    texts = ld4lg.decode_latents(ae, z, sample=sample)
+    texts = api.decode_latents(ae, z, sample=sample)
     decode_secs = time.perf_counter() - t0
     if decoding not in recons:  # reconstructions depend on the decoding only
       recon = reconstruct(ae, recon_src, sample)

@@ -33,11 +33,11 @@ from ld4lg_ablation import ValidationScorer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lsd import api  # noqa: E402
 from lsd.data import split_documents  # noqa: E402
 from lsd.data.sentences import load_sentences  # noqa: E402
 from lsd.eval.metrics import bleu  # noqa: E402
-from lsd.methods import ld4lg  # noqa: E402
-from lsd.models.autoencoder import normalize_to_sphere  # noqa: E402
+from lsd.nn.layers import normalize_to_sphere  # noqa: E402
 
 N = 512
 N_TRAIN = 20_000
@@ -46,7 +46,7 @@ NOISE_STDS = (0.1, 0.2, 0.3, 0.5)
 
 def encode(ae, texts: list[str], chunk: int = 512) -> np.ndarray:
   parts = [
-    np.asarray(ld4lg.encode_texts(ae, texts[i : i + chunk])) for i in range(0, len(texts), chunk)
+    np.asarray(api.encode_texts(ae, texts[i : i + chunk])) for i in range(0, len(texts), chunk)
   ]
   return np.concatenate(parts)
 
@@ -77,7 +77,7 @@ def main():
   greedy = ValidationScorer.greedy(diff)
 
   def decode(z: np.ndarray) -> list[str]:
-    return ld4lg.decode_latents(ae, jnp.asarray(z, jnp.float32), sample=greedy)
+    return api.decode_latents(ae, jnp.asarray(z, jnp.float32), sample=greedy)
 
   data = ae.config.data
   train_docs, _ = split_documents(load_sentences(data), data.eval_fraction, data.split_seed)

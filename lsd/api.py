@@ -3,64 +3,126 @@
 import jax, lsd.api
 run = lsd.api.load("runs/quickstart")          # config, tokenizer, graphdef, params (EMA if any)
 samples = lsd.api.sample(run, jax.random.key(0), num_samples=4)
+
+Latent runs (an autoencoder `ae` and a latent diffusion run `diff`, e.g. LD4LG's stages 1 and 2)
+also map text to latents and back (`lsd.sampling.text_latent` for loaded runs):
+z = encode_texts(ae, ["the food was great ."]); decode_latents(ae, z)
+interpolate_texts(ae, a, b, 5); edit_text(diff, ae, key, texts, 0.5); generate_from_sources(...)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
-import ml_collections
-from flax import nnx
 
-from lsd.config import ConfigError, from_json_file
+from lsd.train.stages import LoadedRun, load_run
 
-
-@dataclasses.dataclass
-class LoadedRun:
-  config: ml_collections.ConfigDict
-  task: object  # lsd.train.task.Task with its tokenizer attached
-  graphdef: nnx.GraphDef
-  params: nnx.State
-  step: int
-
-  @property
-  def tokenizer(self):
-    return self.task.tokenizer
-
-  def model(self) -> nnx.Module:
-    return nnx.merge(self.graphdef, self.params)
+__all__ = [
+  "LoadedRun",
+  "decode_latents",
+  "edit_text",
+  "encode_texts",
+  "generate_from_sources",
+  "interpolate_texts",
+  "load",
+  "sample",
+]
 
 
 def load(workdir: str | Path, *, step: int | None = None, use_ema: bool = True) -> LoadedRun:
-  """Restores the latest (or `step`) checkpoint of a training run directory."""
-  from lsd.data.tokenizer import Tokenizer
+  """Restores the latest (or `step`) checkpoint of a training run directory
+  (`lsd.train.stages.load_run` with the method registry's tasks)."""
   from lsd.methods import get_task
-  from lsd.parallel import make_mesh, rules_from_config, sharded_init
-  from lsd.train.checkpoint import Checkpointer
-  from lsd.train.state import init_state, make_optimizer
 
-  workdir = Path(workdir)
-  if not (workdir / "config.json").is_file():
-    raise ConfigError(f"workdir={str(workdir)!r} holds no config.json: is it a training run?")
-  config = from_json_file(workdir / "config.json")
-  task = get_task(config)
-  task.tokenizer = Tokenizer.load(workdir / "tokenizer.json")
-  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-  if ckpt.latest_step() is None:
-    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
-  mesh = make_mesh(config.mesh)
-  rules = rules_from_config(config.mesh)
-  graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
-  tx = make_optimizer(config.train)
-  state = jax.jit(lambda p: init_state(p, tx, ema=config.train.ema_decay > 0))(params)
-  state = ckpt.restore(state, step=step)
-  ckpt.close()
-  params = state.ema if (use_ema and state.ema is not None) else state.params
-  return LoadedRun(config, task, graphdef, params, int(state.step))
+  return load_run(workdir, get_task, step=step, use_ema=use_ema)
 
 
 def sample(run: LoadedRun, key: jax.Array, num_samples: int) -> list[dict]:
   """Samples from a loaded run with the run's sampler settings (`config.sample`)."""
   return run.task.sample_text(run.model(), key, num_samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text <-> latents with loaded latent runs
+# ---------------------------------------------------------------------------------------------------
+def encode_texts(ae_run: LoadedRun, texts: list[str]) -> jax.Array:
+  """Texts -> latents [N, l, d] (fp32) with a loaded autoencoder run; texts longer than the run's
+  data.max_len are truncated."""
+  from lsd.sampling import text_latent as tl
+
+  return tl.encode_texts(
+    ae_run.tokenizer, ae_run.graphdef, ae_run.params, list(texts), ae_run.config.data.max_len
+  )
+
+
+def decode_latents(
+  ae_run: LoadedRun, latents: jax.Array, *, key: jax.Array | None = None, sample=None
+) -> list[str]:
+  """Latents [N, l, d] -> texts with the autoencoder run's decoder; `sample` (max_new_tokens, top_p,
+  temperature, num_beams, ...) defaults to the run's `config.sample` (greedy when top_p = 0)."""
+  from lsd.sampling import text_latent as tl
+
+  decoding = tl.DecodeConfig.from_config(ae_run.config.sample if sample is None else sample)
+  return tl.decode_texts(ae_run.tokenizer, ae_run.graphdef, ae_run.params, latents, decoding, key)
+
+
+def interpolate_texts(ae_run: LoadedRun, text_a: str, text_b: str, n: int = 5) -> list[str]:
+  """n texts decoded along the slerp between the latents of text_a and text_b (ends included)."""
+  from lsd.sampling import text_latent as tl
+
+  max_len, decoding = ae_run.config.data.max_len, tl.DecodeConfig.from_config(ae_run.config.sample)
+  args = (ae_run.tokenizer, ae_run.graphdef, ae_run.params, text_a, text_b, n)
+  return tl.interpolate_texts(*args, max_len=max_len, decoding=decoding)
+
+
+def edit_text(
+  diffusion_run: LoadedRun,
+  ae_run: LoadedRun,
+  key: jax.Array,
+  texts: list[str],
+  t_edit: float,
+  *,
+  labels: list[int] | None = None,
+  guidance_scale: float | None = None,
+  steps: int | None = None,
+) -> list[str]:
+  """Encodes texts, noises their latents to t_edit in (0, 1], denoises them and decodes the result.
+
+  With a class-conditional denoiser, `labels` (one per text) is the target class of the edit; None
+  denoises unconditionally (the null class). `steps` defaults to the run's sample.steps scaled by
+  t_edit; the other sampler settings come from the diffusion run's `config.sample`.
+  """
+  from lsd.sampling import text_latent as tl
+
+  task = diffusion_run.task
+  z = tl.edit_latents(
+    diffusion_run.graphdef,
+    diffusion_run.params,
+    key,
+    encode_texts(ae_run, texts),
+    t_edit,
+    task.sampling,
+    objective=task.stage.objective,
+    schedule=task.schedule,
+    num_classes=diffusion_run.config.model.num_classes,
+    labels=labels,
+    guidance_scale=guidance_scale,
+    steps=steps,
+  )
+  return decode_latents(ae_run, z)
+
+
+def generate_from_sources(
+  diffusion_run: LoadedRun,
+  key: jax.Array,
+  sources: list[str],
+  *,
+  guidance_scale: float | None = None,
+  candidates: int | None = None,
+) -> list[str]:
+  """Seq2seq with a loaded diffusion run that has a context encoder: one output text per source
+  (guidance_scale defaults to the run's sample.guidance_scale, 1 = no guidance; candidates to its
+  sample.candidates, 1 = no MBR: k > 1 samples k outputs per source and keeps the MBR choice)."""
+  sampler = diffusion_run.task.sampler(diffusion_run.model())
+  return sampler.from_sources(key, list(sources), guidance_scale, candidates)

@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 import lsd.api
 import lsd.models.autoencoder as ae_mod
 from lsd.config import ConfigError, load_config_file
+from lsd.data.latent_cache import latent_rows
 from lsd.data.sentences import (
   build_sentence_data,
   default_sentence_data_config,
@@ -25,8 +26,9 @@ from lsd.data.sentences import (
   split_into_sentences,
 )
 from lsd.data.tokenizer import train_bpe
+from lsd.diffusion.latent import diffusion_training_loss
 from lsd.main import main as lsd_main
-from lsd.methods import get_task, ld4lg
+from lsd.methods import get_task
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling import latent as ls
@@ -332,7 +334,7 @@ def test_diffusion_loss_at_init_is_the_v_target_energy(denoiser):
   labels = jnp.arange(64) % 3
   context = jax.random.normal(jax.random.key(1), (64, 5, 6))
   loss_fn = _compiled(
-    lambda p, key: ld4lg.diffusion_training_loss(
+    lambda p, key: diffusion_training_loss(
       nnx.merge(graphdef, p), x0, key, labels=labels, context=context
     )[0],
     params,
@@ -413,11 +415,11 @@ def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
 
   ae, diff = lsd.api.load(tmp_path / "ae"), lsd.api.load(tmp_path / "diff")
   assert diff.tokenizer.vocab_size == ae.tokenizer.vocab_size
-  z = ld4lg.encode_texts(ae, SENTENCES[:2])
+  z = lsd.api.encode_texts(ae, SENTENCES[:2])
   assert z.shape == (2, 4, 8)
-  ends = ld4lg.interpolate_texts(ae, SENTENCES[0], SENTENCES[1], n=2)
-  assert ends == ld4lg.decode_latents(ae, z)
-  edited = ld4lg.edit_text(
+  ends = lsd.api.interpolate_texts(ae, SENTENCES[0], SENTENCES[1], n=2)
+  assert ends == lsd.api.decode_latents(ae, z)
+  edited = lsd.api.edit_text(
     diff, ae, jax.random.key(0), SENTENCES[:2], 0.5, labels=[1, 0], guidance_scale=2.0
   )
   assert len(edited) == 2 and all(isinstance(t, str) for t in edited)
@@ -454,7 +456,7 @@ def test_stage3_tunes_only_the_decoder_and_diffusion_runs_decode_with_it(tmp_pat
   )
   assert all(jax.tree.leaves(moved))  # every decoder weight was trained
   np.testing.assert_array_equal(
-    ld4lg.encode_texts(ae, SENTENCES), ld4lg.encode_texts(dec, SENTENCES)
+    lsd.api.encode_texts(ae, SENTENCES), lsd.api.encode_texts(dec, SENTENCES)
   )
   # The diffusion run decodes with the stage-3 decoder once ld4lg.decoder_workdir names it.
   diff_cfg = stages["diffusion"].copy_and_resolve_references()
@@ -606,7 +608,9 @@ def test_decoding_loss_adds_the_frozen_decoders_ce_of_the_estimates_with_gradien
   cfg.ld4lg.decoding_loss_t_max = float(t.min()) / 2
   np.testing.assert_allclose(task.loss(den, batch, key)[0], plain, rtol=1e-6)
   # With cached latents, the rows carry the tokens the loss reads.
-  rows = task.latent_rows([{"text": s, "label": 0} for s in SENTENCES[:3]])
+  encode = lambda t, v: ae.encode(jnp.asarray(t), jnp.asarray(v))
+  docs = [{"text": s, "label": 0} for s in SENTENCES[:3]]
+  rows = latent_rows(docs, tokenizer, 16, encode, keep_tokens=True)
   np.testing.assert_array_equal(rows["tokens"], tokens[:3])
   np.testing.assert_allclose(rows["latents"], batch["latents"][:3], atol=1e-5)
   for field, value in (("decoding_loss_weight", -1.0), ("decoding_loss_t_max", 0.0)):

@@ -16,8 +16,9 @@ from lsd.convert.hf import load_minilm
 from lsd.data.sentences import encode_sentences
 from lsd.data.tokenizer import minilm_tokenizer
 from lsd.eval import metrics
-from lsd.methods import get_task, ld4lg
+from lsd.methods import get_task
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+from lsd.sampling.text_latent import encode_tokens
 from lsd.train.trainer import train
 
 TEXTS = [
@@ -72,7 +73,7 @@ def test_minilm_autoencoder_trains_with_the_encoder_frozen(tmp_path, yelp_files,
   # encode_texts == the compressor applied to the pretrained MiniLM states (an independent path:
   # the original BERT tokenizer and the imported encoder called directly).
   bert, bert_tok = minilm
-  z = ld4lg.encode_texts(run, TEXTS[:2])
+  z = lsd.api.encode_texts(run, TEXTS[:2])
   enc = [bert_tok.encode(t).ids for t in TEXTS[:2]]
   width = cfg.data.max_len
   tokens = np.zeros((2, width), np.int32)
@@ -171,22 +172,22 @@ def test_seq2seq_trains_samples_and_generates_from_sources(tmp_path, e2e_csv, e2
 
   diff = lsd.api.load(tmp_path / "diff")
   sources = ["name[Zizzi], food[French]", "name[The Eagle], food[Chinese]"]
-  out = ld4lg.generate_from_sources(diff, jax.random.key(0), sources, guidance_scale=2.0)
+  out = lsd.api.generate_from_sources(diff, jax.random.key(0), sources, guidance_scale=2.0)
   assert len(out) == 2 and all(isinstance(t, str) for t in out)
   # Same key and sources: deterministic.
-  assert out == ld4lg.generate_from_sources(diff, jax.random.key(0), sources, guidance_scale=2.0)
+  assert out == lsd.api.generate_from_sources(diff, jax.random.key(0), sources, guidance_scale=2.0)
 
   # MBR over 3 candidates: the candidates are the outputs for each source repeated 3 times (same
   # rows, same key), and the output is the one mbr_select picks among them.
   k = 3
   repeated = [s for s in sources for _ in range(k)]
-  cands = ld4lg.generate_from_sources(diff, jax.random.key(0), repeated, candidates=1)
-  mbr = ld4lg.generate_from_sources(diff, jax.random.key(0), sources, candidates=k)
+  cands = lsd.api.generate_from_sources(diff, jax.random.key(0), repeated, candidates=1)
+  mbr = lsd.api.generate_from_sources(diff, jax.random.key(0), sources, candidates=k)
   groups = [cands[i * k : (i + 1) * k] for i in range(len(sources))]
   picks = metrics.mbr_select(groups, metric="rouge2")
   assert mbr == [g[j] for g, j in zip(groups, picks, strict=True)]
   with pytest.raises(ConfigError, match="candidates=0 must be >= 1"):
-    ld4lg.generate_from_sources(diff, jax.random.key(0), sources, candidates=0)
+    lsd.api.generate_from_sources(diff, jax.random.key(0), sources, candidates=0)
 
 
 def test_dropped_context_is_the_null_context():
@@ -248,7 +249,7 @@ def test_cached_latents_equal_on_the_fly_encoding_and_give_the_same_loss(tmp_pat
   # Rows in training order: the same sentences, encoded on the fly by the frozen AE.
   ae = task.autoencoder()
   tokens, valid = encode_sentences([d["text"] for d in docs], ae.tokenizer, cfg.data.max_len)
-  z = ld4lg._encode(ae.graphdef, ae.params, jnp.asarray(tokens), jnp.asarray(valid))
+  z = encode_tokens(ae.graphdef, ae.params, jnp.asarray(tokens), jnp.asarray(valid))
   np.testing.assert_allclose(cached.train["latents"], np.asarray(z), atol=1e-5)
   src, src_valid = encode_sentences(
     [d["source"] for d in docs], task.context_encoder.tokenizer, cfg.data.max_source_len

@@ -1,0 +1,351 @@
+"""The latent-diffusion stages a latent method is built from (LD4LG now; SLD and DGLM next).
+
+`LatentDiffusionTask`: a denoiser on the latents of a frozen `LatentAutoencoder` run (encoded once
+per sentence when the stage caches them), optionally plus a decoding loss, sampling texts that the
+autoencoder (or a tuned decoder run) decodes; seq2seq with a frozen encoder's source states as the
+denoiser's context. `DecoderTuningMixin`: tunes the autoencoder's reconstruction network and decoder
+to read a frozen denoiser's estimates of the latents.
+
+A method binds each to its config section (`section`; the task reads it through `stage`, a frozen
+dataclass `stage_config` with the fields used here) and to the run methods its workdir fields may
+name; `lsd.methods.ld4lg` is the example. The math, the stage runs, the latent cache and text <->
+latents are the layers below: `lsd.diffusion.latent`, `lsd.train.stages`, `lsd.data.latent_cache`,
+`lsd.sampling.text_latent`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsd.config import ConfigError, dataclass_from_config
+from lsd.data import split_documents
+from lsd.data.latent_cache import cached_latent_data
+from lsd.data.sentences import build_sentence_data, load_sentences
+from lsd.diffusion.gaussian import CosineSchedule
+from lsd.diffusion.latent import diffusion_training_loss, noised_estimates
+from lsd.methods import get_task
+from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
+from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
+from lsd.nn.layers import normalize_to_sphere
+from lsd.sampling import text_latent as tl
+from lsd.train import stages
+from lsd.train.task import Batch, Task
+
+SHARED_AE = "the runs must share one stage-1 autoencoder"
+
+
+def held_out_sentences(cfg, n: int) -> list[dict]:
+  """The first n held-out sentences (the eval split of sentence data config `cfg`)."""
+  return split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)[1][:n]
+
+
+def sphere(normalize: bool):
+  """The projection of estimates onto the latents' sphere (None when they are not normalised)."""
+  return normalize_to_sphere if normalize else None
+
+
+class LatentDiffusionTask(Task):
+  """A `LatentDenoiser` on the latents of the frozen autoencoder run that the stage field
+  `<section>.autoencoder_workdir` names.
+
+  Stage fields (`stage_config`): autoencoder_workdir, objective, self_condition_prob,
+  cond_drop_prob, schedule_scale, context_encoder ("" or one of FROZEN_ENCODERS: seq2seq),
+  cache_latents, decoder_workdir ("" = decode with the autoencoder run), decoding_loss_weight and
+  decoding_loss_t_max. The sampler settings are `config.sample` (`tl.LatentSampleConfig`,
+  `tl.DecodeConfig`).
+  """
+
+  section: ClassVar[str]  # the config section of the stage fields
+  stage_config: ClassVar[type]  # its frozen dataclass
+  autoencoder_methods: ClassVar[tuple[str, ...]]  # the run methods autoencoder_workdir may name
+  decoder_method: ClassVar[str]  # the run method decoder_workdir may name
+  hints: ClassVar[dict[str, str]] = {}  # workdir field -> how to train that run, for errors
+
+  def __init__(self, config):
+    super().__init__(config)
+    ctx, _ = self.stage.context_encoder, self.sampling  # validated now, before any work
+    width = frozen_encoder(ctx).width if ctx else 0
+    if ctx and config.model.d_context != width:
+      raise ConfigError(
+        f"model.d_context={config.model.d_context}: {self.section}.context_encoder={ctx!r} gives "
+        f"{width}-wide states"
+      )
+    if not ctx and config.model.d_context:
+      raise ConfigError(
+        f"model.d_context={config.model.d_context} needs a context: set "
+        f"{self.section}.context_encoder (one of {list(FROZEN_ENCODERS)}) and data.source_field"
+      )
+    self.context_encoder = frozen_encoder(ctx) if ctx else None
+    self._autoencoder = self._decoder = None  # the frozen runs, loaded on first use
+
+  @property
+  def stage(self) -> Any:
+    return dataclass_from_config(self.stage_config, self.config[self.section])
+
+  @property
+  def sampling(self) -> tl.LatentSampleConfig:
+    return tl.LatentSampleConfig.from_config(self.config.sample)
+
+  @property
+  def schedule(self) -> CosineSchedule:
+    return CosineSchedule(scale=float(self.stage.schedule_scale))
+
+  def _load(self, field: str, methods) -> stages.LoadedRun:
+    path, hint = getattr(self.stage, field), self.hints.get(field, "")
+    return stages.load_stage_run(f"{self.section}.{field}", path, get_task, methods, hint)
+
+  def autoencoder(self) -> stages.LoadedRun:
+    """The frozen autoencoder run (EMA params if any), checked against this config."""
+    if self._autoencoder is None:
+      run = self._load("autoencoder_workdir", self.autoencoder_methods)
+      ae, m, path = run.config.model, self.config.model, self.stage.autoencoder_workdir
+      if (ae.num_latents, ae.d_latent) != (m.num_latents, m.d_latent):
+        raise ConfigError(
+          f"model.num_latents/d_latent = {m.num_latents}/{m.d_latent} but the autoencoder in "
+          f"{path} makes {ae.num_latents} x {ae.d_latent} latents; use the same size for both "
+          "stages"
+        )
+      if ae.max_len < self.config.data.max_len:
+        raise ConfigError(
+          f"data.max_len={self.config.data.max_len} exceeds the autoencoder's max_len={ae.max_len}"
+        )
+      self._autoencoder = run
+    return self._autoencoder
+
+  def decoder(self) -> stages.LoadedRun:
+    """The run whose decoder turns sampled latents into text: the `decoder_workdir` run (a decoder
+    tuned on this denoiser's estimates) if set, else the autoencoder run."""
+    lc, s = self.stage, self.section
+    if not lc.decoder_workdir:
+      return self.autoencoder()
+    if self._decoder is None:
+      run = self._load("decoder_workdir", self.decoder_method)
+      ae_field = f"{s}.autoencoder_workdir"
+      have = run.config[s].autoencoder_workdir
+      mine = lc.autoencoder_workdir
+      field_a, field_b = f"{s}.decoder_workdir's {ae_field}", f"this run's {ae_field}"
+      stages.check_same_run(field_a, have, field_b, mine, SHARED_AE)
+      self._decoder = run
+    return self._decoder
+
+  def make_data(self, workdir, *, process_index: int, process_count: int):
+    """Sentence batches, or (`cache_latents`) the same sentences' latents encoded once by the
+    frozen autoencoder (`lsd.data.latent_cache`), with their tokens for the decoding loss."""
+    ae, enc, n = self.autoencoder(), self.context_encoder, self.config.model.num_classes
+    data = build_sentence_data(
+      self.config.data,
+      workdir,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      tokenizer=ae.tokenizer,
+      source_tokenizer=enc.tokenizer if enc else None,
+    )
+    self.tokenizer = data.tokenizer
+    if n and data.num_labels == 0:
+      raise ConfigError(f"model.num_classes={n} but the sentences have no labels")
+    if n and data.num_labels > n:
+      raise ConfigError(f"the sentences have {data.num_labels} labels > model.num_classes={n}")
+    if not self.stage.cache_latents:
+      return data
+    encode = lambda t, v: tl.encode_tokens(ae.graphdef, ae.params, jnp.asarray(t), jnp.asarray(v))
+    keep = bool(self.stage.decoding_loss_weight)
+    return cached_latent_data(data, encode, keep_tokens=keep, field=f"{self.section}.cache_latents")
+
+  def build_model(self, rngs: nnx.Rngs) -> LatentDenoiser:
+    return LatentDenoiser(DenoiserConfig.from_config(self.config.model), rngs=rngs)
+
+  def decoding_loss(self, tokens: jax.Array, valid: jax.Array):
+    """The `x0_loss` of `diffusion_training_loss`: weight x the frozen autoencoder's
+    teacher-forced cross-entropy of each sentence read from the denoiser's x0_hat (on the sphere
+    when the AE normalises), over the rows with t <= decoding_loss_t_max. Gradients reach the
+    denoiser through x0_hat only. SLD's L_cnv, as a live loss."""
+    ae, lc = self.autoencoder(), self.stage
+    project = sphere(ae.config.model.normalize_latents) or (lambda x: x)
+
+    def x0_loss(x0_hat, t):
+      rows = valid & (t <= float(lc.decoding_loss_t_max))[:, None]
+      ce, m = reconstruction_loss(ae.model(), tokens, rows, latents=project(x0_hat))
+      return float(lc.decoding_loss_weight) * ce, {"decode_ce": ce, "decode_acc": m["accuracy"]}
+
+    return x0_loss
+
+  def loss(self, model: LatentDenoiser, batch: Batch, key: jax.Array):
+    lc, ae, enc = self.stage, self.autoencoder(), self.context_encoder
+    if "latents" in batch:  # cache_latents: encoded once when the data was built
+      x0 = jnp.asarray(batch["latents"], jnp.float32)
+    else:
+      z = tl.encode_tokens(ae.graphdef, ae.params, batch["tokens"], batch["valid"])
+      x0 = jax.lax.stop_gradient(z)
+    ctx = {}
+    if enc is not None:
+      valid = batch["source_valid"]
+      ctx = dict(context=hidden_states(enc, batch["source_tokens"], valid), context_valid=valid)
+    decoding = lc.decoding_loss_weight
+    return diffusion_training_loss(
+      model,
+      x0,
+      key,
+      labels=batch.get("label") if model.cfg.num_classes else None,
+      objective=lc.objective,
+      schedule=self.schedule,
+      self_condition_prob=lc.self_condition_prob if model.cfg.self_condition else 0.0,
+      cond_drop_prob=lc.cond_drop_prob,
+      project_self_cond=sphere(ae.config.model.normalize_latents),
+      x0_loss=self.decoding_loss(batch["tokens"], batch["valid"]) if decoding else None,
+      **ctx,
+    )
+
+  def tokens_in(self, batch: Batch) -> int:
+    rows = batch["latents"] if "latents" in batch else batch["tokens"]
+    return int(rows.shape[0] * self.config.model.num_latents)
+
+  def decode(self, latents: jax.Array) -> list[str]:
+    """Latents -> texts with the `decoder()` run and this run's `sample` decoding settings."""
+    run, decoding = self.decoder(), tl.DecodeConfig.from_config(self.config.sample)
+    return tl.decode_texts(run.tokenizer, run.graphdef, run.params, latents, decoding)
+
+  def sampler(self, model: LatentDenoiser) -> tl.LatentTextSampler:
+    """Texts from `model` with this run's `sample` settings, decoded by `decode`: `.latents(key,
+    n, labels=...)`, `.samples(key, n, num_classes)`, `.from_sources(key, sources)` (seq2seq)."""
+    graphdef, params = nnx.split(model)
+    objective, max_source_len = self.stage.objective, self.config.data.max_source_len
+    return tl.LatentTextSampler(
+      graphdef, params, self.sampling, objective, self.schedule, self.decode,
+      self.context_encoder, max_source_len,
+    )  # fmt: skip
+
+  def sample_latents(self, model: LatentDenoiser, key: jax.Array, n: int, **kw) -> jax.Array:
+    """Latents [n, l, d] with the run's `sample` settings; kw: guidance_scale, labels, context."""
+    return self.sampler(model).latents(key, n, **kw)
+
+  def sample_text(self, model: LatentDenoiser, key: jax.Array, num_samples: int) -> list[dict]:
+    """Unconditional samples, class-conditional ones cycling through the classes, or (seq2seq) one
+    output for each of the first held-out sources."""
+    sampler = self.sampler(model)
+    if self.context_encoder is None:
+      return sampler.samples(key, num_samples, model.cfg.num_classes)
+    docs = held_out_sentences(self.config.data, num_samples)
+    texts = sampler.from_sources(key, [d["source"] for d in docs])
+    return [
+      {"source": d["source"], "text": t, "reference": d["text"], "nfe": sampler.nfe(True)}
+      for d, t in zip(docs, texts, strict=True)
+    ]
+
+
+class DecoderTuningMixin:
+  """Tunes an autoencoder task's reconstruction network and decoder to read a frozen denoiser's
+  estimates of a sentence's latents as that sentence (mixed in before the autoencoder task, whose
+  model, data and `reconstruction` loss it keeps).
+
+  A decoder trained only on encodings reads the space between them as subword salad, and a
+  denoiser's samples land there. Each sentence's latents z0 are noised to t ~ U(0, tune_t_max), the
+  frozen denoiser estimates x0_hat from z_t as a sampler would (`noised_estimates`), and the
+  decoder learns to reconstruct the sentence from x0_hat; a fraction `tune_clean_prob` of the rows
+  keeps the clean z0. Training-only latent noise of max std `tune_latent_noise` (None = the
+  autoencoder's) is added to either. Encoder and compressor stay frozen (`train.freeze`), so the
+  result is a complete autoencoder run that encodes as the autoencoder run did.
+
+  Stage fields (`stage_config`): autoencoder_workdir, denoiser_workdir, tune_clean_prob,
+  tune_t_max, cond_drop_prob, tune_latent_noise.
+  """
+
+  FROZEN = ("encoder", "compressor")
+  section: ClassVar[str]
+  stage_config: ClassVar[type]
+  denoiser_stage_config: ClassVar[type]  # the stage dataclass of the denoiser run's section
+  autoencoder_method: ClassVar[str]
+  denoiser_method: ClassVar[str]
+
+  def __init__(self, config):
+    super().__init__(config)
+    _ = self.stage  # validated now, before any work
+    freeze = tuple(config.train.freeze)
+    # A pretrained encoder (encoder != scratch) is frozen outside the train state: no parameters.
+    scratch = AutoencoderConfig.from_config(config.model, vocab_size=1).encoder == "scratch"
+    missing = [m for m in self.FROZEN if m not in freeze and (scratch or m != "encoder")]
+    if missing:
+      raise ConfigError(
+        f"train.freeze={list(freeze)} must include {missing}: the denoiser was trained on the "
+        "stage-1 encodings, so encoder and compressor may not change"
+      )
+    self._autoencoder = self._denoiser = None
+
+  @property
+  def stage(self) -> Any:
+    return dataclass_from_config(self.stage_config, self.config[self.section])
+
+  def autoencoder(self) -> stages.LoadedRun:
+    """The autoencoder run this one starts from; its model config must equal `config.model`."""
+    if self._autoencoder is None:
+      field = f"{self.section}.autoencoder_workdir"
+      path = self.stage.autoencoder_workdir
+      run = stages.load_stage_run(field, path, get_task, self.autoencoder_method)
+      want, have = self.config.model.to_dict(), run.config.model.to_dict()
+      stages.check_same_section("model", field, want, have)
+      self._autoencoder = run
+    return self._autoencoder
+
+  def denoiser(self) -> stages.LoadedRun:
+    """The frozen denoiser run (EMA params if any), trained on this autoencoder's latents."""
+    if self._denoiser is None:
+      lc, s = self.stage, self.section
+      field = f"{s}.denoiser_workdir"
+      run = stages.load_stage_run(field, lc.denoiser_workdir, get_task, self.denoiser_method)
+      if dataclass_from_config(self.denoiser_stage_config, run.config[s]).context_encoder:
+        raise ConfigError(
+          f"{field}={lc.denoiser_workdir!r} is a seq2seq denoiser; decoder tuning supports "
+          "unconditional and class-conditional denoisers"
+        )
+      ae_field, have = f"{s}.autoencoder_workdir", run.config[s].autoencoder_workdir
+      mine = lc.autoencoder_workdir
+      stages.check_same_run(f"{field}'s {ae_field}", have, ae_field, mine, SHARED_AE)
+      self._denoiser = run
+    return self._denoiser
+
+  def data_tokenizer(self):
+    """The autoencoder run's tokenizer (loading both frozen runs now, outside any trace)."""
+    self.denoiser()
+    return self.autoencoder().tokenizer
+
+  def initial_params(self, params):
+    """Every weight of the autoencoder run."""
+    field, path = f"{self.section}.autoencoder_workdir", self.stage.autoencoder_workdir
+    ae, names = self.autoencoder().params, ("autoencoder run", "model")
+    return stages.copy_params(params, ae, field=field, path=path, names=names, complete=True)[0]
+
+  def estimates(self, z0: jax.Array, labels: jax.Array | None, key: jax.Array):
+    """The frozen denoiser's x0 estimates of latents z0 noised to t ~ U(0, tune_t_max)
+    (no gradient): (x0_hat [B, l, d], t [B])."""
+    lc, run = self.stage, self.denoiser()
+    den = run.model()
+    dlc = dataclass_from_config(self.denoiser_stage_config, run.config[self.section])
+    if den.cfg.num_classes and labels is None:
+      raise ConfigError("the denoiser is class-conditional but the sentences have no labels")
+    return noised_estimates(
+      den,
+      z0,
+      key,
+      t_max=float(lc.tune_t_max),
+      objective=dlc.objective,
+      schedule=CosineSchedule(scale=float(dlc.schedule_scale)),
+      labels=labels if den.cfg.num_classes else None,
+      cond_drop_prob=lc.cond_drop_prob,
+      self_condition=den.cfg.self_condition,
+      project=sphere(self.config.model.normalize_latents),
+    )
+
+  def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array, train: bool = True):
+    z0 = jax.lax.stop_gradient(tl.encode_latents(model, batch["tokens"], batch["valid"]))
+    k_est, k_clean, k_rest = jax.random.split(key, 3)
+    x0_hat, _ = self.estimates(z0, batch.get("label"), k_est)
+    clean = jax.random.bernoulli(k_clean, self.stage.tune_clean_prob, (z0.shape[0],))
+    latents = jnp.where(clean[:, None, None], z0, x0_hat)
+    kw = dict(latents=latents, latent_noise=self.stage.tune_latent_noise)
+    loss, metrics = self.reconstruction(model, batch, k_rest, train, **kw)
+    return loss, dict(metrics, estimate_mse=jnp.mean(jnp.square(x0_hat - z0)))
