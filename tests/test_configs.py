@@ -6,7 +6,7 @@ import jax
 import pytest
 from flax import nnx
 
-from lsd.config import ConfigError, load_config_file
+from lsd.config import ConfigError, check_positive, check_range, load_config_file
 from lsd.methods import get_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -53,3 +53,19 @@ def test_config_initialises_under_eval_shape(path, arg):
   assert n_params > 0
   if arg == "size=base" and config.method in ("sbd", "causal_lm"):
     assert 100e6 < n_params < 130e6  # the paper's 110M-class model
+
+
+def test_number_checks_reject_booleans():
+  # True is an int in Python: a boolean where a number belongs is a mistake to name, not 1.
+  check_positive("train.steps", 3)
+  check_positive("train.warmup_steps", 0, allow_zero=True)
+  check_range("train.b1", 1, 0.0, 1.0)
+  check_range("train.b1", 0.9, 0.0, 1.0)
+  with pytest.raises(ConfigError, match=r"^train.steps=True must be a number > 0$"):
+    check_positive("train.steps", True)
+  with pytest.raises(ConfigError, match=r"^train.warmup_steps=False must be a number >= 0$"):
+    check_positive("train.warmup_steps", False, allow_zero=True)
+  with pytest.raises(ConfigError, match=r"^train.b1=True must be a number in \[0.0, 1.0\]$"):
+    check_range("train.b1", True, 0.0, 1.0)
+  with pytest.raises(ConfigError, match=r"^train.lr='1e-3' must be a number > 0$"):
+    check_positive("train.lr", "1e-3")
