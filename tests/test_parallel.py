@@ -119,6 +119,22 @@ def test_adam_moments_and_ema_are_sharded_like_their_params():
   assert state.step.sharding.spec == jax.sharding.PartitionSpec()
 
 
+def test_frozen_parameters_keep_empty_optimizer_slots_under_sharding():
+  """train.freeze: frozen parameters get no moments (optax MaskedNode), the others are sharded
+  like their parameters."""
+  _, state, _ = run_steps({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices(), 1, freeze=("blocks",))
+  mu = next(
+    s.mu
+    for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+    if hasattr(s, "mu")
+  )
+  assert jax.tree.leaves(mu["blocks"]) == []  # frozen: empty slots
+  trained = {k: v for k, v in state.params.items() if k != "blocks"}
+  assert [x.sharding.spec for x in jax.tree.leaves({k: mu[k] for k in trained})] == [
+    x.sharding.spec for x in jax.tree.leaves(trained)
+  ]
+
+
 @pytest.mark.parametrize("accum", [2, 4])
 def test_grad_accum_gives_the_update_of_one_big_batch(accum):
   """Microbatches (rows of unequal valid-token counts) combined by the task's loss weight give the

@@ -57,10 +57,15 @@ def default_train_config() -> ml_collections.ConfigDict:
   )
 
 
+def _check_int(field: str, value, lo: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    raise ConfigError(f"{field}={value!r} must be an int >= {lo}")
+
+
 def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
-  check_positive("train.steps", cfg.steps)
+  _check_int("train.steps", cfg.steps, 1)
   check_positive("train.lr", cfg.lr)
-  check_positive("train.warmup_steps", cfg.warmup_steps, allow_zero=True)
+  _check_int("train.warmup_steps", cfg.warmup_steps, 0)
   check_range("train.min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0)
   check_positive("train.weight_decay", cfg.weight_decay, allow_zero=True)
   check_range("train.b1", cfg.b1, 0.0, 1.0)
@@ -69,7 +74,7 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   check_range("train.ema_decay", cfg.ema_decay, 0.0, 1.0)
   check_positive("train.ema_warmup_power", cfg.get("ema_warmup_power", 0.0), allow_zero=True)
   freeze = cfg.get("freeze", ())
-  if isinstance(freeze, str) or not all(isinstance(f, str) and f for f in freeze):
+  if not isinstance(freeze, list | tuple) or not all(isinstance(f, str) and f for f in freeze):
     raise ConfigError(
       f"train.freeze={freeze!r} must be a list of parameter path prefixes such as "
       "['encoder', 'compressor'] (empty = train everything)"
@@ -77,9 +82,10 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   accum = cfg.get("grad_accum", 1)
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ConfigError(f"train.grad_accum={accum!r} must be an int >= 1 (microbatches per step)")
-  check_positive("train.log_every", cfg.log_every)
-  check_positive("train.ckpt_every", cfg.ckpt_every)
-  check_positive("train.keep_checkpoints", cfg.keep_checkpoints)
+  for name in ("log_every", "ckpt_every", "keep_checkpoints"):
+    _check_int(f"train.{name}", cfg[name], 1)
+  for name in ("eval_every", "eval_batches", "num_samples"):  # eval_every 0: only at the end
+    _check_int(f"train.{name}", cfg.get(name, 0), 0)
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -151,12 +157,14 @@ def train_state_shardings(params: nnx.State, tx: optax.GradientTransformation, e
 
   rep = NamedSharding(mesh, PartitionSpec())
   param_sh = jax.tree.map(lambda x: x.sharding, params)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen parameters' empty optimiser slots
   opt_sh = optax.tree_map_params(
     tx,
-    lambda _, sharding: sharding,
+    lambda leaf, sharding: leaf if masked(leaf) else sharding,
     jax.eval_shape(tx.init, params),
     param_sh,
     transform_non_params=lambda _: rep,
+    is_leaf=masked,
   )
   return TrainState(
     step=rep, params=param_sh, opt_state=opt_sh, ema=param_sh if ema else None, nonfinite=rep
