@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 
+from lsd.config import ConfigError
 from lsd.train.stages import LoadedRun, load_run
 
 __all__ = [
@@ -40,6 +41,8 @@ def load(workdir: str | Path, *, step: int | None = None, use_ema: bool = True) 
 
 def sample(run: LoadedRun, key: jax.Array, num_samples: int) -> list[dict]:
   """Samples from a loaded run with the run's sampler settings (`config.sample`)."""
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    raise ConfigError(f"num_samples={num_samples!r} must be an int >= 1")
   return run.task.sample_text(run.model(), key, num_samples)
 
 
