@@ -3,6 +3,7 @@
 lsd train  --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]
 lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
+lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     description="Diffusion language models in JAX: train, sample, evaluate.",
     epilog="Run `lsd <verb> --help` for the options of each verb.",
   )
-  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval}")
+  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval,compile}")
   t = verbs.add_parser(
     "train",
     help="train a model (resumes from --workdir automatically)",
@@ -108,7 +109,31 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--classifier", default=None, help="LinearProbe .npz for --metrics classifier")
   e.add_argument("--gen_ppl", action="store_true", help="also score with the judge LM")
   e.add_argument("--out", required=True, help="output prefix")
+  _compile_parser(verbs)
   return p
+
+
+def _compile_parser(verbs) -> None:
+  c = verbs.add_parser(
+    "compile",
+    help="compile the train step for a TPU topology (no TPU, no data): memory, FLOPs, fit",
+    description="Lower and compile the train step (or, with --sampler, the sampler) for a TPU "
+    "topology with the trainer's shardings, on any machine with libtpu installed (pip install "
+    "'lsd[aot]'), and report per-device memory against the HBM, FLOPs per step, whether it fits "
+    "and which levers to try. Override any field with --config.<field>=<value>. Exit code 4 when "
+    "it does not fit.",
+  )
+  c.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/sbd.py:size=base")
+  c.add_argument(
+    "--topology",
+    required=True,
+    help="a slice (v5e-16, v4-32, v5p-128, v5e-1, v2-8, ...), a libtpu topology (v5e:4x4, "
+    "v4:2x2x4) or 'local' (this machine's devices)",
+  )
+  c.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 16,1,1 or -1,4,1")
+  c.add_argument("--sampler", action="store_true", help="compile the sampler instead")
+  c.add_argument("--num_samples", type=_positive_int, default=8, help="sampler batch (--sampler)")
+  c.add_argument("--out", default=None, help="report JSON (default compile-<topology>.json)")
 
 
 def _train(args, overrides) -> None:
@@ -216,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.verb is None:
     _parser().print_help()
     return 2
-  if overrides and args.verb != "train":
+  if overrides and args.verb not in ("train", "compile"):
     print(f"lsd {args.verb}: --config.* overrides apply only to `lsd train`", file=sys.stderr)
     return 2
   try:
@@ -224,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
       _train(args, overrides)
     elif args.verb == "sample":
       _sample(args)
+    elif args.verb == "compile":
+      return _compile(args, overrides)
     else:
       _eval(args)
   except Exception as e:
@@ -235,6 +262,35 @@ def main(argv: list[str] | None = None) -> int:
       print("(set LSD_DEBUG=1 to see the traceback)", file=sys.stderr)
     return code
   return 0
+
+
+def _compile(args, overrides) -> int:
+  from lsd.config import apply_override, load_config_file
+  from lsd.methods import abstract, get_task
+  from lsd.train import aot
+  from lsd.train.state import validate_train_config
+
+  config = load_config_file(args.config)
+  if args.mesh:
+    aot.set_mesh_sizes(config.mesh, args.mesh)
+  for dotted, raw in overrides:
+    apply_override(config, dotted, raw)
+  validate_train_config(config.train)
+  local = args.topology == "local"
+  topology = aot.local_topology() if local else aot.describe_topology(args.topology)
+  task = get_task(config)
+  task.validate()
+  abstract.prepare(task)
+  if args.sampler:
+    report = aot.compile_sampler(config, task, topology, args.num_samples)
+  else:
+    batch = abstract.batch(task, config.data.batch_size)
+    report = aot.compile_train_step(config, task, topology, batch)
+  print(aot.format_report(report))
+  out = args.out or f"compile-{args.topology.replace(':', '-')}.json"
+  aot.write_report(out, report, config=args.config, overrides=[f"{k}={v}" for k, v in overrides])
+  print(f"report: {out}")
+  return 4 if report.fits is False else 0
 
 
 def _exit_code(e: BaseException) -> int | None:

@@ -51,6 +51,13 @@ class CausalLMTask(Task):
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     return transformer_flops_per_token(cfg, self.config.data.seq_len, n)
 
+  def lower_sampler(self, graphdef, params, key, num_samples: int):
+    """`generate` (KV-cached decoding of sample.max_new_tokens from <bos>), lowered."""
+    scfg = self.config.sample
+    prompt = jax.ShapeDtypeStruct((num_samples, 1), jnp.int32)
+    kw = dict(max_new_tokens=scfg.max_new_tokens, top_p=scfg.top_p, temperature=scfg.temperature)
+    return generate.lower(graphdef, params, key, prompt, **kw)
+
   def sample_text(self, model: Transformer, key: jax.Array, num_samples: int) -> list[dict]:
     scfg = self.config.sample
     graphdef, params = nnx.split(model)

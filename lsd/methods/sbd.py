@@ -155,6 +155,12 @@ class SBDTask(Task):
   def sampler_config(self, length: int | None = None) -> SBDSamplerConfig:
     return sampler_config(self.config.sample, length or self.config.data.seq_len)
 
+  def lower_sampler(self, graphdef, params, key, num_samples: int):
+    """`draft_then_revise` (the whole draft-then-revise sampler, one jitted call), lowered."""
+    length = self.config.data.seq_len
+    cfg = self.sampler_config(length)
+    return draft_then_revise.lower(graphdef, params, key, batch=num_samples, length=length, cfg=cfg)
+
   def sample_text(self, model: MaskedLM, key: jax.Array, num_samples: int) -> list[dict]:
     """Draft-then-revise samples: revised text and tokens plus the draft, snapshot confidences and
     NFE per stage (column 0 = draft)."""

@@ -77,6 +77,29 @@ class Task(abc.ABC):
     """Approximate training FLOPs per token (6 * params + attention), for MFU. 0 if unknown."""
     return 0.0
 
+  def prepare_abstract(self) -> None:
+    """Makes `build_model`, `loss` and `flops_per_token` usable without data, for ahead-of-time
+    compilation (`lsd compile`, `lsd.train.aot`). The default gives a task with no tokenizer yet
+    the one its `data.tokenizer` config describes (`lsd.train.aot.config_tokenizer`: the real one
+    when it needs no training, else a stand-in with `vocab_size` ids)."""
+    if self.tokenizer is None:
+      from lsd.train.aot import config_tokenizer
+
+      self.tokenizer = config_tokenizer(self.config.data.tokenizer)
+
+  def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global training batch of `batch_size` rows, as `make_data`'s
+    iterator yields them (stacked over processes). The default is the packed-canvas pipeline:
+    {"tokens": int32[B, L], "valid": bool[B, L]}, L = data.seq_len."""
+    from lsd.train.aot import abstract_lm_batch
+
+    return abstract_lm_batch(batch_size, int(self.config.data.seq_len))
+
+  def lower_sampler(self, graphdef: nnx.GraphDef, params, key, num_samples: int):
+    """The jitted sampler behind `sample_text`, lowered (`jax.stages.Lowered`) for abstract
+    `params` and `key` (ShapeDtypeStructs with shardings), for `lsd compile --sampler`."""
+    raise NotImplementedError(f"task {self.name!r} has no sampler that compiles ahead of time")
+
   def sample_text(self, model: nnx.Module, key: jax.Array, num_samples: int) -> list[Any]:
     """Samples for the end-of-training printout and `lsd sample`; list of strings or dicts."""
     raise NotImplementedError(f"task {self.name!r} has no sampler")
