@@ -58,13 +58,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lsd import api  # noqa: E402
+from lsd.api import train  # noqa: E402
 from lsd.config import load_config_file  # noqa: E402
 from lsd.data import split_documents  # noqa: E402
 from lsd.data.sentences import load_sentences  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import LinearProbe, bleu, mauve, unigram_entropy  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
-from lsd.train.trainer import train  # noqa: E402
 
 # Decodings of latents to text (overrides of a run's `sample` settings), for --decode.
 DECODINGS = {

@@ -49,11 +49,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lsd import api  # noqa: E402
+from lsd.api import train  # noqa: E402
 from lsd.config import apply_override, load_config_file  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, mauve, unigram_entropy  # noqa: E402
 from lsd.train.checkpoint import Checkpointer  # noqa: E402
-from lsd.train.trainer import train  # noqa: E402
 
 # name -> {"ae": {dotted config field: value}, "diffusion": {...}} overrides of the tiny configs.
 # The noise variants ran with the 2048-entry BPE that was the tiny default then (now 4096).

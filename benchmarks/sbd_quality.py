@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lsd import api  # noqa: E402
+from lsd.api import train  # noqa: E402
 from lsd.config import load_config_file  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import unigram_entropy  # noqa: E402
@@ -47,7 +48,6 @@ from lsd.sampling.revise import (  # noqa: E402
   draft_then_revise,
   mdlm_sample,
 )
-from lsd.train.trainer import train  # noqa: E402
 
 L = 128
 MODELS = {

@@ -28,6 +28,7 @@ __all__ = [
   "interpolate_texts",
   "load",
   "sample",
+  "train",
 ]
 
 
@@ -37,6 +38,15 @@ def load(workdir: str | Path, *, step: int | None = None, use_ema: bool = True) 
   from lsd.methods import get_task
 
   return load_run(workdir, get_task, step=step, use_ema=use_ema)
+
+
+def train(config, workdir: str | Path, **kwargs):
+  """Trains `config` in `workdir` (resuming if it holds a run): `lsd.train.trainer.train` with the
+  method's task from the registry (`lsd.methods.get_task`). `kwargs` go to the trainer."""
+  from lsd.methods import get_task
+  from lsd.train.trainer import train as run_trainer
+
+  return run_trainer(config, workdir, task=kwargs.pop("task", None) or get_task(config), **kwargs)
 
 
 def sample(run: LoadedRun, key: jax.Array, num_samples: int) -> list[dict]:

@@ -138,7 +138,7 @@ def _compile_parser(verbs) -> None:
 
 def _train(args, overrides) -> None:
   from lsd.config import apply_override, from_json_file, load_config_file
-  from lsd.train.trainer import train
+  from lsd.api import train
 
   if args.coordinator:
     import jax

@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 import lsd.api
 import lsd.models.autoencoder as ae_mod
+from lsd.api import train
 from lsd.config import ConfigError, load_config_file
 from lsd.data.latent_cache import latent_rows
 from lsd.data.sentences import (
@@ -32,7 +33,7 @@ from lsd.methods import get_task
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling import latent as ls
-from lsd.train.trainer import check_freeze, train
+from lsd.train.trainer import check_freeze
 
 SENTENCES = [
   "the food was great .",

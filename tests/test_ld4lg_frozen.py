@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import lsd.api
+from lsd.api import train
 from lsd.config import ConfigError, load_config_file
 from lsd.convert.hf import load_minilm
 from lsd.data.sentences import encode_sentences
@@ -19,7 +20,6 @@ from lsd.eval import metrics
 from lsd.methods import get_task
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling.text_latent import encode_tokens
-from lsd.train.trainer import train
 
 TEXTS = [
   "the food was great .",

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 import lsd.api
+from lsd.api import train
 from lsd.config import load_config_file
-from lsd.train.trainer import train
 
 GOLDEN = Path(__file__).parent / "golden" / "ld4lg_test_e2e.json"
 WORDS = (

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 import lsd.api
+from lsd.api import train
 from lsd.config import ConfigError, load_config_file
 from lsd.data.sources import load_documents
 from lsd.data.tokenizer import Tokenizer
 from lsd.main import main as lsd_main
 from lsd.train.checkpoint import Checkpointer, CheckpointMismatch
-from lsd.train.trainer import CheckpointWriteError, train
+from lsd.train.trainer import CheckpointWriteError
 from lsd.train.workdir import WorkdirBusy, WorkdirLock
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()

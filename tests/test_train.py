@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from lsd.api import train
 from lsd.config import ConfigError, apply_override, load_config_file
-from lsd.train.trainer import TrainingDiverged, train
+from lsd.train.trainer import TrainingDiverged
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
 

@@ -81,21 +81,19 @@ def train(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
   *,
-  task: Task | None = None,
+  task: Task,
   stop_after: int | None = None,
   record_every_step: bool = False,
 ) -> TrainResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+  """Trains `task` (built from `config`, e.g. by `lsd.methods.get_task`; `lsd.api.train` does both)
+  in `workdir`, resuming from its latest checkpoint if there is one.
 
   `stop_after` ends the call after that many completed steps (a simulated interruption: the final
   checkpoint is written as on a normal exit). `record_every_step` fetches every step's loss (tests).
   """
   # ---------------------------------------------------------------- setup
-  from lsd.methods import get_task
-
   workdir = Path(workdir)
   validate_train_config(config.train)
-  task = task or get_task(config)
   task.validate()  # everything checkable before data loading: model, sampler, eval settings
   tcfg = config.train
   is_main = jax.process_index() == 0
@@ -160,8 +158,9 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
   if is_main:
     atomic_write_text(workdir / "config.json", to_json(config))
   writer = MetricWriter(workdir, enabled=is_main)
-  if resuming:
-    writer.truncate_after(start)  # the replayed steps are logged again below
+  # The steps after the restored one are logged again below; a run that starts over (killed before
+  # its first checkpoint) drops every row of the attempt that left no checkpoint.
+  writer.truncate_after(start)
   say(
     f"lsd: {task.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
     f"{'resuming at step ' + str(start) if start else 'fresh run'} | workdir {workdir}",
