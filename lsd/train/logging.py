@@ -118,3 +118,50 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_total: float) -> float:
+  """Model FLOP utilisation: the task's analytic training FLOPs per token x tokens per second (all
+  devices) over the peak FLOP/s of all devices."""
+  return flops_per_token * tokens_per_s / peak_flops_total
+
+
+def peak_flops_total(configured: float, devices) -> float | None:
+  """Peak FLOP/s of `devices` for MFU: `train.peak_flops` per device when set (> 0), else the
+  known dense bf16 peak of their kind (lsd.train.aot.DEVICE_SPECS); None when unknown (CPU)."""
+  from lsd.train.aot import peak_flops
+
+  per_device = float(configured or 0.0) or peak_flops(devices[0].device_kind)
+  return per_device * len(devices) if per_device else None
+
+
+class ProfileWindow:
+  """A `jax.profiler` trace of the steps i with start <= i < stop (0-based: the trace begins before
+  step `start` runs and ends once step stop - 1 has finished) into `directory`, for TensorBoard's
+  profile plugin or Perfetto; a no-op for `steps` = () or a window the run does not reach."""
+
+  def __init__(self, directory: Path, steps):
+    steps = tuple(int(s) for s in steps)
+    self.directory, self.window, self.active = Path(directory), steps, False
+
+  def before(self, step: int) -> None:
+    if self.window and step == self.window[0] and not self.active:
+      import jax
+
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after(self, done: int, outputs) -> None:
+    if self.active and done >= self.window[1]:
+      import jax
+
+      jax.block_until_ready(outputs)  # the traced steps' device work ends inside the trace
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      import jax
+
+      jax.profiler.stop_trace()
+      self.active = False

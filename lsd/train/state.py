@@ -46,6 +46,12 @@ def default_train_config() -> ml_collections.ConfigDict:
       # memory. Losses that are weighted means report their weight as metrics["loss_weight"].
       "grad_accum": 1,
       "log_every": 10,
+      # [start, stop]: a jax.profiler trace of steps start..stop-1 (0-based) into workdir/profile/
+      # (TensorBoard profile plugin, Perfetto); [] = none.
+      "profile_steps": (),
+      # Peak FLOP/s of one device for the logged `mfu`; 0 = the known peak of the device kind
+      # (lsd.train.aot.DEVICE_SPECS: TPUs, common GPUs). No known peak (CPU): no mfu logged.
+      "peak_flops": 0.0,
       "eval_every": 0,  # 0: only at the end
       "eval_batches": 4,
       "ckpt_every": 200,
@@ -82,6 +88,16 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   accum = cfg.get("grad_accum", 1)
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ConfigError(f"train.grad_accum={accum!r} must be an int >= 1 (microbatches per step)")
+  window = cfg.get("profile_steps", ())
+  ints = isinstance(window, list | tuple) and all(
+    isinstance(x, int) and not isinstance(x, bool) for x in window
+  )
+  if not ints or len(window) not in (0, 2) or (window and not 0 <= window[0] < window[1]):
+    raise ConfigError(
+      f"train.profile_steps={window!r} must be [] or [start, stop] with 0 <= start < stop "
+      "(steps traced into workdir/profile/)"
+    )
+  check_positive("train.peak_flops", cfg.get("peak_flops", 0.0), allow_zero=True)
   for name in ("log_every", "ckpt_every", "keep_checkpoints"):
     _check_int(f"train.{name}", cfg[name], 1)
   for name in ("eval_every", "eval_batches", "num_samples"):  # eval_every 0: only at the end

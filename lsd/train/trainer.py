@@ -25,7 +25,14 @@ from lsd.config import ConfigError, to_json
 from lsd.fileio import atomic_write_text
 from lsd.parallel import batch_sharding, make_mesh, replicated, rules_from_config, sharded_init
 from lsd.train.checkpoint import Checkpointer
-from lsd.train.logging import MetricWriter, Progress, plot_loss_curve
+from lsd.train.logging import (
+  MetricWriter,
+  ProfileWindow,
+  Progress,
+  mfu,
+  peak_flops_total,
+  plot_loss_curve,
+)
 from lsd.train.state import (
   TrainState,
   init_sharded_state,
@@ -199,6 +206,10 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
   eval_loss = None
   stopped_by = None
   multi = jax.process_count() > 1
+  # MFU: the task's analytic FLOPs per token over the devices' peak (logged when both are known).
+  flops_per_token = float(task.flops_per_token() or 0.0)
+  peak = peak_flops_total(tcfg.get("peak_flops", 0.0), jax.devices())
+  profile = ProfileWindow(workdir / "profile", tcfg.get("profile_steps", ()))
   # An ambient mesh lets the model pin activations to the batch split (mesh.constrain_activations).
   ambient = jax.set_mesh(mesh) if config.mesh.get("constrain_activations") else nullcontext()
   try:
@@ -206,8 +217,10 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
       for step in range(start, end):
         batch = to_global(next(data_iter), mesh, rules)
         tokens_since += task.tokens_in(batch)
+        profile.before(step)
         state, metrics = train_step(state, batch)
         done = step + 1
+        profile.after(done, state)
         if record_every_step:
           losses[done] = float(metrics["loss"])
         if done % tcfg.log_every == 0 or done == end:
@@ -216,6 +229,8 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
           dt = time.perf_counter() - t_log
           host["tokens_per_s"] = tokens_since / max(dt, 1e-9)
           host["steps_per_s"] = (done - last_log) / max(dt, 1e-9)
+          if flops_per_token and peak:
+            host["mfu"] = mfu(flops_per_token, host["tokens_per_s"], peak)
           writer.write(done, host)  # before the guard: the diverging window is logged too
           _check_finite(state, ckpt)
           progress.update(
@@ -241,6 +256,7 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
         _save(ckpt, final, state, data_iter, force=True)
       _save(ckpt, final, None, None, force=False)  # waits for pending asynchronous writes
   finally:
+    profile.close()
     progress.close()
     writer.close()
     try:
