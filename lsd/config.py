@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import numbers
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -149,21 +150,61 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
       f"--config.{dotted}={raw!r} does not parse as {type(current).__name__} "
       f"(current value {current!r})"
     ) from e
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as e:  # a ConfigDict field keeps its type: a list field takes no number
+    raise ConfigError(
+      f"--config.{dotted}={raw!r} is a {type(value).__name__}; the field holds a "
+      f"{type(current).__name__} (current value {current!r})"
+    ) from e
 
 
 def from_json_file(path: Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(Path(path).read_text()))
 
 
+# Field annotations whose values dataclass_from_config checks: (test, what is accepted).
+_SCALAR_TYPES = {
+  "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an int"),
+  "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+  "bool": (lambda v: isinstance(v, bool), "true or false"),
+  "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_field_types(cls, values: dict[str, Any]) -> None:
+  """Raises ConfigError for a value whose type does not match its dataclass field's annotation
+  (int, float, bool, str, or one of those `| None`); other annotations are not checked. A config
+  read from a hand-edited config.json can hold any JSON value in any field."""
+  import dataclasses
+
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
+      continue
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    value = values[f.name]
+    if kind not in _SCALAR_TYPES or (optional and value is None):
+      continue
+    test, accepted = _SCALAR_TYPES[kind]
+    if not test(value):
+      accepted += " or null" if optional else ""
+      raise ConfigError(
+        f"{f.name}={value!r} must be {accepted} (field {f.name!r} of {cls.__name__}; got a "
+        f"{type(value).__name__})"
+      )
+
+
 def dataclass_from_config(cls, cfg: ml_collections.ConfigDict, **overrides):
-  """Builds a config dataclass from the ConfigDict fields it declares (others are ignored), then
-  calls its `validate()`."""
+  """Builds a config dataclass from the ConfigDict fields it declares (others are ignored), after
+  checking their types against the annotations, then calls its `validate()`."""
   import dataclasses
 
   fields = {f.name for f in dataclasses.fields(cls)}
   values = {k: v for k, v in cfg.items() if k in fields}
   values.update(overrides)
+  check_field_types(cls, values)
   out = cls(**values)
   out.validate()
   return out

@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     code = _exit_code(e)
     if code is None or os.environ.get("LSD_DEBUG"):
       raise
-    print(f"lsd {args.verb}: error: {e}", file=sys.stderr)
+    # One line, whatever the message holds (a ConfigDict value prints as several YAML lines).
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"lsd {args.verb}: error: {text}", file=sys.stderr)
     if code == 1:
       print("(set LSD_DEBUG=1 to see the traceback)", file=sys.stderr)
     return code

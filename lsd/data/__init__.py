@@ -104,7 +104,7 @@ def check_data_config(cfg, process_count: int = 1) -> None:
   encoding = cfg.get("encoding", "utf-8")  # absent from runs written before the field existed
   try:
     codecs.lookup(encoding)
-  except (LookupError, TypeError) as e:
+  except (LookupError, TypeError, ValueError) as e:  # ValueError: a NUL in the name
     raise ConfigError(
       f"data.encoding={encoding!r} is not a text encoding Python knows; accepted: a codec name "
       "such as 'utf-8', 'latin-1' or 'cp1252'"

@@ -50,11 +50,19 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
   if not samples:
     raise ConfigError(f"--samples {str(path)!r} holds no records (one JSON object per line)")
   for i, s in enumerate(samples):
+    where = f"--samples {str(path)!r} record {i + 1}"
     if not isinstance(s.get("text"), str):
       got = f"fields {sorted(s)}" if "text" not in s else f"text={s['text']!r}"
-      raise ConfigError(
-        f"--samples {str(path)!r} record {i + 1}: needs a string field 'text'; it has {got}"
-      )
+      raise ConfigError(f"{where}: needs a string field 'text'; it has {got}")
+    # Optional fields the metrics read: NFE counts and model token ids.
+    nfe = s.get("nfe", 0)
+    if isinstance(nfe, bool) or not isinstance(nfe, int | float):
+      raise ConfigError(f"{where}: nfe={nfe!r} must be a number (function evaluations)")
+    tokens = s.get("tokens", [])
+    if not isinstance(tokens, list) or not all(
+      isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+      raise ConfigError(f"{where}: tokens={tokens!r} must be a list of token ids (ints)")
   return samples
 
 

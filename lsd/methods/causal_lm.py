@@ -8,6 +8,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lsd.config import ConfigError, check_positive, check_range
 from lsd.nn import Transformer, TransformerConfig, causal_mask
 from lsd.sampling.autoregressive import generate
 from lsd.train.task import Batch, Task
@@ -28,6 +29,13 @@ class CausalLMTask(Task):
   def validate(self) -> None:
     # The vocabulary comes from the tokenizer; any size checks the other model fields.
     TransformerConfig.from_config(self.config.model, vocab_size=8)
+    # The end-of-training samples: a bad sample field must not surface only after the whole run.
+    s = self.config.sample
+    check_range("sample.top_p", s.top_p, 0.0, 1.0)  # 0 = greedy
+    check_positive("sample.temperature", s.temperature)
+    n = s.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ConfigError(f"sample.max_new_tokens={n!r} must be an int >= 1")
 
   def model_config(self) -> TransformerConfig:
     return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)

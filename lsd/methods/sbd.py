@@ -192,20 +192,39 @@ def default_sample_config() -> ml_collections.ConfigDict:
 def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerConfig:
   """`config.sample` -> the static sampler config; raises ConfigError naming the bad field."""
   d = cfg.draft
+
+  def num(kind, field, value):  # a ValueError naming the field for a value of the wrong type
+    try:
+      if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError
+      return kind(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+      msg = f"{field}={value!r} must be {'an int' if kind is int else 'a number'}"
+      raise ValueError(msg) from None
+
   try:
     draft = DraftConfig(
-      block_size=int(d.block_size or length),
-      steps_per_block=int(d.steps_per_block),
-      top_p=float(d.top_p),
-      temperature=float(d.temperature),
+      block_size=num(int, "draft.block_size", d.block_size or length),
+      steps_per_block=num(int, "draft.steps_per_block", d.steps_per_block),
+      top_p=num(float, "draft.top_p", d.top_p),
+      temperature=num(float, "draft.temperature", d.temperature),
       use_cache=bool(d.use_cache),
       confidence=str(d.confidence),
     )
     stages = []
+    if not isinstance(cfg.stages, list | tuple):
+      raise ValueError(
+        f"stages={cfg.stages!r} must be a list of [block_size, gamma, steps(, score)]"
+      )
     for k, st in enumerate(cfg.stages):
-      if len(st) not in (3, 4):
-        raise ValueError(f"stages[{k}]={list(st)!r} must be [block_size, gamma, steps(, score)]")
-      stages.append(StageConfig(int(st[0]) or length, float(st[1]), int(st[2]), *st[3:]))
+      if not isinstance(st, list | tuple) or len(st) not in (3, 4):
+        raise ValueError(f"stages[{k}]={st!r} must be [block_size, gamma, steps(, score)]")
+      block, gamma, steps = (
+        num(int, f"stages[{k}][0]", st[0]),
+        num(float, f"stages[{k}][1]", st[1]),
+        num(int, f"stages[{k}][2]", st[2]),
+      )
+      stages.append(StageConfig(block or length, gamma, steps, *st[3:]))
     out = SBDSamplerConfig(draft=draft, stages=tuple(stages))
     out.validate(length)
   except ValueError as e:

@@ -48,10 +48,10 @@ def default_mesh_config() -> ml_collections.ConfigDict:
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  sizes = [int(cfg[a]) for a in MESH_AXES]
+  sizes = [cfg[a] for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes, strict=True):
-    if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis}={size} must be a positive integer or -1 (auto)")
+    if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size!r} must be a positive integer or -1 (auto)")
   if sizes.count(-1) > 1:
     raise ConfigError(
       f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))}: at most one may be -1"
@@ -80,8 +80,16 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> dict[str, str | tuple[str, ...] | None]:
   rules = {}
-  for entry in cfg.get("rules", DEFAULT_RULES):
-    name, target = entry[0], entry[1]
+  entries = cfg.get("rules", DEFAULT_RULES)
+  shape = "[logical_axis, mesh_axis | [mesh_axes] | null] pairs, e.g. [['embed', 'fsdp']]"
+  if not isinstance(entries, list | tuple):
+    raise ConfigError(f"mesh.rules={entries!r} must be a list of {shape}")
+  for entry in entries:
+    ok = isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str)
+    target = entry[1] if ok else None
+    if not ok or not (target is None or isinstance(target, str | list | tuple)):
+      raise ConfigError(f"mesh.rules entry {entry!r} must be one of the {shape}")
+    name = entry[0]
     targets = (target,) if isinstance(target, str) else tuple(target or ())
     for t in targets:
       if t not in MESH_AXES:
