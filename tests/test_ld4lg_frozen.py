@@ -13,9 +13,9 @@ from flax import nnx
 import lsd.api
 from lsd.api import train
 from lsd.config import ConfigError, load_config_file
-from lsd.convert.hf import load_minilm
+from lsd.convert.encoders import load_minilm
 from lsd.data.sentences import encode_sentences
-from lsd.data.tokenizer import minilm_tokenizer
+from lsd.data.tokenizer import encoder_tokenizer
 from lsd.eval import metrics
 from lsd.methods import get_task
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
@@ -37,7 +37,7 @@ def minilm():
 
 def test_minilm_tokenizer_keeps_bert_ids_with_lsd_special_names(minilm):
   _, bert_tok = minilm
-  tok = minilm_tokenizer()
+  tok = encoder_tokenizer("minilm")
   assert tok.vocab_size == 30522
   assert tok.special_ids == (0, 101, 102, 103)  # [PAD] [CLS] [SEP] [MASK]
   for text in TEXTS:
@@ -133,7 +133,7 @@ def test_seq2seq_rows_carry_the_source_and_the_loss_uses_it(tmp_path, e2e_csv, e
   task = get_task(cfg)
   data = task.make_data(tmp_path, process_index=0, process_count=1)
   batch = next(data.train_iter())
-  src_tok = minilm_tokenizer()
+  src_tok = encoder_tokenizer("minilm")
   assert batch["source_tokens"].shape == (cfg.data.batch_size, cfg.data.max_source_len)
   row = batch["source_tokens"][0][batch["source_valid"][0]].tolist()
   assert row[0] == src_tok.bos_id and row[-1] == src_tok.eos_id
@@ -232,7 +232,7 @@ def test_context_config_errors_name_the_field():
     cfg.sample.candidates = bad
     with pytest.raises(ConfigError, match=f"sample.candidates={bad} must be an integer >= 1"):
       get_task(cfg)
-  rows = encode_sentences(["a b"], minilm_tokenizer(), 8)
+  rows = encode_sentences(["a b"], encoder_tokenizer("minilm"), 8)
   assert rows[0].shape == (1, 8)
 
 

