@@ -11,9 +11,11 @@
    deletion of older steps is not loss), and whether metrics.jsonl holds each step once with the
    reference's loss, bit for bit.
 2. Corruptions. The reference run is copied and one file of its newest checkpoint that the restore
-   reads is damaged (an array file truncated, a file zeroed or deleted, `_METADATA` emptied); the
-   same command must warn, move the checkpoint to checkpoints.corrupt/, resume from the one before
-   and replay the reference's losses.
+   reads (found by access times: commit markers and the per-process b-tree files that orbax's
+   merged root no longer references are never read) is damaged: an array file truncated, a file
+   zeroed or deleted (not the optional _sharding / array_metadatas, without which orbax restores
+   the same arrays), `_METADATA` emptied. The same command must warn, move the checkpoint to
+   checkpoints.corrupt/, resume from the one before and replay the reference's losses.
 3. Fuzz (hypothesis, seeded). Random overrides of every field of the shipped configs (command-line
    strings, and wrong-typed values as a hand-edited config.json holds them) through the launch
    validation in-process; a subset end to end through `lsd.main.main` on copies of a finished run
@@ -265,7 +267,9 @@ def kill_run(i: int, sig: signal.Signals, mode: str, rng: random.Random, corpus,
             time.sleep(0.0005)
         time.sleep(0.0005)
   rec["tmp_dirs_at_kill"] = tmp_checkpoints(workdir)
-  rec["finished_before_kill"] = launch.proc.poll() is not None
+  rec["exited_before_kill"] = launch.proc.poll() is not None
+  logged = train_losses(workdir)
+  rec["last_step_logged_at_kill"] = logged[-1][0] if logged else 0  # STEPS: the loop had ended
   rec["kill_time_s"] = round(time.monotonic() - launch.t0, 3)
   if launch.proc.poll() is None:
     launch.proc.send_signal(sig)
@@ -335,6 +339,7 @@ def files_read_by_restore(ref: Reference, corpus: Path, tmp: Path) -> list[str]:
 
 
 CORRUPTIONS = ("truncate_array_file", "zero_file", "delete_file", "empty_metadata")
+OPTIONAL_FILES = ("state/_sharding", "state/array_metadatas/")
 
 
 def corrupt(ckpt: Path, kind: str, read: list[str], rng: random.Random) -> str:
@@ -344,6 +349,10 @@ def corrupt(ckpt: Path, kind: str, read: list[str], rng: random.Random) -> str:
   elif kind == "truncate_array_file":
     arrays = [r for r in read if "/d/" in r]  # ocdbt data files hold the arrays
     target = rng.choice(arrays)
+  elif kind == "delete_file":
+    # Orbax restores without the optional _sharding and array_metadatas files (the target's own
+    # shardings and shapes stand in): deleting one is no damage, so only needed files are deleted.
+    target = rng.choice([r for r in read if not r.startswith(OPTIONAL_FILES)])
   else:
     target = rng.choice(read)
   path = ckpt / target
