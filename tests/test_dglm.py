@@ -2,6 +2,8 @@
 denoiser tokens, the stats file), a denoiser training step on them, and plug-and-play attribute
 guidance (finite-difference gradients, the composition sum)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +259,50 @@ def test_decoder_stage_learns_to_read_the_noised_embedding():
   assert np.isfinite(losses).all()
   # 2 targets per row: y + 1 (ln 4 nats if unread) and the fixed last token (-> 0)
   assert np.mean(losses[:5]) > 1.0 and np.mean(losses[-10:]) < 0.35
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion stage as a run
+# ---------------------------------------------------------------------------------------------
+def test_split_prefixes_cuts_at_a_seeded_word_boundary():
+  from lsd.methods.dglm import split_prefixes
+
+  docs = [{"text": "a b c d e", "label": 1}, {"text": "single"}, {"text": "x y"}]
+  out = split_prefixes(docs, seed=0)
+  assert len(out) == 2 and out[0]["label"] == 1
+  for d, src in zip(out, ["a b c d e", "x y"], strict=True):
+    assert f"{d['source']} {d['text']}" == src and d["source"] and d["text"]
+  assert split_prefixes(docs, seed=0) == out  # deterministic
+
+
+def test_dglm_diffusion_run_keeps_its_statistics_and_proposes(tmp_path, shared_data):
+  from lsd.api import train
+  from lsd.config import ConfigError, load_config_file
+  from lsd.methods import get_task
+
+  yelp = shared_data / "yelp"
+  if not (yelp / "sentiment.dev.0").exists():
+    pytest.skip("the Yelp sentiment files are absent from the shared data")
+  config = Path(__file__).resolve().parents[1] / "configs" / "dglm.py"
+  cfg = load_config_file(f"{config}:size=test")
+  data = tmp_path / "yelp"  # 60 sentences per class: the stage encodes every sentence once
+  data.mkdir()
+  for label in (0, 1):
+    lines = (yelp / f"sentiment.dev.{label}").read_text().splitlines()[:60]
+    (data / f"sentiment.{label}").write_text("\n".join(lines) + "\n")
+  cfg.data.path = str(data / "sentiment.*")
+  cfg.data.eval_fraction = 0.05
+  cfg.train.update(progress=False, num_samples=2, log_every=1, ckpt_every=100)
+  res = train(cfg, tmp_path / "run", record_every_step=True)
+  assert res.final_step == 10 and np.isfinite(list(res.losses.values())).all()
+  stats = emb.load_stats(tmp_path / "run" / emb.STATS_FILE, width=384)
+  assert stats.mean.shape == (384,) and (stats.std > 0).all()
+  # MiniLM embeddings are unit vectors: the mean's norm is below 1 and the stds are small
+  assert 0.0 < np.linalg.norm(stats.mean) < 1.0 and stats.std.max() < 0.2
+  assert len(res.samples) == 2
+  for s in res.samples:
+    assert s["source"] and s["reference"] and -1.0 <= s["cosine"] <= 1.0 and s["nfe"] == 4
+  bad = cfg.copy_and_resolve_references()
+  bad.model.num_latents = 5
+  with pytest.raises(ConfigError, match=r"num_latents x model.d_latent = 5 x 48 must equal"):
+    get_task(bad).validate()

@@ -16,6 +16,7 @@ TASKS = {
   "ld4lg_ae": "lsd.methods.ld4lg:LD4LGAutoencoderTask",
   "ld4lg_diffusion": "lsd.methods.ld4lg:LD4LGDiffusionTask",
   "ld4lg_decoder": "lsd.methods.ld4lg:LD4LGDecoderTask",
+  "dglm_diffusion": "lsd.methods.dglm:DGLMDiffusionTask",
 }
 
 

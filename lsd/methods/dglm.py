@@ -1,0 +1,256 @@
+"""DGLM (Diffusion Guided Language Modeling): a recipe over the shared latent stack.
+
+Each sentence is cut at a word boundary into a prefix and a continuation (`split_prefixes`, seeded
+per sentence). The latent is the frozen encoder's sentence embedding of the continuation
+(mean-pooled, unit norm: `sentence_embeddings`), standardised per dimension with statistics of the
+training corpus that the run keeps in `<workdir>/embedding_stats.safetensors`
+(`lsd.diffusion.embedding`).
+
+`DGLMDiffusionTask` (`dglm_diffusion`): the shared `LatentDenoiser` on the standardised embedding
+split into `model.num_latents` tokens of `model.d_latent`, cross-attending to the frozen encoder's
+states of the prefix (dropped for CFG); v-prediction, self-conditioning, DDPM / DDIM from
+`lsd.sampling.latent`. Its end-of-run samples are proposals for held-out prefixes, reported by
+their cosine similarity to the true continuation's embedding (text needs a decoder stage).
+
+The soft-prompt decoder (`lsd.models.soft_prompt`) and plug-and-play attribute guidance
+(`lsd.diffusion.attribute_guidance`) are the other pieces; see docs/dglm.md for what is wired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsd.config import ConfigError, check_choice, check_positive, check_range, dataclass_from_config
+from lsd.data.arrays import ArrayData
+from lsd.data.latent_cache import encode_in_chunks
+from lsd.data.sentences import encode_sentences, load_sentences
+from lsd.data.sources import split_documents
+from lsd.diffusion import embedding as emb
+from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
+from lsd.diffusion.latent import diffusion_training_loss
+from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
+from lsd.sampling import latent as latent_sampling
+from lsd.sampling.text_latent import LatentSampleConfig
+from lsd.train.task import Batch, Task
+
+
+def split_prefixes(docs: list[dict], seed: int) -> list[dict]:
+  """Sentences -> {"source": prefix, "text": continuation, "label"?}: each sentence of at least two
+  words is cut after k ~ U{1, ..., words - 1} words, k drawn from (seed, the sentence's index);
+  shorter sentences are dropped."""
+  out = []
+  for i, d in enumerate(docs):
+    words = d["text"].split()
+    if len(words) < 2:
+      continue
+    k = int(np.random.default_rng([seed, i]).integers(1, len(words)))
+    out.append({**d, "source": " ".join(words[:k]), "text": " ".join(words[k:])})
+  return out
+
+
+def sentence_embeddings(enc, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+  """The frozen encoder's sentence embeddings [B, E] (the sentence-transformers recipe: the mean of
+  the last hidden states over valid tokens, then unit L2 norm); fp32, no gradient."""
+  h = hidden_states(enc, tokens, valid)
+  w = valid.astype(jnp.float32)[..., None]
+  e = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class DGLMDiffusionStage:
+  """`config.dglm` for the diffusion stage."""
+
+  encoder: str = "minilm"  # the frozen sentence encoder (one of FROZEN_ENCODERS)
+  objective: str = "v"
+  self_condition_prob: float = 0.5
+  cond_drop_prob: float = 0.1  # the prefix is replaced by the null context (CFG)
+  schedule_scale: float = 1.0
+  stats_sentences: int = 10000  # the first N training continuations give the statistics
+  split_seed: int = 0  # the per-sentence prefix / continuation cut
+
+  def validate(self) -> None:
+    check_choice("dglm.encoder", self.encoder, FROZEN_ENCODERS)
+    check_choice("dglm.objective", self.objective, OBJECTIVES)
+    check_range("dglm.self_condition_prob", self.self_condition_prob, 0.0, 1.0)
+    check_range("dglm.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
+    check_positive("dglm.schedule_scale", self.schedule_scale)
+    n = self.stats_sentences
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+      raise ConfigError(f"dglm.stats_sentences={n!r} must be an int >= 2")
+
+
+class DGLMDiffusionTask(Task):
+  """The prefix-conditioned denoiser over the continuation's standardised sentence embedding."""
+
+  name = "dglm_diffusion"
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.stats: emb.EmbeddingStats | None = None  # set by make_data / load_stats
+
+  @property
+  def stage(self) -> DGLMDiffusionStage:
+    return dataclass_from_config(DGLMDiffusionStage, self.config.dglm)
+
+  @property
+  def schedule(self) -> CosineSchedule:
+    return CosineSchedule(scale=float(self.stage.schedule_scale))
+
+  def encoder(self):
+    return frozen_encoder(self.stage.encoder, "dglm.encoder")
+
+  def validate(self) -> None:
+    self.stage.validate()
+    m = DenoiserConfig.from_config(self.config.model)
+    m.validate("model")
+    width = self.encoder().width
+    if m.num_latents * m.d_latent != width:
+      raise ConfigError(
+        f"model.num_latents x model.d_latent = {m.num_latents} x {m.d_latent} must equal the "
+        f"{self.stage.encoder} embedding width {width} (e.g. 8 x {width // 8})"
+      )
+    if m.d_context != width:
+      raise ConfigError(
+        f"model.d_context={m.d_context}: the prefix is given as {self.stage.encoder} states of "
+        f"width {width}"
+      )
+    if m.num_classes:
+      raise ConfigError(f"model.num_classes={m.num_classes}: DGLM's denoiser is prefix-conditioned")
+    s = LatentSampleConfig.from_config(self.config.sample)
+    s.validate()
+
+  def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
+    enc, cfg = self.encoder(), self.config.data
+    encode = jax.jit(lambda t, v: sentence_embeddings(enc, t, v))
+    tokens, valid = encode_sentences([d["text"] for d in docs], enc.tokenizer, cfg.max_len)
+    src, src_valid = encode_sentences(
+      [d["source"] for d in docs], enc.tokenizer, cfg.max_source_len
+    )
+    return {
+      "embedding": encode_in_chunks(tokens, valid, encode, chunk=256),
+      "source_tokens": src,
+      "source_valid": src_valid,
+    }
+
+  def load_stats(self, workdir: str | Path) -> emb.EmbeddingStats:
+    """The run's statistics from `workdir` (for a loaded run)."""
+    self.stats = emb.load_stats(Path(workdir) / emb.STATS_FILE, self.encoder().width)
+    return self.stats
+
+  def make_data(self, workdir, *, process_index: int, process_count: int):
+    """ArrayData of the held-in sentences' continuation embeddings (encoded once) and prefix
+    tokens; the statistics are computed on the first `dglm.stats_sentences` training
+    continuations (the same on every process) unless the workdir has them (a resumed run)."""
+    st, cfg, enc = self.stage, self.config.data, self.encoder()
+    docs = load_sentences(cfg)
+    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
+    train_docs = split_prefixes(train_docs, st.split_seed)
+    eval_docs = split_prefixes(eval_docs, st.split_seed + 1)
+    if len(train_docs) < 2:
+      raise ConfigError(f"data: {len(train_docs)} training sentences of >= 2 words; need more")
+    path = Path(workdir) / emb.STATS_FILE
+    if path.exists():
+      self.load_stats(workdir)
+    else:
+      head = self._rows(train_docs[: st.stats_sentences])["embedding"]
+      self.stats = emb.embedding_stats(head)
+      if process_index == 0:
+        emb.save_stats(path, self.stats)
+    self.tokenizer = enc.tokenizer
+    self.tokenizer.save(Path(workdir) / "tokenizer.json")
+    self.eval_docs = eval_docs
+    local = train_docs[process_index::process_count]
+    return ArrayData(
+      tokenizer=enc.tokenizer,
+      train=self._rows(local),
+      eval=self._rows(eval_docs) if eval_docs else {},
+      batch_size=cfg.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  def build_model(self, rngs: nnx.Rngs) -> LatentDenoiser:
+    return LatentDenoiser(DenoiserConfig.from_config(self.config.model), rngs=rngs)
+
+  def latents(self, embedding: jax.Array, num_latents: int) -> jax.Array:
+    """Unit embeddings [B, E] -> the denoiser's x0 [B, L, E / L] (standardised)."""
+    if self.stats is None:
+      raise ValueError("dglm: no embedding statistics; build the data or call load_stats(workdir)")
+    return emb.to_tokens(emb.standardize(self.stats, embedding), num_latents)
+
+  def loss(self, model: LatentDenoiser, batch: Batch, key: jax.Array):
+    st = self.stage
+    x0 = self.latents(batch["embedding"], model.cfg.num_latents)
+    valid = batch["source_valid"]
+    context = hidden_states(self.encoder(), batch["source_tokens"], valid)
+    return diffusion_training_loss(
+      model,
+      x0,
+      key,
+      context=context,
+      context_valid=valid,
+      objective=st.objective,
+      schedule=self.schedule,
+      self_condition_prob=st.self_condition_prob if model.cfg.self_condition else 0.0,
+      cond_drop_prob=st.cond_drop_prob,
+    )
+
+  def tokens_in(self, batch: Batch) -> int:
+    return int(batch["embedding"].shape[0] * self.config.model.num_latents)
+
+  def propose(
+    self, model: LatentDenoiser, key: jax.Array, prefixes: list[str], *, guide=None
+  ) -> jax.Array:
+    """Semantic proposals: unit-norm continuation embeddings [B, E] for `prefixes`, sampled with
+    the run's `sample` settings (CFG with sample.guidance_scale), optionally with a classifier
+    `guide` (`lsd.diffusion.attribute_guidance.attribute_guide`)."""
+    s, enc = LatentSampleConfig.from_config(self.config.sample), self.encoder()
+    src, valid = encode_sentences(prefixes, enc.tokenizer, self.config.data.max_source_len)
+    context = hidden_states(enc, jnp.asarray(src), jnp.asarray(valid))
+    graphdef, params = nnx.split(model)
+    x0 = latent_sampling.sample(
+      graphdef,
+      params,
+      key,
+      len(prefixes),
+      steps=s.steps,
+      sampler=s.sampler,
+      eta=s.eta,
+      objective=self.stage.objective,
+      schedule=self.schedule,
+      guidance_scale=s.guidance_scale,
+      guide=guide,
+      context=context,
+      context_valid=jnp.asarray(valid),
+    )
+    return emb.unstandardize(self.stats, emb.from_tokens(x0))
+
+  def sample_text(self, model: LatentDenoiser, key: jax.Array, num_samples: int) -> list[dict]:
+    """Proposals for the first held-out prefixes, each with its cosine similarity to the true
+    continuation's embedding (decoding them to text is the decoder stage's job)."""
+    docs = getattr(self, "eval_docs", [])[:num_samples]
+    if not docs:
+      return []
+    props = np.asarray(self.propose(model, key, [d["source"] for d in docs]))
+    truth = self._rows(docs)["embedding"]
+    s = LatentSampleConfig.from_config(self.config.sample)
+    nfe = s.steps * (2 if s.guidance_scale != 1.0 else 1)
+    return [
+      {
+        "source": d["source"],
+        "reference": d["text"],
+        "text": "",
+        "cosine": float(p @ t),
+        "nfe": nfe,
+      }
+      for d, p, t in zip(docs, props, truth, strict=True)
+    ]
