@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, check_choice, check_positive, check_range, dataclass_from_config
+from lsd.convert.encoder_specs import encoder_spec
+from lsd.convert.encoders import frozen_encoder, hidden_states, pool
 from lsd.data.arrays import ArrayData
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import encode_sentences, load_sentences
@@ -35,7 +37,6 @@ from lsd.diffusion import embedding as emb
 from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
-from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
 from lsd.sampling import latent as latent_sampling
 from lsd.sampling.text_latent import LatentSampleConfig
 from lsd.train.task import Batch, Task
@@ -58,9 +59,7 @@ def split_prefixes(docs: list[dict], seed: int) -> list[dict]:
 def sentence_embeddings(enc, tokens: jax.Array, valid: jax.Array) -> jax.Array:
   """The frozen encoder's sentence embeddings [B, E] (the sentence-transformers recipe: the mean of
   the last hidden states over valid tokens, then unit L2 norm); fp32, no gradient."""
-  h = hidden_states(enc, tokens, valid)
-  w = valid.astype(jnp.float32)[..., None]
-  e = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  e = pool(hidden_states(enc, tokens, valid), valid, "mean")
   return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
 
 
@@ -68,7 +67,7 @@ def sentence_embeddings(enc, tokens: jax.Array, valid: jax.Array) -> jax.Array:
 class DGLMDiffusionStage:
   """`config.dglm` for the diffusion stage."""
 
-  encoder: str = "minilm"  # the frozen sentence encoder (one of FROZEN_ENCODERS)
+  encoder: str = "minilm"  # the frozen sentence encoder (a `lsd.convert.encoder_specs` name)
   objective: str = "v"
   self_condition_prob: float = 0.5
   cond_drop_prob: float = 0.1  # the prefix is replaced by the null context (CFG)
@@ -77,7 +76,7 @@ class DGLMDiffusionStage:
   split_seed: int = 0  # the per-sentence prefix / continuation cut
 
   def validate(self) -> None:
-    check_choice("dglm.encoder", self.encoder, FROZEN_ENCODERS)
+    encoder_spec(self.encoder, "dglm.encoder")
     check_choice("dglm.objective", self.objective, OBJECTIVES)
     check_range("dglm.self_condition_prob", self.self_condition_prob, 0.0, 1.0)
     check_range("dglm.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
