@@ -306,3 +306,47 @@ def test_dglm_diffusion_run_keeps_its_statistics_and_proposes(tmp_path, shared_d
   bad.model.num_latents = 5
   with pytest.raises(ConfigError, match=r"num_latents x model.d_latent = 5 x 48 must equal"):
     get_task(bad).validate()
+
+
+def test_probe_folds_into_a_classifier_on_raw_embeddings():
+  from lsd.eval.metrics import LinearProbe
+  from lsd.methods.dglm import classifier_from_probe
+
+  x = _unit_rows(jax.random.key(12), 200, 16)
+  y2 = (x[:, 0] + 0.3 * x[:, 3] > np.median(x[:, 0] + 0.3 * x[:, 3])).astype(int)
+  y3 = np.digitize(x[:, 1], np.quantile(x[:, 1], [1 / 3, 2 / 3]))
+  for y in (y2, y3):
+    probe = LinearProbe(c=10.0).fit(x, y)
+    clf = classifier_from_probe(probe)
+    logits = probe.decision_function(x)
+    lp = np.asarray(clf.log_probs(x))
+    if logits.ndim == 1:
+      np.testing.assert_allclose(lp[:, 1] - lp[:, 0], logits, rtol=1e-4, atol=1e-4)
+    else:
+      ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+      np.testing.assert_allclose(lp, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(probe.classes[lp.argmax(-1)], probe.predict(x))
+
+
+def test_sentiment_classifier_from_sst2_text(shared_data):
+  import csv
+
+  from lsd.convert.encoders import frozen_encoder
+  from lsd.methods.dglm import embed_texts, fit_attribute_classifier
+
+  sst2 = shared_data / "sst2"
+  if not (sst2 / "train.tsv").exists():
+    pytest.skip("SST-2 is absent from the shared data")
+
+  def rows(name, n):
+    with open(sst2 / name, encoding="utf-8") as f:
+      r = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : n + 1]
+    return [t for _, t in r], np.array([int(lab) for lab, _ in r])
+
+  enc = frozen_encoder("minilm")
+  texts, labels = rows("train.tsv", 300)
+  clf, classes = fit_attribute_classifier(enc, texts, labels)
+  assert classes.tolist() == [0, 1]
+  dev_texts, dev_labels = rows("dev.tsv", 200)
+  pred = np.asarray(clf.log_probs(embed_texts(enc, dev_texts))).argmax(-1)
+  assert (pred == dev_labels).mean() > 0.65  # MiniLM + logistic regression on 300 sentences

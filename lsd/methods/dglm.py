@@ -34,6 +34,7 @@ from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import encode_sentences, load_sentences
 from lsd.data.sources import split_documents
 from lsd.diffusion import embedding as emb
+from lsd.diffusion.attribute_guidance import LinearClassifier
 from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
@@ -253,3 +254,35 @@ class DGLMDiffusionTask(Task):
       }
       for d, p, t in zip(docs, props, truth, strict=True)
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plug-and-play attribute classifiers
+# ---------------------------------------------------------------------------------------------------
+def embed_texts(enc, texts: list[str], max_len: int = 64, chunk: int = 256) -> np.ndarray:
+  """Unit sentence embeddings [N, E] of `texts` by the frozen encoder (fp32 numpy)."""
+  tokens, valid = encode_sentences(list(texts), enc.tokenizer, max_len)
+  encode = jax.jit(lambda t, v: sentence_embeddings(enc, t, v))
+  return encode_in_chunks(tokens, valid, encode, chunk=chunk)
+
+
+def classifier_from_probe(probe) -> LinearClassifier:
+  """A fitted `lsd.eval.metrics.LinearProbe` as a `LinearClassifier` on the raw embedding: its
+  standardisation folded into the weights (w / scale, b - mean . w / scale), so the logits are the
+  probe's. Class index i is `probe.classes[i]`."""
+  if probe.coef is None:
+    raise ValueError("the probe is not fitted")
+  w = np.asarray(probe.coef, np.float64) / np.asarray(probe.scale, np.float64)
+  b = np.asarray(probe.intercept, np.float64) - w @ np.asarray(probe.mean, np.float64)
+  return LinearClassifier(w[0], b[0]) if w.shape[0] == 1 else LinearClassifier(w, b)
+
+
+def fit_attribute_classifier(
+  enc, texts: list[str], labels, *, c: float = 1000.0, max_len: int = 64
+) -> tuple[LinearClassifier, np.ndarray]:
+  """A logistic classifier on the frozen encoder's unit embeddings of labelled `texts` (C = 1000,
+  the reference's inverse L2 strength): (classifier, its classes, index i = class classes[i])."""
+  from lsd.eval.metrics import LinearProbe
+
+  probe = LinearProbe(c=c, max_iter=10_000).fit(embed_texts(enc, texts, max_len), labels)
+  return classifier_from_probe(probe), probe.classes
