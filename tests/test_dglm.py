@@ -375,3 +375,34 @@ def test_guided_sampler_raises_the_classifier_log_prob_with_cfg():
 
   (b0, t0), (b1, t1) = score(plain), score(guided)
   assert b1.mean() > b0.mean() + 0.1 and t1.mean() > t0.mean()
+
+
+def test_continuation_from_a_proposal_follows_the_spliced_logits():
+  """Greedy decoding after [prefix][soft prompts] (alpha_bar = 1: no re-noising) gives, token by
+  token, the argmax of the SoftPromptDecoder's logits over [prefix][prompts][generated]."""
+  from lsd.sampling.soft_prompt import continue_from_proposal, renoise
+
+  model = _soft_prompt_decoder(p=3)
+  graphdef, params = nnx.split(model)
+  prefix = jax.random.randint(jax.random.key(16), (2, 4), 0, 11)
+  proposal = jax.random.normal(jax.random.key(17), (2, 24))
+  out = continue_from_proposal(
+    graphdef,
+    params,
+    jax.random.key(0),
+    prefix,
+    proposal,
+    alpha_bar=1.0,
+    max_new_tokens=3,
+    top_p=0.0,
+  )
+  assert out.shape == (2, 3)
+  tokens = jnp.concatenate([prefix, out], axis=1)
+  logits, _, _ = model(tokens, jnp.full((2,), 4), proposal, jnp.ones((2,)))
+  # position 3 + P + i (the last prompt, then generated tokens) predicts generated token i
+  np.testing.assert_array_equal(logits[:, 6:9].argmax(-1), out)
+  # re-noising: alpha_bar 1 keeps the proposal, a lower level moves it by the schedule's amounts
+  np.testing.assert_allclose(renoise(jax.random.key(1), proposal, 1.0), proposal, atol=1e-6)
+  eps = jax.random.normal(jax.random.key(1), proposal.shape)
+  want = np.sqrt(0.8) * proposal + np.sqrt(0.2) * eps
+  np.testing.assert_allclose(renoise(jax.random.key(1), proposal, 0.8), want, rtol=1e-5, atol=1e-6)
