@@ -8,25 +8,38 @@ Other corpora (local files; give the path):
       --config.data.path=PATH/roc_stories_5k.json
   lsd train --config configs/sbd.py:size=tiny,data=wikitext2 --workdir runs/sbd_wt2 \\
       --config.data.path=PATH/wikitext-2/valid.txt
-Paper scale (110M, L = 1024, OpenWebText-like corpus, TPU pod; see launch/tpu_pod.sh):
-  lsd train --config configs/sbd.py:size=base,data=text --workdir gs://BUCKET/sbd_base \\
-      --config.data.path='gs://BUCKET/owt/*.txt'
+Paper scale (110M, L = 1024, batch 512, OpenWebText-like corpus) on a TPU pod slice, data and workdir
+on a mount every host shares (docs/scale.md: check the fit with `lsd compile`, launch/tpu_pod.sh):
+  lsd train --config configs/sbd.py:size=base,data=text,pod=v5e-16 --workdir /mnt/lsd/sbd_base \\
+      --config.data.path='/mnt/lsd/owt/*.txt'
 Arguments (`:key=value,...`): size in {test, tiny, small, base}; data in {bbc, rocstories, wikitext2,
 text}; steps (0 = size default); lam (mix-scale lambda, -1 = 0.1); variant in {sbd, bd3, mdlm}
-(bd3 = lambda 0, mdlm = one global block; same model and sampler code).
+(bd3 = lambda 0, mdlm = one global block; same model and sampler code); pod in {v5e-16, v4-32,
+v5p-128} (the memory levers with which size=base fits that TPU slice; docs/scale.md).
 """
 
 import ml_collections
 
 from configs.common import MODEL_SIZES, data_preset, model_config
-from lsd.config import parse_arg
+from lsd.config import check_choice, parse_arg
 from lsd.methods.sbd import default_sample_config, default_sbd_config
 from lsd.parallel import default_mesh_config
 from lsd.train.state import default_train_config
 
+# Pod presets: model.remat / train.grad_accum with which the paper batch (512 canvases of 1024) of
+# size=base fits each slice, from ahead-of-time compiles (benchmarks/aot_tpu.py ->
+# results/aot_tpu.json, GiB per chip used / HBM). The update is the one of the plain config.
+PODS = {
+  "v5e-16": {"remat": "full", "grad_accum": 2},  # 12.86 / 15.75; full alone needs 21.62
+  "v4-32": {"remat": "dots_saveable", "grad_accum": 1},  # 30.32 / 30.75; none needs 93.01
+  "v5p-128": {"remat": "none", "grad_accum": 1},  # 28.56 / 95.74: fits as configured
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, {"size": "tiny", "data": "bbc", "steps": 0, "lam": -1.0, "variant": "sbd"})
+  a = parse_arg(
+    arg, {"size": "tiny", "data": "bbc", "steps": 0, "lam": -1.0, "variant": "sbd", "pod": ""}
+  )
   size = MODEL_SIZES[a["size"]] if a["size"] in MODEL_SIZES else None
   c = ml_collections.ConfigDict()
   c.method = "sbd"
@@ -62,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.min_lr_ratio = 1.0
     c.train.ckpt_every = 5000
     c.train.log_every = 100
+  if a["pod"]:
+    check_choice("pod", a["pod"], sorted(PODS))
+    c.model.remat = PODS[a["pod"]]["remat"]
+    c.train.grad_accum = PODS[a["pod"]]["grad_accum"]
   c.mesh = default_mesh_config()
   c.sample = default_sample_config()
   c.sample.draft.block_size = c.sbd.block_small if a["variant"] != "mdlm" else c.data.seq_len

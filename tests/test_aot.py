@@ -197,3 +197,15 @@ def test_compile_tiny_for_a_tpu_topology():
   assert r.error is None and r.fits is True and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
   assert r.hbm_bytes == int(15.75 * GiB) and 0 < r.required_bytes < r.hbm_bytes
   assert 0.9 < r.flops_per_step / r.model_flops_per_step < 1.3
+
+
+def test_sbd_pod_presets_set_only_the_memory_levers():
+  base = load_config_file("configs/sbd.py:size=base")
+  assert (base.model.remat, base.train.grad_accum) == ("none", 1)
+  pod = load_config_file("configs/sbd.py:size=base,pod=v5e-16")
+  assert (pod.model.remat, pod.train.grad_accum) == ("full", 2)
+  pod.model.remat, pod.train.grad_accum = "none", 1
+  assert pod.to_dict() == base.to_dict()
+  assert load_config_file("configs/sbd.py:size=base,pod=v4-32").model.remat == "dots_saveable"
+  with pytest.raises(ConfigError, match="pod"):
+    load_config_file("configs/sbd.py:size=base,pod=v5e-8")
