@@ -5,7 +5,9 @@ written once for training losses and samplers alike, and the denoiser's training
 The denoiser is anything with the `Denoiser` call signature (`lsd.models.denoiser.LatentDenoiser`
 is one); this module never imports a model. A projection of the estimates (e.g. onto the sqrt(d)
 sphere where an autoencoder's latents live, `lsd.nn.layers.normalize_to_sphere`) is passed in.
-Shapes: B batch, L latents, D latent width.
+Shapes: B batch, L latents, D latent width. `latent_valid` [B, L] (None = all valid) marks the
+latents that exist when a variable number of them per example is padded (SLD's segments): the
+denoiser attends only to valid ones and the loss averages only over them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Denoiser(Protocol):
     context: Float[Array, "B S C"] | None = None,
     context_valid: Bool[Array, "B S"] | None = None,
     drop_cond: Bool[Array, " B"] | None = None,
+    latent_valid: Bool[Array, "B L"] | None = None,  # passed only when not None
     rngs: nnx.Rngs | None = None,
   ) -> Float[Array, "B L D"]: ...
 
@@ -71,6 +74,7 @@ def estimate_x0(
   sc_valid: Bool[Array, " B"] | None = None,
   guidance_scale: float = 1.0,
   project: Projection | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
   rngs: nnx.Rngs | None = None,
 ) -> X0Estimate:
   """One denoiser pass at z_t and the clean estimate it implies: (pred, x0_hat, eps_hat), fp32.
@@ -80,14 +84,16 @@ def estimate_x0(
   (labels, context, context_valid, drop_cond). guidance_scale != 1 with a condition: classifier-free
   guidance, a second pass with the condition dropped and the outputs mixed by `cfg_combine`.
   project: applied to x0_hat, after which eps_hat is recomputed from z_t and the projected x0_hat.
+  latent_valid: the latents that exist (None = all; the denoiser then gets no such keyword).
   rngs: the denoiser's dropout randomness (None = deterministic).
   """
   cond = cond or {}
-  pred = model(z_t, alpha_bar, x0_sc=x0_sc, sc_valid=sc_valid, **cond, rngs=rngs)
+  extra = {} if latent_valid is None else {"latent_valid": latent_valid}
+  pred = model(z_t, alpha_bar, x0_sc=x0_sc, sc_valid=sc_valid, **cond, **extra, rngs=rngs)
   if guidance_scale != 1.0 and cond:
     null = jnp.ones((z_t.shape[0],), bool)
     uncond = model(
-      z_t, alpha_bar, x0_sc=x0_sc, sc_valid=sc_valid, **cond, drop_cond=null, rngs=rngs
+      z_t, alpha_bar, x0_sc=x0_sc, sc_valid=sc_valid, **cond, **extra, drop_cond=null, rngs=rngs
     )
     pred = cfg_combine(pred, uncond, guidance_scale)
   x0, eps = predict_x0_eps(pred, z_t, alpha_bar, objective)
@@ -106,11 +112,14 @@ def self_conditioned_x0(
   cond: dict | None = None,
   self_condition: bool = True,
   project: Projection | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
 ) -> Float[Array, "B L D"]:
   """The denoiser's clean estimate from z_t alone, as a sampler step without history makes it: a
   first pass without self-conditioning and, for a self-conditioned denoiser, a second pass that
   reads the first's (projected) estimate. Deterministic (no dropout)."""
-  est = functools.partial(estimate_x0, model, z_t, alpha_bar, objective=objective, cond=cond)
+  est = functools.partial(
+    estimate_x0, model, z_t, alpha_bar, objective=objective, cond=cond, latent_valid=latent_valid
+  )
   x0 = est(project=project).x0
   if self_condition:
     x0 = est(x0_sc=x0, sc_valid=jnp.ones((z_t.shape[0],), bool), project=project).x0
@@ -135,6 +144,7 @@ def diffusion_training_loss(
   cond_drop_prob: float = 0.1,
   project_self_cond: Projection | None = None,
   x0_loss: X0Loss | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
 ) -> tuple[Float[Array, ""], dict]:
   """The latent denoiser's loss on clean latents x0 [B, L, D] (fp32 scalar, metrics).
 
@@ -144,8 +154,10 @@ def diffusion_training_loss(
   class / context is dropped with `cond_drop_prob`. The loss is the unweighted L2 of the second
   pass's prediction against the `objective`'s target. `x0_loss(x0_hat, t) -> (loss, metrics)`, if
   given, is added with gradient through the second pass's (unprojected) estimate x0_hat, e.g. a
-  frozen decoder's cross-entropy of the sentences read from it. Statics: objective, schedule,
-  the probabilities, the projection.
+  frozen decoder's cross-entropy of the sentences read from it. `latent_valid` (None = all): the
+  denoiser attends only to the valid latents, and the L2 and the x0_mse metric average only over
+  them (per example, then over the batch), so what invalid positions hold changes nothing. Statics:
+  objective, schedule, the probabilities, the projection.
   """
   b = x0.shape[0]
   k_t, k_noise, k_coin, k_drop, k_first, k_second = jax.random.split(key, 6)
@@ -156,7 +168,9 @@ def diffusion_training_loss(
   cond = {k: v for k, v in cond.items() if v is not None}
   if cond and cond_drop_prob > 0:
     cond["drop_cond"] = jax.random.bernoulli(k_drop, cond_drop_prob, (b,))
-  est = functools.partial(estimate_x0, model, z_t, ab, objective=objective, cond=cond)
+  est = functools.partial(
+    estimate_x0, model, z_t, ab, objective=objective, cond=cond, latent_valid=latent_valid
+  )
   dropout = model.cfg.dropout
 
   x0_sc, sc_valid = None, None
@@ -169,8 +183,13 @@ def diffusion_training_loss(
     x0_sc = jax.lax.stop_gradient(jax.lax.cond(use, first_pass, lambda: jnp.zeros_like(z_t)))
     sc_valid = jnp.broadcast_to(use, (b,))
   out = est(x0_sc=x0_sc, sc_valid=sc_valid, rngs=_dropout_rngs(dropout, k_second))
-  loss = diffusion_loss(out.pred, x0, eps, t, objective, schedule=schedule)
-  metrics = {"x0_mse": jnp.mean(jnp.square(out.x0 - x0))}
+  loss = diffusion_loss(out.pred, x0, eps, t, objective, mask=latent_valid, schedule=schedule)
+  if latent_valid is None:
+    metrics = {"x0_mse": jnp.mean(jnp.square(out.x0 - x0))}
+  else:
+    w = latent_valid.astype(jnp.float32)[..., None]
+    denom = jnp.maximum(jnp.sum(w) * x0.shape[-1], 1.0)
+    metrics = {"x0_mse": jnp.sum(jnp.square(out.x0 - x0) * w) / denom}
   if x0_loss is not None:
     extra, extra_metrics = x0_loss(out.x0, t)
     metrics.update(extra_metrics, l2_loss=loss)

@@ -312,10 +312,16 @@ class LatentAutoencoder(nnx.Module):
     return logits
 
 
-def noise_latents(latents: Float[Array, "B l d"], key: Array, max_std: float) -> Array:
-  """latents + sigma * N(0, I) with sigma ~ U(0, max_std) drawn per example; fp32."""
+def noise_latents(
+  latents: Float[Array, "B l d"], key: Array, max_std: float, *, fixed: bool = False
+) -> Array:
+  """latents + sigma * N(0, I) with sigma ~ U(0, max_std) drawn per example (`fixed`: sigma =
+  max_std for every example); fp32."""
   k_std, k_eps = jax.random.split(key)
-  std = jax.random.uniform(k_std, (latents.shape[0], 1, 1), jnp.float32, 0.0, max_std)
+  if fixed:
+    std = jnp.float32(max_std)
+  else:
+    std = jax.random.uniform(k_std, (latents.shape[0], 1, 1), jnp.float32, 0.0, max_std)
   return latents + std * jax.random.normal(k_eps, latents.shape, jnp.float32)
 
 

@@ -1,6 +1,6 @@
 """LD4LG's latent denoiser: a transformer over the l latent vectors of one text.
 
-  concat(z_t, x0_sc) --Linear(2d -> W)--> + learned positions + time tokens
+  concat(z_t, x0_sc) --Linear(2d -> W)--> + learned positions (+ segment embeddings) + time tokens
   --> N pre-norm blocks, AdaLN-zero on the time (+ class) embedding, optional cross-attention to a
       context, U-ViT long skips (block i's output joins block N-1-i through Linear(2W -> W))
   --> LayerNorm --> zero-initialised Linear(W -> d) = the prediction (v, eps or x0)
@@ -8,6 +8,12 @@
 The time input is the noise level alpha_bar (sinusoidal features of 1000 alpha_bar), not the step.
 Conditions are dropped per example by `drop_cond` (classifier-free guidance): a dropped class becomes
 the null class `num_classes`, a dropped context the learned one-token null context.
+
+Segments (SLD, `num_segments` = K > 0): the L latents are K segments of L / K latents each; the
+learned positions then index a latent within its segment and a learned segment embedding marks its
+segment. `latent_valid` [B, L] marks the latents that exist (a text with fewer segments is padded):
+attention never reads an invalid latent, so whatever an invalid position holds changes no valid
+position's output. None (every latent valid) is the unmasked computation itself.
 
 Shapes: B batch, L = num_latents, D = d_latent, W = d_model, S context length, C = d_context.
 """
@@ -39,6 +45,7 @@ class DenoiserConfig:
   dropout: float = 0.0
   self_condition: bool = True
   num_classes: int = 0  # > 0: class-conditional, with the extra null class `num_classes`
+  num_segments: int = 0  # > 0: the latents are this many segments (segment embeddings); 0 = one
   d_context: int = 0  # > 0: cross-attention to a [B, S, d_context] context
   dtype: str = "float32"
 
@@ -49,10 +56,15 @@ class DenoiserConfig:
   def validate(self, prefix: str = "denoiser") -> None:
     for name in ("num_latents", "d_latent"):
       check_positive(f"{prefix}.{name}", getattr(self, name))
-    for name in ("num_classes", "d_context"):
+    for name in ("num_classes", "d_context", "num_segments"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ConfigError(f"{prefix}.{name}={value!r} must be an int >= 0 (0 = off)")
+    if self.num_segments and self.num_latents % self.num_segments:
+      raise ConfigError(
+        f"{prefix}.num_latents={self.num_latents} must be a multiple of "
+        f"{prefix}.num_segments={self.num_segments} (the same number of latents per segment)"
+      )
     self.block_config().validate(prefix)
 
   @property
@@ -96,7 +108,12 @@ class LatentDenoiser(nnx.Module):
       if cfg.self_condition
       else None
     )
-    self.pos = nnx.Param(normal(rngs.params(), (cfg.num_latents, w)), sharding=(None, "embed"))
+    k = cfg.num_segments
+    n_pos = cfg.num_latents // k if k else cfg.num_latents
+    self.pos = nnx.Param(normal(rngs.params(), (n_pos, w)), sharding=(None, "embed"))
+    self.segment_embed = (
+      nnx.Param(normal(rngs.params(), (k, w)), sharding=(None, "embed")) if k else None
+    )
     self.time = TimestepEmbedding(cfg.cond_dim, freq_dim=w, scale=1000.0, rngs=rngs)
     self.time_to_tokens = dense(cfg.cond_dim, w, ("cond", "embed"), use_bias=True, rngs=rngs)
     if cfg.num_classes:
@@ -137,6 +154,7 @@ class LatentDenoiser(nnx.Module):
     context: Float[Array, "B S C"] | None = None,
     context_valid: Bool[Array, "B S"] | None = None,
     drop_cond: Bool[Array, " B"] | None = None,
+    latent_valid: Bool[Array, "B L"] | None = None,
     rngs: nnx.Rngs | None = None,
   ) -> Float[Array, "B L D"]:
     """Args:
@@ -146,6 +164,8 @@ class LatentDenoiser(nnx.Module):
     labels: class ids in [0, num_classes) (required when num_classes > 0).
     context, context_valid: cross-attention context (required when d_context > 0).
     drop_cond: rows whose class / context is replaced by the null one (CFG); None = none.
+    latent_valid: the latents that exist (segments of a shorter text are padded); attention reads
+      only valid ones. None = all.
     rngs: dropout randomness (None = deterministic).
     """
     c = self.cfg
@@ -166,7 +186,11 @@ class LatentDenoiser(nnx.Module):
       if labels is None:
         raise ValueError(f"denoiser.num_classes={c.num_classes}: pass labels (class ids)")
       emb = emb + self.class_proj(self.class_embed(jnp.where(drop, c.num_classes, labels)))
-    h = self.proj_in(x) + self.pos[...].astype(x.dtype)
+    pos = self.pos[...]
+    if self.segment_embed is not None:  # latent i of segment j: pos[i] + segment_embed[j]
+      d = self.segment_embed.shape[-1]
+      pos = (self.segment_embed[...][:, None, :] + pos[None, :, :]).reshape(-1, d)
+    h = self.proj_in(x) + pos.astype(x.dtype)
     h = h + self.time_to_tokens(jax.nn.gelu(emb))[:, None, :].astype(h.dtype)
 
     context_mask = None
@@ -180,6 +204,7 @@ class LatentDenoiser(nnx.Module):
       valid = jnp.where(drop[:, None], jnp.arange(s)[None, :] == 0, valid)
       context_mask = valid[:, None, None, :]
 
+    mask = None if latent_valid is None else latent_valid[:, None, None, :]
     n, n_skip = c.n_layers, c.n_layers // 2
     stored = []
     for i, block in enumerate(self.blocks):
@@ -188,7 +213,7 @@ class LatentDenoiser(nnx.Module):
       h, _ = block(
         h,
         positions=None,
-        mask=None,
+        mask=mask,
         cond=emb,
         context=context,
         context_mask=context_mask,

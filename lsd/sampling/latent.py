@@ -3,7 +3,9 @@
 Each sampler is one jitted call whose time loop is a `lax.scan` over `steps` uniform steps in t from
 t_start (1 for sampling) to 0; the last step returns the clean estimate x0_hat itself. The scan carry
 holds the previous x0_hat, which feeds self-conditioning. Classifier-free guidance runs the denoiser
-with and without its condition and mixes the two outputs (`cfg_combine`).
+with and without its condition and mixes the two outputs (`cfg_combine`). `latent_valid` [B, L]
+(None = all) marks the latents that exist (SLD: the segments of each sample); `inpaint` regenerates
+some latents while the rest stay fixed.
 
 The denoiser is any NNX module with the call signature of `lsd.models.denoiser.LatentDenoiser`
 (z_t, alpha_bar, x0_sc=, sc_valid=, labels=, context=, context_valid=, drop_cond=) and a `cfg` with
@@ -61,10 +63,14 @@ def _denoise(
   guidance_scale: float,
   project: bool,
   guide: Callable[[Array], Array] | None,
+  latent_valid: Bool[Array, "B L"] | None = None,
+  known: tuple[Array, Array] | None = None,
 ) -> Float[Array, "B L D"]:
   """The reverse process from z at t_start to t = 0 as one scan; returns the final x0_hat. Each
   step's estimate (`lsd.diffusion.latent.estimate_x0`) is self-conditioned on the previous step's,
-  guided by CFG and `guide`, and projected onto the sphere with `project`."""
+  guided by CFG and `guide`, and projected onto the sphere with `project`. `known` = (z0 [B, L, D],
+  keep [B, L]): the kept latents are replaced after every step by z0 noised to the step's level
+  (fresh noise each step) and are z0 itself at the end; the others are generated around them."""
   b = z.shape[0]
   ts = t_start * (1.0 - jnp.arange(steps + 1, dtype=jnp.float32) / steps)
 
@@ -86,12 +92,18 @@ def _denoise(
       sc_valid=jnp.broadcast_to(i > 0, (b,)),
       guidance_scale=guidance_scale,
       project=post if guide is not None or project else None,
+      latent_valid=latent_valid,
     )
     k = jax.random.fold_in(key, i)
     if sampler == "ddpm":
       z_s = ddpm_step(k, z, x0, t, s, schedule)
     else:
       z_s = ddim_step(k, z, x0, eps, t, s, eta, schedule)
+    if known is not None:  # the kept latents at level s, and their true clean values
+      z0, keep = known
+      z0_s, _ = q_sample(jax.random.fold_in(key, steps + i), z0, s, schedule)
+      z_s = jnp.where(keep[..., None], z0_s, z_s)
+      x0 = jnp.where(keep[..., None], z0, x0)
     return (jnp.where(i == steps - 1, x0, z_s), x0), None
 
   init = (jnp.asarray(z, jnp.float32), jnp.zeros(z.shape, jnp.float32))
@@ -99,7 +111,7 @@ def _denoise(
   return z
 
 
-def _cond(labels, context, context_valid) -> dict:
+def _cond(labels, context, context_valid) -> dict:  # the condition keywords that are given
   cond = {"labels": labels, "context": context, "context_valid": context_valid}
   return {k: v for k, v in cond.items() if v is not None}
 
@@ -122,6 +134,7 @@ def sample(
   labels: Int[Array, " B"] | None = None,
   context: Float[Array, "B S C"] | None = None,
   context_valid: Bool[Array, "B S"] | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
 ) -> Float[Array, "B L D"]:
   """Draws `num_samples` latents from pure noise at t = 1.
 
@@ -129,7 +142,8 @@ def sample(
   deterministic), objective (the denoiser's parameterisation), schedule, guidance_scale (CFG w; 1 =
   plain conditional, used only with labels or context), project (x0_hat onto the sqrt(D) sphere at
   every step), guide (x0_hat -> x0_hat, e.g. `lsd.diffusion.guidance.classifier_guide`).
-  Conditions (labels [B], context [B, S, C] + context_valid [B, S]) are traced arrays or None.
+  Conditions (labels [B], context [B, S, C] + context_valid [B, S]) and the latents that exist
+  (latent_valid [B, L]; invalid ones hold noise) are traced arrays or None.
   NFE = steps, doubled with CFG. Returns fp32 latents.
   """
   _check(steps, sampler)
@@ -151,6 +165,7 @@ def sample(
     guidance_scale=guidance_scale,
     project=project,
     guide=guide,
+    latent_valid=latent_valid,
   )
 
 
@@ -173,6 +188,7 @@ def edit(
   labels: Int[Array, " B"] | None = None,
   context: Float[Array, "B S C"] | None = None,
   context_valid: Bool[Array, "B S"] | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
 ) -> Float[Array, "B L D"]:
   """Noises clean latents z0 to level t_edit in (0, 1] (traced: no recompilation per level), then
   denoises them back in `steps` uniform steps from t_edit, optionally under a new condition (e.g. a
@@ -197,6 +213,55 @@ def edit(
     guidance_scale=guidance_scale,
     project=project,
     guide=guide,
+    latent_valid=latent_valid,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=_SAMPLER_STATICS)
+def inpaint(
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  key: jax.Array,
+  z0: Float[Array, "B L D"],
+  keep: Bool[Array, "B L"],
+  *,
+  steps: int = 250,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  objective: str = "v",
+  schedule: CosineSchedule = COSINE,
+  guidance_scale: float = 1.0,
+  project: bool = False,
+  guide: Callable[[Array], Array] | None = None,
+  labels: Int[Array, " B"] | None = None,
+  context: Float[Array, "B S C"] | None = None,
+  context_valid: Bool[Array, "B S"] | None = None,
+  latent_valid: Bool[Array, "B L"] | None = None,
+) -> Float[Array, "B L D"]:
+  """Regenerates the latents of z0 where `keep` is False, given the kept ones (inpainting in latent
+  space, by replacement): from pure noise at t = 1, after every step the kept latents are set to
+  z0 noised to that step's level, so the denoiser generates the others around them; the result
+  holds z0 itself at the kept positions. Statics and conditions as `sample`."""
+  _check(steps, sampler)
+  model = nnx.merge(graphdef, params)
+  k_init, k_loop = jax.random.split(key)
+  z = jax.random.normal(k_init, z0.shape, jnp.float32)
+  return _denoise(
+    model,
+    k_loop,
+    z,
+    jnp.float32(1.0),
+    _cond(labels, context, context_valid),
+    steps=steps,
+    sampler=sampler,
+    eta=eta,
+    objective=objective,
+    schedule=schedule,
+    guidance_scale=guidance_scale,
+    project=project,
+    guide=guide,
+    latent_valid=latent_valid,
+    known=(jnp.asarray(z0, jnp.float32), keep),
   )
 
 

@@ -285,7 +285,9 @@ def mbr_choose(texts: list[str], k: int, metric: str = "rouge2") -> list[str]:
 class LatentTextSampler:
   """Texts from a latent denoiser (graphdef, params): latents drawn with a run's `settings`,
   unconditionally, per class, or (seq2seq) conditioned on a frozen encoder's states of source texts,
-  then turned into texts by `decode` (latents -> texts, e.g. an autoencoder's `decode_texts`)."""
+  then turned into texts by `decode` (latents -> texts, e.g. an autoencoder's `decode_texts`).
+  Given `latent_valid` [N, L] (the latents each sample has, e.g. SLD's segments), the sampler
+  passes it to the denoiser and calls `decode(latents, latent_valid)`."""
 
   graphdef: nnx.GraphDef
   params: nnx.State
@@ -317,11 +319,23 @@ class LatentTextSampler:
     guided = conditional and self.settings.guidance_scale != 1
     return self.settings.steps * (2 if guided else 1)
 
-  def samples(self, key: jax.Array, num_samples: int, num_classes: int = 0) -> list[dict]:
+  def decode_valid(self, latents: Array, latent_valid: Array | None) -> list[str]:
+    """`decode(latents)`, or `decode(latents, latent_valid)` when the latents have a validity."""
+    return self.decode(latents) if latent_valid is None else self.decode(latents, latent_valid)
+
+  def samples(
+    self,
+    key: jax.Array,
+    num_samples: int,
+    num_classes: int = 0,
+    latent_valid: Bool[Array, "N L"] | None = None,
+  ) -> list[dict]:
     """Unconditional samples, or class-conditional ones cycling through the classes:
     [{"text", "nfe", "label"?}]."""
     labels = jnp.arange(num_samples, dtype=jnp.int32) % num_classes if num_classes else None
-    texts = self.decode(self.latents(key, num_samples, labels=labels))
+    valid = {} if latent_valid is None else {"latent_valid": jnp.asarray(latent_valid)}
+    latents = self.latents(key, num_samples, labels=labels, **valid)
+    texts = self.decode_valid(latents, latent_valid)
     nfe = self.nfe(bool(num_classes))
     if not num_classes:
       return [{"text": t, "nfe": nfe} for t in texts]
@@ -333,20 +347,26 @@ class LatentTextSampler:
     sources: list[str],
     guidance_scale: float | None = None,
     candidates: int | None = None,
+    latent_valid: Bool[Array, "N L"] | None = None,
   ) -> list[str]:
     """Seq2seq: one output text per source (`guidance_scale` overrides settings.guidance_scale:
     CFG against the null context). With `candidates` k > 1 (default settings.candidates) each
     source gets k samples in one batch and the output is their minimum-Bayes-risk choice under
-    settings.mbr_metric, as in the LD4LG reference."""
+    settings.mbr_metric, as in the LD4LG reference. `latent_valid`: one row per source."""
     if self.context_encoder is None:
       raise ConfigError("the denoiser has no context encoder: it is not a seq2seq model")
     k = self.settings.candidates if candidates is None else int(candidates)
     if k < 1:
       raise ConfigError(f"candidates={k} must be >= 1 (1 = one sample per source, no MBR)")
     context, valid = encode_sources(self.context_encoder, sources, self.max_source_len)
+    if latent_valid is not None:
+      latent_valid = jnp.asarray(latent_valid)
     if k > 1:  # rows [i * k, (i + 1) * k) are source i's candidates
       context, valid = jnp.repeat(context, k, axis=0), jnp.repeat(valid, k, axis=0)
+      if latent_valid is not None:
+        latent_valid = jnp.repeat(latent_valid, k, axis=0)
+    extra = {} if latent_valid is None else {"latent_valid": latent_valid}
     latents = self.latents(
-      key, len(sources) * k, guidance_scale, context=context, context_valid=valid
+      key, len(sources) * k, guidance_scale, context=context, context_valid=valid, **extra
     )
-    return mbr_choose(self.decode(latents), k, self.settings.mbr_metric)
+    return mbr_choose(self.decode_valid(latents, latent_valid), k, self.settings.mbr_metric)
