@@ -5,7 +5,7 @@ run's sampler settings, and minimum-Bayes-risk selection among candidate outputs
 Pure functions of a model's (graphdef, params), its tokenizer and the run's config sections read
 into `DecodeConfig` / `LatentSampleConfig` (the fields of `config.sample`); `lsd.api` wraps them for
 loaded runs. The autoencoder is an `lsd.models.autoencoder.LatentAutoencoder` whose encoder is its
-own or a frozen pretrained one (`lsd.models.encoders`); the denoiser is called through
+own or a frozen pretrained one (`lsd.convert.encoders`); the denoiser is called through
 `lsd.sampling.latent`. Shapes: N texts, T tokens, l latents, d latent width.
 """
 
@@ -22,10 +22,10 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lsd.config import ConfigError, check_choice, dataclass_from_config
+from lsd.convert.encoders import FrozenEncoder, frozen_encoder, hidden_states
 from lsd.data.sentences import encode_sentences
 from lsd.diffusion.gaussian import CosineSchedule
 from lsd.eval.metrics import MBR_METRICS, mbr_select
-from lsd.models.encoders import FROZEN_ENCODERS, FrozenEncoder, frozen_encoder, hidden_states
 from lsd.sampling import latent as latent_sampling
 
 
@@ -86,7 +86,7 @@ class LatentSampleConfig:
 # ---------------------------------------------------------------------------------------------------
 def frozen_hidden(model: nnx.Module, tokens: Int[Array, "N T"], valid: Bool[Array, "N T"]):
   """The frozen pretrained encoder's states [N, T, H] for an autoencoder with one (else None)."""
-  if model.cfg.encoder in FROZEN_ENCODERS:
+  if model.cfg.pretrained_encoder:
     return hidden_states(frozen_encoder(model.cfg.encoder, "model.encoder"), tokens, valid)
   return None
 
