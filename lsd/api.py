@@ -8,6 +8,7 @@ Latent runs (an autoencoder `ae` and a latent diffusion run `diff`, e.g. LD4LG's
 also map text to latents and back (`lsd.sampling.text_latent` for loaded runs):
 z = encode_texts(ae, ["the food was great ."]); decode_latents(ae, z)
 interpolate_texts(ae, a, b, 5); edit_text(diff, ae, key, texts, 0.5); generate_from_sources(...)
+Conditional generation of any method: generate(run, key, [{"label": 1}, {"source": "..."}]).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
   "decode_latents",
   "edit_text",
   "encode_texts",
+  "generate",
   "generate_from_sources",
   "interpolate_texts",
   "load",
@@ -54,6 +56,14 @@ def sample(run: LoadedRun, key: jax.Array, num_samples: int) -> list[dict]:
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise ConfigError(f"num_samples={num_samples!r} must be an int >= 1")
   return run.task.sample_text(run.model(), key, num_samples)
+
+
+def generate(run: LoadedRun, key: jax.Array, inputs: list[dict], **options) -> list[dict]:
+  """Conditional generation with a loaded run, one output record per input (`Task.generate`):
+  inputs carry "prompt" (causal LM: a text to continue), "source" (seq2seq: a source text) or
+  "label" (class-conditional: a class id), as the run's method reads them; `options` (e.g.
+  guidance_scale, candidates) default to the run's `config.sample`."""
+  return run.task.generate(run.model(), key, list(inputs), **options)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`lsd` command line: train, sample, eval.
 
 lsd train  --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]
-lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl]
+lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl] [--config.a.b=value ...]
+           [--inputs FILE.jsonl | --prompt TEXT ... | --source TEXT ... | --label N ...]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
 """
@@ -77,19 +78,27 @@ def _parser() -> argparse.ArgumentParser:
   s = verbs.add_parser(
     "sample",
     help="sample from a trained run",
-    description="Load the latest checkpoint of a run and print samples.",
+    description="Load the latest checkpoint of a run and print samples: unconditional ones, or "
+    "with inputs one output per input (the run's method reads prompt / source / label). Any field "
+    "of the run's config can be overridden for this sampling only (not saved) with "
+    "--config.<field>=<value>, e.g. --config.sample.steps=50 or, LD4LG, "
+    "--config.ld4lg.decoder_workdir=RUN (decode with a stage-3 run).",
   )
   s.add_argument("--workdir", required=True)
-  s.add_argument("--num_samples", type=_positive_int, default=4, help="samples to draw (>= 1)")
+  s.add_argument(
+    "--num_samples",
+    type=_positive_int,
+    default=None,
+    help="samples to draw (>= 1; default 4), or with inputs outputs per input (default 1)",
+  )
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   s.add_argument("--out", default=None, help="also write the samples to this JSONL file")
-  s.add_argument(
-    "--decoder_workdir",
-    default=None,
-    help="LD4LG diffusion runs: decode with this stage-3 (stage=decoder) run instead of the "
-    "run's ld4lg.decoder_workdir or its stage-1 autoencoder",
-  )
+  g = s.add_argument_group("conditional generation (Task.generate; each flag repeatable)")
+  g.add_argument("--inputs", default=None, help="JSONL, one input per line: {prompt|source|label}")
+  g.add_argument("--prompt", action="append", default=[], help="a text to continue")
+  g.add_argument("--source", action="append", default=[], help="a seq2seq source text")
+  g.add_argument("--label", action="append", type=int, default=[], help="a class id")
   e = verbs.add_parser(
     "eval",
     help="score a samples JSONL file",
@@ -168,26 +177,50 @@ def print_samples(samples: list, header: str = "") -> None:
     s = s if isinstance(s, dict) else {"text": s}
     ppl = lambda k, s=s: f" (judge PPL {s[k]:.1f})" if k in s else ""
     nfe = f", NFE {s['nfe_per_stage']}" if "nfe_per_stage" in s else ""
-    print(f"\n--- sample {i}{header}{nfe} ---")
+    given = "".join(f", {k} {s[k]!r}" for k in ("label", "prompt", "source") if k in s)
+    print(f"\n--- sample {i}{header}{nfe}{given} ---")
     if "draft_text" in s:
       print(f"[draft]{ppl('draft_gen_ppl')}\n{s['draft_text']}\n[revised]{ppl('gen_ppl')}")
     print(f"{s['text']}" + ("" if "draft_text" in s else ppl("gen_ppl")))
 
 
-def _sample(args) -> None:
+def _sample_inputs(args) -> list[dict]:
+  """The inputs of `lsd sample`: --inputs lines, or the --prompt / --source / --label flags zipped
+  (equal counts), each repeated --num_samples times; [] = unconditional sampling."""
+  flags = {k: getattr(args, k) for k in ("prompt", "source", "label") if getattr(args, k)}
+  if args.inputs and flags:
+    raise ConfigError(f"--inputs and --{'/--'.join(flags)} exclude each other: give one")
+  if args.inputs:
+    from lsd.eval.report import read_jsonl  # one object per line; errors name the line
+
+    inputs = read_jsonl(args.inputs)
+    if not inputs:
+      raise ConfigError(f"--inputs {args.inputs!r} holds no records (one JSON object per line)")
+  else:
+    counts = {len(v) for v in flags.values()}
+    if len(counts) > 1:
+      given = ", ".join(f"{len(v)} --{k}" for k, v in flags.items())
+      raise ConfigError(f"{given}: give as many of each (input i takes the i-th of each)")
+    n = counts.pop() if counts else 0
+    inputs = [{k: v[i] for k, v in flags.items()} for i in range(n)]
+  return [x for x in inputs for _ in range(args.num_samples or 1)]
+
+
+def _sample(args, overrides) -> None:
   import jax
 
   from lsd import api
+  from lsd.config import apply_override
 
+  inputs = _sample_inputs(args)
   run = api.load(args.workdir, step=args.step)
-  if args.decoder_workdir:
-    if run.config.method != "ld4lg_diffusion":
-      raise ConfigError(
-        f"--decoder_workdir applies to ld4lg_diffusion runs; {args.workdir} is a "
-        f"{run.config.method!r} run"
-      )
-    run.task.config.ld4lg.decoder_workdir = args.decoder_workdir
-  samples = api.sample(run, jax.random.key(args.seed), args.num_samples)
+  for dotted, raw in overrides:  # the loaded run's config, in memory only (the task reads it)
+    apply_override(run.config, dotted, raw)
+  key = jax.random.key(args.seed)
+  if inputs:
+    samples = api.generate(run, key, inputs)
+  else:
+    samples = api.sample(run, key, args.num_samples or 4)
   print_samples(samples, header=f" (step {run.step})")
   if args.out:
     with open(args.out, "w") as f:
@@ -241,14 +274,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.verb is None:
     _parser().print_help()
     return 2
-  if overrides and args.verb not in ("train", "compile"):
-    print(f"lsd {args.verb}: --config.* overrides apply only to `lsd train`", file=sys.stderr)
+  if overrides and args.verb not in ("train", "compile", "sample"):
+    print(f"lsd {args.verb}: --config.* overrides apply to train, sample, compile", file=sys.stderr)
     return 2
   try:
     if args.verb == "train":
       _train(args, overrides)
     elif args.verb == "sample":
-      _sample(args)
+      _sample(args, overrides)
     elif args.verb == "compile":
       return _compile(args, overrides)
     else:

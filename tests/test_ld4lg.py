@@ -467,14 +467,20 @@ def test_stage3_tunes_only_the_decoder_and_diffusion_runs_decode_with_it(tmp_pat
   decoder = get_task(diff_cfg).decoder()
   assert decoder.config.method == "ld4lg_decoder" and decoder.step == 6
   jax.tree.map(np.testing.assert_array_equal, decoder.params, dec.params)
-  argv = ["sample", "--workdir", str(tmp_path / "ae"), "--decoder_workdir", "x"]
+  # `lsd sample` overrides a field of the loaded run's config for this sampling only.
+  argv = ["sample", "--workdir", str(tmp_path / "ae"), "--config.ld4lg.decoder_workdir=x"]
   assert lsd_main(argv) == 2
-  assert "--decoder_workdir applies to ld4lg_diffusion runs" in capsys.readouterr().err
+  assert "ld4lg has no field 'decoder_workdir'" in capsys.readouterr().err
   out = tmp_path / "samples.jsonl"
   argv = ["sample", "--workdir", str(tmp_path / "diffusion"), "--num_samples", "2"]
-  assert lsd_main([*argv, "--decoder_workdir", str(tmp_path / "decoder"), "--out", str(out)]) == 0
+  decode_with = f"--config.ld4lg.decoder_workdir={tmp_path / 'decoder'}"
+  assert lsd_main([*argv, decode_with, "--out", str(out)]) == 0
   rows = [json.loads(x) for x in out.read_text().splitlines()]
   assert [r["label"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
+  assert (
+    json.loads((tmp_path / "diffusion" / "config.json").read_text())["ld4lg"]["decoder_workdir"]
+    == ""
+  )  # not saved
   # Config errors name the field.
   bad = stages["decoder"].copy_and_resolve_references()
   bad.train.freeze = ("encoder",)

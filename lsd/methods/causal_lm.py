@@ -86,6 +86,28 @@ class CausalLMTask(Task):
       out.append({"text": self.tokenizer.decode(row), "tokens": row, "nfe": len(row)})
     return out
 
+  def generate(self, model: Transformer, key: jax.Array, inputs: list[dict], **options):
+    """Prompt continuation: each input's "prompt" (absent or "": from <bos> alone) after <bos>,
+    continued with the run's sample settings (options max_new_tokens, top_p, temperature override
+    them); "text" is the continuation, cut at eos. Prompts of one token length share a call."""
+    inputs = self.generation_inputs(inputs, ("prompt",))
+    known = ("max_new_tokens", "top_p", "temperature")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+      raise ConfigError(f"generate: options {unknown} are not read by causal_lm; accepted: {known}")
+    kw = {k: self.config.sample[k] if options.get(k) is None else options[k] for k in known}
+    tok, (graphdef, params) = self.tokenizer, nnx.split(model)
+    prompts = [[tok.bos_id, *tok.encode(x.get("prompt", ""))] for x in inputs]
+    out = [None] * len(inputs)
+    for length in sorted({len(p) for p in prompts}):
+      rows = [i for i, p in enumerate(prompts) if len(p) == length]
+      batch = jnp.asarray([prompts[i] for i in rows], jnp.int32)
+      tokens = generate(graphdef, params, jax.random.fold_in(key, length), batch, **kw)
+      for i, row in zip(rows, jax.device_get(tokens).tolist(), strict=True):
+        row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
+        out[i] = {**inputs[i], "text": tok.decode(row), "tokens": row, "nfe": len(row)}
+    return out
+
 
 def default_sample_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"max_new_tokens": 64, "top_p": 0.95, "temperature": 1.0})

@@ -15,7 +15,11 @@ import jax
 import ml_collections
 from flax import nnx
 
+from lsd.config import ConfigError
+
 Batch = dict[str, jax.Array]
+# The fields an input of `Task.generate` may carry; each method reads some of them.
+GENERATE_FIELDS = ("prompt", "source", "label")
 
 
 class Task(abc.ABC):
@@ -103,3 +107,33 @@ class Task(abc.ABC):
   def sample_text(self, model: nnx.Module, key: jax.Array, num_samples: int) -> list[Any]:
     """Samples for the end-of-training printout and `lsd sample`; list of strings or dicts."""
     raise NotImplementedError(f"task {self.name!r} has no sampler")
+
+  def generate(
+    self, model: nnx.Module, key: jax.Array, inputs: list[dict], **options
+  ) -> list[dict]:
+    """Conditional generation, the one path of `lsd sample --inputs/--prompt/--source/--label` and
+    `lsd.api.generate`: one output record per input, `{**input, "text": ..., ...}`.
+
+    An input carries the fields its method reads (`GENERATE_FIELDS`): "prompt" (a text to
+    continue), "source" (a seq2seq source text), "label" (a class id). `options` are the method's
+    (e.g. guidance_scale); None or absent = the run's `config.sample`. The default refuses, naming
+    the method: a method that generates conditionally overrides this."""
+    raise ConfigError(
+      f"method {self.config.get('method', self.name)!r} has no conditional generation (inputs "
+      f"with {list(GENERATE_FIELDS)}); `lsd sample` without inputs draws unconditional samples"
+    )
+
+  def generation_inputs(self, inputs, fields: tuple[str, ...]) -> list[dict]:
+    """`inputs` checked for `generate`: a list of dicts whose keys are among `fields` (the ones
+    this method reads); a ConfigError names the first bad input and what is accepted."""
+    method = self.config.get("method", self.name)
+    if isinstance(inputs, dict | str) or not all(isinstance(x, dict) for x in inputs):
+      raise ConfigError(f"generate: inputs must be a list of dicts with {list(fields)}")
+    for i, x in enumerate(inputs):
+      extra = sorted(set(x) - set(fields))
+      if extra:
+        raise ConfigError(
+          f"generate: input {i} has {extra}, which this {method!r} run does not read; accepted: "
+          f"{list(fields)}"
+        )
+    return [dict(x) for x in inputs]
