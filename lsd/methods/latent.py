@@ -1,5 +1,7 @@
-"""The latent-diffusion stages a latent method is built from (LD4LG now; SLD and DGLM next).
+"""The latent-diffusion stages a latent method is built from (LD4LG, SLD).
 
+`LatentAutoencoderTask`: a `LatentAutoencoder` trained on teacher-forced reconstruction, its encoder
+from scratch or a frozen pretrained one, its decoder optionally started from a causal-LM run.
 `LatentDiffusionTask`: a denoiser on the latents of a frozen `LatentAutoencoder` run (encoded once
 per sentence when the stage caches them), optionally plus a decoding loss, sampling texts that the
 autoencoder (or a tuned decoder run) decodes; seq2seq with a frozen encoder's source states as the
@@ -15,17 +17,24 @@ latents are the layers below: `lsd.diffusion.latent`, `lsd.train.stages`, `lsd.d
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsd.config import ConfigError, dataclass_from_config
+from lsd.config import (
+  ConfigError,
+  check_choice,
+  check_positive,
+  check_range,
+  dataclass_from_config,
+)
 from lsd.data import split_documents
 from lsd.data.latent_cache import cached_latent_data
 from lsd.data.sentences import build_sentence_data, load_sentences
-from lsd.diffusion.gaussian import CosineSchedule
+from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss, noised_estimates
 from lsd.methods import get_task
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
@@ -39,6 +48,50 @@ from lsd.train.task import Batch, Task
 SHARED_AE = "the runs must share one stage-1 autoencoder"
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoencoderStage:
+  """`config.<section>` of an autoencoder stage (`LatentAutoencoderTask`; absent from runs that
+  predate it)."""
+
+  decoder_init: str = ""  # a causal-LM run whose weights start the decoder; "" = random init
+
+  def validate(self) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionStage:
+  """`config.<section>` of a latent-diffusion stage (the fields of `LatentDiffusionTask`); a method
+  subclasses it to name its section in errors. The defaults are for runs that predate a field."""
+
+  section: ClassVar[str] = "latent"  # the config section, for error messages
+
+  autoencoder_workdir: str
+  objective: str
+  self_condition_prob: float
+  cond_drop_prob: float
+  schedule_scale: float
+  context_encoder: str = ""  # seq2seq: the frozen encoder of the sources (data.source_field)
+  cache_latents: bool = False
+  decoder_workdir: str = ""  # a decoder-tuning run to decode with; "" = the autoencoder run
+  decoding_loss_weight: float = 0.0
+  decoding_loss_t_max: float = 1.0
+
+  def validate(self) -> None:
+    s = self.section
+    check_choice(f"{s}.objective", self.objective, OBJECTIVES)
+    check_choice(f"{s}.context_encoder", self.context_encoder, ("", *FROZEN_ENCODERS))
+    for name in ("self_condition_prob", "cond_drop_prob"):
+      check_range(f"{s}.{name}", getattr(self, name), 0.0, 1.0)
+    check_positive(f"{s}.schedule_scale", self.schedule_scale)
+    check_positive(f"{s}.decoding_loss_weight", self.decoding_loss_weight, allow_zero=True)
+    if not isinstance(self.cache_latents, bool):
+      raise ConfigError(f"{s}.cache_latents={self.cache_latents!r} must be true or false")
+    t_max = self.decoding_loss_t_max
+    if isinstance(t_max, bool) or not isinstance(t_max, int | float) or not 0 < t_max <= 1:
+      raise ConfigError(f"{s}.decoding_loss_t_max={t_max!r} must be in (0, 1]")
+
+
 def held_out_sentences(cfg, n: int) -> list[dict]:
   """The first n held-out sentences (the eval split of sentence data config `cfg`)."""
   return split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)[1][:n]
@@ -47,6 +100,153 @@ def held_out_sentences(cfg, n: int) -> list[dict]:
 def sphere(normalize: bool):
   """The projection of estimates onto the latents' sphere (None when they are not normalised)."""
   return normalize_to_sphere if normalize else None
+
+
+class LatentAutoencoderTask(Task):
+  """A `LatentAutoencoder` trained on teacher-forced reconstruction (word dropout and latent noise
+  in training); its encoder is trained from scratch or is a frozen pretrained one
+  (`model.encoder`), its decoder optionally starts from a causal-LM run (`<section>.decoder_init`).
+  Its samples are greedy reconstructions of held-out sentences.
+
+  Stage fields (`stage_config`, read from `config.<section>`, which may be absent): decoder_init.
+  """
+
+  section: ClassVar[str]  # the config section of the stage fields
+  stage_config: ClassVar[type]  # its frozen dataclass
+
+  @property
+  def stage(self) -> Any:
+    return dataclass_from_config(self.stage_config, self.config.get(self.section) or {})
+
+  def make_data(self, workdir, *, process_index: int, process_count: int):
+    self.check_encoder()
+    data = build_sentence_data(
+      self.config.data,
+      workdir,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      tokenizer=self.data_tokenizer(),
+    )
+    self.tokenizer = data.tokenizer
+    return data
+
+  def check_encoder(self) -> None:
+    """A frozen pretrained encoder reads its own tokenizer's ids; it is loaded now, outside any
+    trace."""
+    encoder, kind = self.config.model.encoder, self.config.data.tokenizer.kind
+    if encoder == "minilm" and kind != "minilm":
+      raise ConfigError(
+        f"data.tokenizer.kind={kind!r}: model.encoder='minilm' reads the ids of its own "
+        "WordPiece; set --config.data.tokenizer.kind=minilm"
+      )
+    if encoder in FROZEN_ENCODERS:
+      frozen_encoder(encoder, "model.encoder")
+
+  def data_tokenizer(self):
+    """The `decoder_init` LM's tokenizer (the decoder starts from its weights, so the ids must
+    mean the same); None = train one on the training split."""
+    run = self.decoder_init_run()
+    return None if run is None else run.tokenizer
+
+  def decoder_init_run(self):
+    """The causal-LM run named by `<section>.decoder_init` (None when unset), loaded once."""
+    path, field = self.stage.decoder_init, f"{self.section}.decoder_init"
+    if path and getattr(self, "_decoder_init", None) is None:
+      hint = "(configs/causal_lm.py)"
+      run = stages.load_stage_run(field, path, get_task, "causal_lm", hint)
+      kind, lm_kind = self.config.data.tokenizer.kind, run.config.data.tokenizer.kind
+      if kind != lm_kind:
+        raise ConfigError(
+          f"{field}={path!r} was trained with data.tokenizer.kind={lm_kind!r}, this run "
+          f"has data.tokenizer.kind={kind!r}: the decoder and the LM must share one tokenizer"
+        )
+      self._decoder_init = run
+    return self._decoder_init if path else None
+
+  def initial_params(self, params):
+    """The random init, with every decoder weight but the cross-attention to the latents from the
+    `decoder_init` LM if set (as the LD4LG paper fine-tunes BART's decoder)."""
+    run, path = self.decoder_init_run(), self.stage.decoder_init
+    if run is None:
+      return params
+    kw = dict(field=f"{self.section}.decoder_init", path=path, names=("LM", "AE decoder"))
+    stages.check_fields_match(
+      source=run.task.model_config(),
+      target=dataclasses.replace(
+        self.model_config().decoder_config(), cross_attention=False, d_context=0
+      ),
+      what="its model is not the AE decoder without cross-attention",
+      hint="train the LM with the decoder's sizes (model.d_model, model.decoder_layers, "
+      "model.n_heads, model.mlp, model.norm)",
+      ignore=("dropout", "dtype"),
+      **kw,
+    )
+    out, fresh = stages.copy_params(params, run.params, into=("decoder",), **kw)
+    if jax.process_index() == 0:
+      n = len(jax.tree.leaves(run.params))
+      msg = f"{n} tensors copied, {len(fresh)} cross-attention tensors fresh"
+      print(f"lsd: AE decoder initialised from {path} (step {run.step}): {msg}", flush=True)
+    return out
+
+  def model_config(self) -> AutoencoderConfig:
+    cfg = AutoencoderConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
+    if cfg.max_len < self.config.data.max_len:
+      raise ConfigError(
+        f"model.max_len={cfg.max_len} must be >= data.max_len={self.config.data.max_len}"
+      )
+    if cfg.encoder == "external":
+      raise ConfigError(
+        f"model.encoder='external': {self.name} trains with 'scratch' or the frozen 'minilm'; any "
+        "other encoder's hidden states go through LatentAutoencoder.encode_hidden / "
+        "reconstruction_loss(hidden=...)"
+      )
+    return cfg
+
+  def build_model(self, rngs: nnx.Rngs) -> LatentAutoencoder:
+    return LatentAutoencoder(self.model_config(), rngs=rngs)
+
+  def reconstruction(self, model, batch: Batch, key: jax.Array, train: bool, **kw):
+    """`reconstruction_loss` of the batch, with dropout, word dropout and latent noise in
+    training; metrics with the perplexity."""
+    loss, metrics = reconstruction_loss(
+      model,
+      batch["tokens"],
+      batch["valid"],
+      rngs=nnx.Rngs(dropout=key) if train and model.cfg.dropout else None,
+      word_dropout_key=jax.random.fold_in(key, 1) if train else None,
+      mask_id=self.tokenizer.mask_id,
+      latent_noise_key=jax.random.fold_in(key, 2) if train else None,
+      **kw,
+    )
+    return loss, dict(metrics, ppl=jnp.exp(loss))
+
+  def loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array, train: bool = True):
+    hidden = tl.frozen_hidden(model, batch["tokens"], batch["valid"])
+    valid = None if hidden is None else batch["valid"]
+    return self.reconstruction(model, batch, key, train, hidden=hidden, hidden_valid=valid)
+
+  def eval_loss(self, model: LatentAutoencoder, batch: Batch, key: jax.Array):
+    """The loss without dropout, word dropout or latent noise."""
+    return self.loss(model, batch, key, train=False)[0]
+
+  def held_out_texts(self, n: int) -> list[str]:
+    """The first n held-out sentences, which `sample_text` reconstructs."""
+    return [d["text"] for d in held_out_sentences(self.config.data, n)]
+
+  def sample_text(self, model: LatentAutoencoder, key: jax.Array, num_samples: int) -> list[dict]:
+    """Reconstructions of the first held-out sentences."""
+    tok = self.tokenizer
+    sources = self.held_out_texts(num_samples)
+    graphdef, params = nnx.split(model)
+    latents = tl.encode_texts(tok, graphdef, params, sources, self.config.data.max_len)
+    decoding = tl.DecodeConfig.from_config(self.config.sample)
+    outs = tl.decode_texts(tok, graphdef, params, latents, decoding)
+    recon = [tok.decode(tok.encode(s)) for s in sources]
+    return [
+      {"text": o, "source": s, "exact": o == r}
+      for o, s, r in zip(outs, sources, recon, strict=True)
+    ]
 
 
 class LatentDiffusionTask(Task):
@@ -58,6 +258,12 @@ class LatentDiffusionTask(Task):
   cache_latents, decoder_workdir ("" = decode with the autoencoder run), decoding_loss_weight and
   decoding_loss_t_max. The sampler settings are `config.sample` (`tl.LatentSampleConfig`,
   `tl.DecodeConfig`).
+
+  A text's latents may be K segments of the autoencoder's l latents each (`model.num_segments` = K
+  > 1, SLD): the denoiser's `model.num_latents` is then K * l, a batch's "tokens" / "valid" are
+  [B, K, T] and "segment_valid" [B, K] marks the segments a text has (its latents alone count in
+  the denoiser's attention and loss). A method with segments builds such data (`text_data`,
+  `trainer_data`) and decodes them (`decode`).
   """
 
   section: ClassVar[str]  # the config section of the stage fields
@@ -95,6 +301,11 @@ class LatentDiffusionTask(Task):
   def schedule(self) -> CosineSchedule:
     return CosineSchedule(scale=float(self.stage.schedule_scale))
 
+  @property
+  def num_segments(self) -> int:
+    """K, the segments a text's latents are made of (1 = the whole text is one)."""
+    return max(1, int(self.config.model.get("num_segments", 0) or 0))
+
   def _load(self, field: str, methods) -> stages.LoadedRun:
     path, hint = getattr(self.stage, field), self.hints.get(field, "")
     return stages.load_stage_run(f"{self.section}.{field}", path, get_task, methods, hint)
@@ -104,10 +315,12 @@ class LatentDiffusionTask(Task):
     if self._autoencoder is None:
       run = self._load("autoencoder_workdir", self.autoencoder_methods)
       ae, m, path = run.config.model, self.config.model, self.stage.autoencoder_workdir
-      if (ae.num_latents, ae.d_latent) != (m.num_latents, m.d_latent):
+      k = self.num_segments
+      if (ae.num_latents * k, ae.d_latent) != (m.num_latents, m.d_latent):
+        per = f" ({k} segments of the autoencoder's latents)" if k > 1 else ""
         raise ConfigError(
-          f"model.num_latents/d_latent = {m.num_latents}/{m.d_latent} but the autoencoder in "
-          f"{path} makes {ae.num_latents} x {ae.d_latent} latents; use the same size for both "
+          f"model.num_latents/d_latent = {m.num_latents}/{m.d_latent}{per} but the autoencoder "
+          f"in {path} makes {ae.num_latents} x {ae.d_latent} latents; use the same size for both "
           "stages"
         )
       if ae.max_len < self.config.data.max_len:
@@ -137,14 +350,8 @@ class LatentDiffusionTask(Task):
     """Sentence batches, or (`cache_latents`) the same sentences' latents encoded once by the
     frozen autoencoder (`lsd.data.latent_cache`), with their tokens for the decoding loss."""
     ae, enc, n = self.autoencoder(), self.context_encoder, self.config.model.num_classes
-    data = build_sentence_data(
-      self.config.data,
-      workdir,
-      seed=self.config.seed,
-      process_index=process_index,
-      process_count=process_count,
-      tokenizer=ae.tokenizer,
-      source_tokenizer=enc.tokenizer if enc else None,
+    data = self.text_data(
+      workdir, process_index, process_count, ae.tokenizer, enc.tokenizer if enc else None
     )
     self.tokenizer = data.tokenizer
     if n and data.num_labels == 0:
@@ -152,8 +359,29 @@ class LatentDiffusionTask(Task):
     if n and data.num_labels > n:
       raise ConfigError(f"the sentences have {data.num_labels} labels > model.num_classes={n}")
     if not self.stage.cache_latents:
-      return data
+      return self.trainer_data(data, None)
     encode = lambda t, v: tl.encode_tokens(ae.graphdef, ae.params, jnp.asarray(t), jnp.asarray(v))
+    return self.trainer_data(data, encode)
+
+  def text_data(self, workdir, process_index, process_count, tokenizer, source_tokenizer):
+    """The run's texts, tokenised with the autoencoder's `tokenizer` (and the context encoder's
+    `source_tokenizer`): sentence data (`lsd.data.sentences`)."""
+    return build_sentence_data(
+      self.config.data,
+      workdir,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      tokenizer=tokenizer,
+      source_tokenizer=source_tokenizer,
+    )
+
+  def trainer_data(self, data, encode):
+    """The trainer's data object from `text_data`'s: the texts as they are (encode None), or with
+    their latents encoded once by `encode` (tokens, valid -> latents; `cache_latents`), their
+    tokens kept for the decoding loss."""
+    if encode is None:
+      return data
     keep = bool(self.stage.decoding_loss_weight)
     return cached_latent_data(data, encode, keep_tokens=keep, field=f"{self.section}.cache_latents")
 
@@ -162,26 +390,41 @@ class LatentDiffusionTask(Task):
 
   def decoding_loss(self, tokens: jax.Array, valid: jax.Array):
     """The `x0_loss` of `diffusion_training_loss`: weight x the frozen autoencoder's
-    teacher-forced cross-entropy of each sentence read from the denoiser's x0_hat (on the sphere
-    when the AE normalises), over the rows with t <= decoding_loss_t_max. Gradients reach the
-    denoiser through x0_hat only. SLD's L_cnv, as a live loss."""
-    ae, lc = self.autoencoder(), self.stage
+    teacher-forced cross-entropy of each sentence (each segment) read from the denoiser's x0_hat
+    (on the sphere when the AE normalises), over the rows with t <= decoding_loss_t_max. Gradients
+    reach the denoiser through x0_hat only. SLD's L_cnv, as a live loss."""
+    ae, lc, k = self.autoencoder(), self.stage, self.num_segments
     project = sphere(ae.config.model.normalize_latents) or (lambda x: x)
 
     def x0_loss(x0_hat, t):
-      rows = valid & (t <= float(lc.decoding_loss_t_max))[:, None]
-      ce, m = reconstruction_loss(ae.model(), tokens, rows, latents=project(x0_hat))
+      if k > 1:  # [B, K, T] segments and [B, K * l, d] latents -> one row per segment
+        rows = valid & (t <= float(lc.decoding_loss_t_max))[:, None, None]
+        b, _, d = x0_hat.shape
+        flat = lambda x: x.reshape(-1, x.shape[-1])
+        x0_hat, rows, toks = x0_hat.reshape(b * k, -1, d), flat(rows), flat(tokens)
+      else:
+        rows, toks = valid & (t <= float(lc.decoding_loss_t_max))[:, None], tokens
+      ce, m = reconstruction_loss(ae.model(), toks, rows, latents=project(x0_hat))
       return float(lc.decoding_loss_weight) * ce, {"decode_ce": ce, "decode_acc": m["accuracy"]}
 
     return x0_loss
 
   def loss(self, model: LatentDenoiser, batch: Batch, key: jax.Array):
     lc, ae, enc = self.stage, self.autoencoder(), self.context_encoder
+    k, extra = self.num_segments, {}
     if "latents" in batch:  # cache_latents: encoded once when the data was built
       x0 = jnp.asarray(batch["latents"], jnp.float32)
+    elif k > 1:  # each segment encoded on its own, [B * K, l, d] -> [B, K * l, d]
+      tokens, valid = batch["tokens"], batch["valid"]
+      b, t = tokens.shape[0], tokens.shape[-1]
+      z = tl.encode_tokens(ae.graphdef, ae.params, tokens.reshape(-1, t), valid.reshape(-1, t))
+      x0 = jax.lax.stop_gradient(z).reshape(b, -1, z.shape[-1])
     else:
       z = tl.encode_tokens(ae.graphdef, ae.params, batch["tokens"], batch["valid"])
       x0 = jax.lax.stop_gradient(z)
+    if "segment_valid" in batch:  # each segment's latents count only where it exists
+      per = x0.shape[1] // batch["segment_valid"].shape[1]
+      extra["latent_valid"] = jnp.repeat(jnp.asarray(batch["segment_valid"], bool), per, axis=1)
     ctx = {}
     if enc is not None:
       valid = batch["source_valid"]
@@ -199,6 +442,7 @@ class LatentDiffusionTask(Task):
       project_self_cond=sphere(ae.config.model.normalize_latents),
       x0_loss=self.decoding_loss(batch["tokens"], batch["valid"]) if decoding else None,
       **ctx,
+      **extra,
     )
 
   def tokens_in(self, batch: Batch) -> int:
@@ -220,6 +464,10 @@ class LatentDiffusionTask(Task):
       self.context_encoder, max_source_len,
     )  # fmt: skip
 
+  def held_out_docs(self, n: int) -> list[dict]:
+    """The first n held-out texts {"text", "source"?}, which seq2seq `sample_text` conditions on."""
+    return held_out_sentences(self.config.data, n)
+
   def sample_latents(self, model: LatentDenoiser, key: jax.Array, n: int, **kw) -> jax.Array:
     """Latents [n, l, d] with the run's `sample` settings; kw: guidance_scale, labels, context."""
     return self.sampler(model).latents(key, n, **kw)
@@ -230,7 +478,7 @@ class LatentDiffusionTask(Task):
     sampler = self.sampler(model)
     if self.context_encoder is None:
       return sampler.samples(key, num_samples, model.cfg.num_classes)
-    docs = held_out_sentences(self.config.data, num_samples)
+    docs = self.held_out_docs(num_samples)
     texts = sampler.from_sources(key, [d["source"] for d in docs])
     return [
       {"source": d["source"], "text": t, "reference": d["text"], "nfe": sampler.nfe(True)}
