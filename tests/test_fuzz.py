@@ -137,6 +137,8 @@ def test_train_fields_of_the_wrong_type_are_config_errors(field, value, message)
     ("model.dropout", None, r"dropout=None must be a number \(field 'dropout' of Transformer"),
     ("model.n_kv_heads", "9", r"n_kv_heads='9' must be an int \(field 'n_kv_heads'"),
     ("model.qk_norm", 1, r"qk_norm=1 must be true or false"),
+    ("model.d_ff", -1, r"model.d_ff=-1 must be a number >= 0"),
+    ("model.head_dim", -8, r"model.head_dim=-8 must be a number >= 0"),
     ("sample.draft.temperature", [], r"sample.draft.temperature=\[\] must be a number"),
     (
       "sample.draft.steps_per_block",

@@ -99,6 +99,9 @@ class TransformerConfig:
   def validate(self, prefix: str = "model") -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
       check_positive(f"{prefix}.{name}", getattr(self, name))
+    # 0 = derived from the other fields (or off); a negative size reached the layer shapes.
+    for name in ("n_kv_heads", "head_dim", "d_ff", "learned_pos", "cond_dim", "d_context"):
+      check_positive(f"{prefix}.{name}", getattr(self, name), allow_zero=True)
     check_choice(f"{prefix}.mlp", self.mlp, ["swiglu", "geglu", "gelu", "gelu_tanh", "relu"])
     check_choice(f"{prefix}.norm", self.norm, ["rms", "layer"])
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
