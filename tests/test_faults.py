@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lsd.api import train
 from lsd.config import load_config_file
-from lsd.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
