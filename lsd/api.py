@@ -9,6 +9,7 @@ also map text to latents and back (`lsd.sampling.text_latent` for loaded runs):
 z = encode_texts(ae, ["the food was great ."]); decode_latents(ae, z)
 interpolate_texts(ae, a, b, 5); edit_text(diff, ae, key, texts, 0.5); generate_from_sources(...)
 Conditional generation of any method: generate(run, key, [{"label": 1}, {"source": "..."}]).
+Segment-level runs (SLD) also regenerate one segment of texts: regenerate_segment(diff, key, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
   "generate_from_sources",
   "interpolate_texts",
   "load",
+  "regenerate_segment",
   "sample",
   "train",
 ]
@@ -149,3 +151,26 @@ def generate_from_sources(
   sample.candidates, 1 = no MBR: k > 1 samples k outputs per source and keeps the MBR choice)."""
   sampler = diffusion_run.task.sampler(diffusion_run.model())
   return sampler.from_sources(key, list(sources), guidance_scale, candidates)
+
+
+def regenerate_segment(
+  diffusion_run: LoadedRun,
+  key: jax.Array,
+  texts: list[str],
+  segment: int,
+  *,
+  sources: list[str] | None = None,
+  guidance_scale: float | None = None,
+) -> list[str]:
+  """Segment-level runs (SLD): each text with its segment `segment` (0-based) regenerated given its
+  other segments and, seq2seq, its source (inpainting in latent space); the other segments keep
+  their latents. guidance_scale defaults to the run's sample.guidance_scale."""
+  task = diffusion_run.task
+  if not hasattr(task, "regenerate_segment"):
+    raise ConfigError(
+      f"regenerate_segment needs a segment-level diffusion run; this is a "
+      f"{diffusion_run.config.method!r} run"
+    )
+  return task.regenerate_segment(
+    diffusion_run.model(), key, list(texts), segment, sources=sources, guidance_scale=guidance_scale
+  )

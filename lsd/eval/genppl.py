@@ -91,7 +91,9 @@ class GenPPL:
 
   def token_nlls(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Per text, the judge NLL (nats, float64) of each scored token: [len(ids) - 1] each."""
-    ids = self.encode(texts)
+    return self._nlls(self.encode(texts))
+
+  def _nlls(self, ids: list[list[int]]) -> list[np.ndarray]:
     out: list[np.ndarray] = [np.zeros(0)] * len(ids)
     for rows, tokens, valid in self._batches(ids):
       nll = np.asarray(self.judge.next_token_nll(tokens, valid), np.float64)  # B L-1
@@ -102,6 +104,24 @@ class GenPPL:
   def per_sample(self, texts: Sequence[str]) -> list[float]:
     """Perplexity of each text under the judge (nan for a text with no scored token)."""
     return [math.exp(n.mean()) if n.size else float("nan") for n in self.token_nlls(texts)]
+
+  def conditional_per_sample(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
+    """Perplexity of each text given its prompt: the judge reads [BOS] prompt + " " + text and
+    only the text's tokens are scored (the text is cut to fit `max_len`; nan for a text with no
+    token left)."""
+    if len(prompts) != len(texts):
+      raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
+    prefix = [] if self.bos_id is None else [self.bos_id]
+    enc = lambda xs: self.tokenizer.encode_batch(list(xs), add_special_tokens=False)
+    heads = [prefix + e.ids for e in enc(prompts)]
+    ids = [
+      (h + e.ids)[: self.max_len] for h, e in zip(heads, enc(" " + t for t in texts), strict=True)
+    ]
+    out = []
+    for h, n in zip(heads, self._nlls(ids), strict=True):
+      scored = n[len(h) - 1 :]  # nll[j] is that of token j + 1
+      out.append(math.exp(scored.mean()) if scored.size else float("nan"))
+    return out
 
   def __call__(self, texts: Sequence[str]) -> dict:
     """{"gen_ppl", "gen_ppl_corpus", "n_samples", "n_tokens", "judge"}; texts with no scored token

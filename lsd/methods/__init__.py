@@ -16,6 +16,8 @@ TASKS = {
   "ld4lg_ae": "lsd.methods.ld4lg:LD4LGAutoencoderTask",
   "ld4lg_diffusion": "lsd.methods.ld4lg:LD4LGDiffusionTask",
   "ld4lg_decoder": "lsd.methods.ld4lg:LD4LGDecoderTask",
+  "sld_ae": "lsd.methods.sld:SLDAutoencoderTask",
+  "sld_diffusion": "lsd.methods.sld:SLDDiffusionTask",
   "dglm_diffusion": "lsd.methods.dglm:DGLMDiffusionTask",
 }
 

@@ -19,7 +19,7 @@ from lsd.config import ConfigError
 from lsd.train.task import Task
 
 # Latent-diffusion methods -> their config section (autoencoder_workdir, cache_latents, ...).
-LATENT_DIFFUSION = {"ld4lg_diffusion": "ld4lg"}
+LATENT_DIFFUSION = {"ld4lg_diffusion": "ld4lg", "sld_diffusion": "sld"}
 
 
 def _latent_section(task: Task) -> ml_collections.ConfigDict | None:
@@ -45,11 +45,13 @@ def prepare(task: Task) -> Task:
     )
   cfg = task.config
   # The stand-in: with cached latents the loss reads only whether the AE normalises its latents,
-  # which the sampler setting `sample.project` mirrors (configs/ld4lg_yelp.py).
+  # which the sampler setting `sample.project` mirrors (configs/ld4lg_yelp.py). A text's latents
+  # are K segments of the AE's (SLD: model.num_segments).
+  k = max(1, cfg.model.get("num_segments", 0))
   model = ml_collections.ConfigDict(
     {
       "normalize_latents": bool(cfg.sample.get("project", True)),
-      "num_latents": cfg.model.num_latents,
+      "num_latents": cfg.model.num_latents // k,
       "d_latent": cfg.model.d_latent,
       "max_len": cfg.data.max_len,
     }
@@ -66,12 +68,14 @@ def batch(task: Task, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
     return task.abstract_batch(rows)
   cfg = task.config
   s = lambda *shape, dtype: jax.ShapeDtypeStruct((rows, *shape), dtype)
-  out = {}
+  k = cfg.model.get("num_segments", 0)
+  per_text = (k,) if k else ()  # SLD: K segments per text, and which of them exist
+  out = {"segment_valid": s(k, dtype=jnp.bool_)} if k else {}
   if stage.get("cache_latents"):
     out["latents"] = s(cfg.model.num_latents, cfg.model.d_latent, dtype=jnp.float32)
   if not stage.get("cache_latents") or stage.get("decoding_loss_weight", 0.0):
-    out["tokens"] = s(cfg.data.max_len, dtype=jnp.int32)
-    out["valid"] = s(cfg.data.max_len, dtype=jnp.bool_)
+    out["tokens"] = s(*per_text, cfg.data.max_len, dtype=jnp.int32)
+    out["valid"] = s(*per_text, cfg.data.max_len, dtype=jnp.bool_)
   if cfg.model.get("num_classes", 0):
     out["label"] = s(dtype=jnp.int32)
   if stage.get("context_encoder"):
