@@ -159,6 +159,11 @@ def combine(name: str, parts: list[str]) -> None:
     # stopped early are final; its attempts are kept for those rows only.
     record = json.loads((RESULTS_DIR / f"{part}.json").read_text())
     done = {(r["config"], r["topology"]) for r in record["metrics"]["rows"]}
+    for r in record["metrics"]["rows"]:  # no compile as configured (--levers): no such baseline
+      tried = [a["overrides"] for a in record["metrics"]["attempts"]
+               if (a["config"], a["topology"]) == (r["config"], r["topology"])]  # fmt: skip
+      if [] not in tried:
+        r["as_configured"] = None
     rows += record["metrics"]["rows"]
     attempts += [a for a in record["metrics"]["attempts"] if (a["config"], a["topology"]) in done]
     for c, t in sorted(done):
@@ -173,10 +178,14 @@ def combine(name: str, parts: list[str]) -> None:
   args.levers_tried = json.loads((RESULTS_DIR / f"{parts[0]}.json").read_text())["config"][
     "levers_tried_in_order"
   ]
-  _write(args, rows, attempts, complete=True, configs=configs, parts=provenance)
+  done = {(r["config"], r["topology"]) for r in rows}
+  missing = [[c, t] for c in configs for t in topologies if (c, t) not in done]
+  _write(
+    args, rows, attempts, complete=not missing, configs=configs, parts=provenance, missing=missing
+  )
 
 
-def _write(args, rows, attempts, complete: bool, configs=None, parts=None) -> None:
+def _write(args, rows, attempts, complete: bool, configs=None, parts=None, missing=()) -> None:
   from importlib.metadata import version
 
   metrics = {
@@ -186,6 +195,8 @@ def _write(args, rows, attempts, complete: bool, configs=None, parts=None) -> No
     "attempts": attempts,
     "notes": NOTES,
   }
+  if missing:  # --combine: config and slice pairs no part measured
+    metrics["not_measured"] = list(missing)
   config = {
     "configs": configs or [CONFIGS[k] for k in args.only.split(",")],
     "topologies": args.topologies.split(","),
