@@ -31,6 +31,11 @@ def prepare(task: Task) -> Task:
   """Makes `task.build_model`, `task.loss` and `task.flops_per_token` usable without data."""
   stage = _latent_section(task)
   if stage is None:
+    if hasattr(type(task), "autoencoder_methods"):  # a latent-diffusion stage not described here
+      raise ConfigError(
+        f"method {task.config.method!r}: lsd compile does not know the shapes of its training "
+        f"batch yet (known latent-diffusion stages: {sorted(LATENT_DIFFUSION)})"
+      )
     task.prepare_abstract()
     return task
   if stage.get("autoencoder_workdir"):
