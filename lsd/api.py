@@ -148,9 +148,11 @@ def generate_from_sources(
 ) -> list[str]:
   """Seq2seq with a loaded diffusion run that has a context encoder: one output text per source
   (guidance_scale defaults to the run's sample.guidance_scale, 1 = no guidance; candidates to its
-  sample.candidates, 1 = no MBR: k > 1 samples k outputs per source and keeps the MBR choice)."""
-  sampler = diffusion_run.task.sampler(diffusion_run.model())
-  return sampler.from_sources(key, list(sources), guidance_scale, candidates)
+  sample.candidates, 1 = no MBR: k > 1 samples k outputs per source and keeps the MBR choice).
+  `generate` with {"source": ...} inputs."""
+  inputs = [{"source": s} for s in sources]
+  out = generate(diffusion_run, key, inputs, guidance_scale=guidance_scale, candidates=candidates)
+  return [o["text"] for o in out]
 
 
 def regenerate_segment(

@@ -3,6 +3,8 @@ names, widths, poolings, tokenizers and loading, on a tiny random-weight BERT ch
 the project's exporter into a tmp directory (`bert:DIR`), and the names in config validation."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lsd.config import ConfigError
+import lsd.api
+from lsd.api import train
+from lsd.config import ConfigError, from_json_file, load_config_file, to_json
 from lsd.convert.encoder_specs import encoder_spec
 from lsd.convert.encoders import frozen_encoder, pool
 from lsd.convert.hf import export_hf
 from lsd.data.tokenizer import build_tokenizer, check_tokenizer_config, encoder_tokenizer
+from lsd.methods import get_task
 from lsd.models.bert import BertConfig, BertEncoder
 
 WORDS = "the food was great service slow and rude i love pizza here never coming back".split()
@@ -126,3 +131,72 @@ def test_tokenizer_json_is_read_before_vocab_txt(bert_dir, tmp_path):
   assert spec.tokenizer_file().name == "tokenizer.json" and not spec.lowercase
   ours = encoder_tokenizer(spec.name)
   assert ours.encode("the Food") == [VOCAB.index("the"), 1]  # no lower-casing: Food is unknown
+
+
+def _sentences(folder):
+  """Two label files of 24 sentences in the tiny BERT's vocabulary, seeded."""
+  rng = np.random.default_rng(0)
+  for label in (0, 1):
+    lines = [" ".join(rng.choice(WORDS, 5)) + " ." for _ in range(24)]
+    (folder / f"yelp.{label}").write_text("\n".join(lines) + "\n")
+  return str(folder / "yelp.*")
+
+
+def test_ld4lg_autoencoder_trains_on_a_bert_dir_encoder(bert_dir, tmp_path):
+  name = f"bert:{bert_dir}"
+  cfg = load_config_file(f"configs/ld4lg_yelp.py:stage=ae,size=test,encoder={name},steps=3")
+  # The config asks the registry for the width and the tokenizer.
+  assert (cfg.model.d_encoder, cfg.data.tokenizer.kind) == (32, name)
+  dec = load_config_file(f"configs/ld4lg_yelp.py:stage=decoder,size=test,encoder={name}")
+  assert tuple(dec.train.freeze) == ("compressor",)  # a frozen encoder is not in the train state
+  cfg.data.path = _sentences(tmp_path)
+  cfg.train.update(progress=False, num_samples=0, log_every=1, ckpt_every=100, eval_batches=1)
+  res = train(cfg, tmp_path / "ae", record_every_step=True)
+  assert all(np.isfinite(v) for v in res.losses.values())
+  run = lsd.api.load(tmp_path / "ae")
+  assert "encoder" not in nnx.state(run.model()).to_pure_dict()
+  assert run.tokenizer.encode("the food") == [VOCAB.index("the"), VOCAB.index("food")]
+  # encode_texts == the compressor on the checkpoint's states of BERT's own [CLS] ids [SEP] rows.
+  enc = frozen_encoder(name)
+  ids = jnp.asarray([[2, 7, 8, 9, 10, 5, 3, 0]])
+  valid = ids != 0
+  want = run.model().encode_hidden(encoder_spec(name).load_model()(ids, valid), valid)
+  got = lsd.api.encode_texts(run, ["the food was great ."])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert enc.tokenizer.vocab_size == run.tokenizer.vocab_size
+  # The encoder's width and tokenizer are checked before any data is read.
+  bad = cfg.copy_and_resolve_references()
+  bad.model.d_encoder = 64
+  with pytest.raises(
+    ConfigError, match=rf"model.d_encoder=64: model.encoder='{name}' gives 32-wide"
+  ):
+    get_task(bad).validate()
+  bad = cfg.copy_and_resolve_references()
+  bad.data.tokenizer.kind = "minilm"
+  with pytest.raises(ConfigError, match=r"data.tokenizer.kind='minilm': model.encoder='bert:"):
+    get_task(bad).validate()
+
+
+def test_seq2seq_context_encoder_from_a_bert_dir(bert_dir):
+  name = f"bert:{bert_dir}"
+  cfg = load_config_file(f"configs/ld4lg_e2e.py:stage=diffusion,size=test,context={name}")
+  assert cfg.model.d_context == 32 and cfg.ld4lg.context_encoder == name
+  task = get_task(cfg)
+  assert task.context_encoder is frozen_encoder(name)
+  cfg.model.d_context = 384
+  with pytest.raises(ConfigError, match=rf"model.d_context=384: ld4lg.context_encoder='{name}'"):
+    get_task(cfg)
+
+
+def test_a_stored_minilm_run_config_still_validates():
+  # config.json of a run trained before the registry: encoder and tokenizer kind "minilm",
+  # d_encoder 384. Validation reads the registry only (nothing is downloaded or loaded).
+  cfg = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test,encoder=minilm")
+  (tmp := Path(tempfile.mkdtemp()) / "config.json").write_text(to_json(cfg))
+  stored = from_json_file(tmp)
+  assert (stored.model.encoder, stored.model.d_encoder, stored.data.tokenizer.kind) == (
+    "minilm",
+    384,
+    "minilm",
+  )
+  get_task(stored).validate()

@@ -114,14 +114,8 @@ def test_the_graph_is_read():
   assert "lsd.train.trainer" in graph["lsd.main"]  # a function-level import
 
 
-# The one arrow still in the tree while the frozen-encoder registry moves to lsd.convert: the shim
-# lsd/models/encoders.py re-exports it until its last caller (lsd/methods/latent.py) is moved.
-TEMPORARY = {"lsd.models.encoders -> lsd.convert.encoders"}
-
-
 def test_no_forbidden_arrows():
-  found = _violations(import_graph())
-  assert [v for v in found if v.split(":")[0] not in TEMPORARY] == []
+  assert _violations(import_graph()) == []
 
 
 def test_no_import_cycles():

@@ -426,6 +426,18 @@ def test_two_stages_train_load_sample_edit_and_interpolate(tmp_path):
   assert len(edited) == 2 and all(isinstance(t, str) for t in edited)
   samples = lsd.api.sample(diff, jax.random.key(1), 2)
   assert [s["label"] for s in samples] == [0, 1]
+  # Conditional generation (Task.generate): per-input labels draw the same latents as sample's
+  # cycling classes; an absent label is the null class; a seq2seq field is refused.
+  gen = lsd.api.generate(diff, jax.random.key(1), [{"label": 0}, {"label": 1}])
+  assert gen == samples
+  none, null = (lsd.api.generate(diff, jax.random.key(1), [x]) for x in ({}, {"label": 2}))
+  assert none[0]["text"] == null[0]["text"] and "label" not in none[0]
+  with pytest.raises(ConfigError, match=r"input 0 has \['source'\], which this 'ld4lg_diffusion'"):
+    lsd.api.generate(diff, jax.random.key(1), [{"source": "x"}])
+  with pytest.raises(ConfigError, match=r"label=3 must be an int in \[0, 2\)"):
+    lsd.api.generate(diff, jax.random.key(1), [{"label": 3}])
+  with pytest.raises(ConfigError, match=r"options \['candidates'\] are not read"):
+    lsd.api.generate(diff, jax.random.key(1), [{"label": 1}], candidates=3)
 
 
 @pytest.mark.slow  # three trainings and the CLI: about 3 minutes on 2 CPU cores
@@ -481,6 +493,11 @@ def test_stage3_tunes_only_the_decoder_and_diffusion_runs_decode_with_it(tmp_pat
     json.loads((tmp_path / "diffusion" / "config.json").read_text())["ld4lg"]["decoder_workdir"]
     == ""
   )  # not saved
+  # Class labels as inputs (Task.generate): the same latents as the samples of classes 0, 1.
+  argv = ["sample", "--workdir", str(tmp_path / "diffusion"), "--label", "0", "--label", "1"]
+  assert lsd_main([*argv, decode_with, "--out", str(tmp_path / "gen.jsonl")]) == 0
+  gen = [json.loads(x) for x in (tmp_path / "gen.jsonl").read_text().splitlines()]
+  assert gen == rows
   # Config errors name the field.
   bad = stages["decoder"].copy_and_resolve_references()
   bad.train.freeze = ("encoder",)

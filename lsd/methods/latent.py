@@ -31,15 +31,17 @@ from lsd.config import (
   check_range,
   dataclass_from_config,
 )
+from lsd.convert.encoder_specs import describe, encoder_spec
+from lsd.convert.encoders import frozen_encoder, hidden_states
 from lsd.data import split_documents
 from lsd.data.latent_cache import cached_latent_data
 from lsd.data.sentences import build_sentence_data, load_sentences
+from lsd.data.tokenizer import is_encoder_kind
 from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss, noised_estimates
 from lsd.methods import get_task
 from lsd.models.autoencoder import AutoencoderConfig, LatentAutoencoder, reconstruction_loss
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
-from lsd.models.encoders import FROZEN_ENCODERS, frozen_encoder, hidden_states
 from lsd.nn.layers import normalize_to_sphere
 from lsd.sampling import text_latent as tl
 from lsd.train import stages
@@ -80,7 +82,8 @@ class DiffusionStage:
   def validate(self) -> None:
     s = self.section
     check_choice(f"{s}.objective", self.objective, OBJECTIVES)
-    check_choice(f"{s}.context_encoder", self.context_encoder, ("", *FROZEN_ENCODERS))
+    if self.context_encoder:  # a frozen pretrained encoder's registry name
+      encoder_spec(self.context_encoder, f"{s}.context_encoder")
     for name in ("self_condition_prob", "cond_drop_prob"):
       check_range(f"{s}.{name}", getattr(self, name), 0.0, 1.0)
     check_positive(f"{s}.schedule_scale", self.schedule_scale)
@@ -118,6 +121,9 @@ class LatentAutoencoderTask(Task):
   def stage(self) -> Any:
     return dataclass_from_config(self.stage_config, self.config.get(self.section) or {})
 
+  def validate(self) -> None:
+    self.check_encoder(load=False)
+
   def make_data(self, workdir, *, process_index: int, process_count: int):
     self.check_encoder()
     data = build_sentence_data(
@@ -131,17 +137,24 @@ class LatentAutoencoderTask(Task):
     self.tokenizer = data.tokenizer
     return data
 
-  def check_encoder(self) -> None:
-    """A frozen pretrained encoder reads its own tokenizer's ids; it is loaded now, outside any
-    trace."""
-    encoder, kind = self.config.model.encoder, self.config.data.tokenizer.kind
-    if encoder == "minilm" and kind != "minilm":
+  def check_encoder(self, load: bool = True) -> None:
+    """A frozen pretrained encoder (`model.encoder`, a registry name) reads its own tokenizer's
+    ids and gives states of its own width; `load`: it is loaded now, outside any trace."""
+    m, kind = self.config.model, self.config.data.tokenizer.kind
+    if m.encoder in ("scratch", "external"):
+      return
+    spec = encoder_spec(m.encoder, "model.encoder")
+    if not is_encoder_kind(kind) or encoder_spec(kind, "data.tokenizer.kind").name != spec.name:
       raise ConfigError(
-        f"data.tokenizer.kind={kind!r}: model.encoder='minilm' reads the ids of its own "
-        "WordPiece; set --config.data.tokenizer.kind=minilm"
+        f"data.tokenizer.kind={kind!r}: model.encoder={m.encoder!r} reads the ids of its own "
+        f"tokenizer; set --config.data.tokenizer.kind={m.encoder}"
       )
-    if encoder in FROZEN_ENCODERS:
-      frozen_encoder(encoder, "model.encoder")
+    if m.d_encoder != spec.width:
+      raise ConfigError(
+        f"model.d_encoder={m.d_encoder}: model.encoder={m.encoder!r} gives {spec.width}-wide states"
+      )
+    if load:
+      frozen_encoder(m.encoder, "model.encoder")
 
   def data_tokenizer(self):
     """The `decoder_init` LM's tokenizer (the decoder starts from its weights, so the ids must
@@ -197,9 +210,9 @@ class LatentAutoencoderTask(Task):
       )
     if cfg.encoder == "external":
       raise ConfigError(
-        f"model.encoder='external': {self.name} trains with 'scratch' or the frozen 'minilm'; any "
-        "other encoder's hidden states go through LatentAutoencoder.encode_hidden / "
-        "reconstruction_loss(hidden=...)"
+        f"model.encoder='external': {self.name} trains with 'scratch' or a frozen pretrained "
+        f"encoder ({describe()}); any other encoder's hidden states go through "
+        "LatentAutoencoder.encode_hidden / reconstruction_loss(hidden=...)"
       )
     return cfg
 
@@ -254,7 +267,7 @@ class LatentDiffusionTask(Task):
   `<section>.autoencoder_workdir` names.
 
   Stage fields (`stage_config`): autoencoder_workdir, objective, self_condition_prob,
-  cond_drop_prob, schedule_scale, context_encoder ("" or one of FROZEN_ENCODERS: seq2seq),
+  cond_drop_prob, schedule_scale, context_encoder ("" or a frozen encoder's name: seq2seq),
   cache_latents, decoder_workdir ("" = decode with the autoencoder run), decoding_loss_weight and
   decoding_loss_t_max. The sampler settings are `config.sample` (`tl.LatentSampleConfig`,
   `tl.DecodeConfig`).
@@ -275,7 +288,7 @@ class LatentDiffusionTask(Task):
   def __init__(self, config):
     super().__init__(config)
     ctx, _ = self.stage.context_encoder, self.sampling  # validated now, before any work
-    width = frozen_encoder(ctx).width if ctx else 0
+    width = encoder_spec(ctx, f"{self.section}.context_encoder").width if ctx else 0
     if ctx and config.model.d_context != width:
       raise ConfigError(
         f"model.d_context={config.model.d_context}: {self.section}.context_encoder={ctx!r} gives "
@@ -284,7 +297,7 @@ class LatentDiffusionTask(Task):
     if not ctx and config.model.d_context:
       raise ConfigError(
         f"model.d_context={config.model.d_context} needs a context: set "
-        f"{self.section}.context_encoder (one of {list(FROZEN_ENCODERS)}) and data.source_field"
+        f"{self.section}.context_encoder ({describe()}) and data.source_field"
       )
     self.context_encoder = frozen_encoder(ctx) if ctx else None
     self._autoencoder = self._decoder = None  # the frozen runs, loaded on first use
@@ -484,6 +497,42 @@ class LatentDiffusionTask(Task):
       {"source": d["source"], "text": t, "reference": d["text"], "nfe": sampler.nfe(True)}
       for d, t in zip(docs, texts, strict=True)
     ]
+
+  def generate(self, model: LatentDenoiser, key: jax.Array, inputs: list[dict], **options):
+    """Conditional generation: seq2seq, each input's "source" -> one text (options guidance_scale,
+    candidates: MBR among k samples); class-conditional, each input's "label" (absent: the null
+    class) -> one text (option guidance_scale); unconditional, one text per input ({}). Options
+    None = the run's `config.sample`; records `{**input, "text", "nfe"}`."""
+    seq2seq, num_classes = self.context_encoder is not None, model.cfg.num_classes
+    fields = ("source",) if seq2seq else ("label",) if num_classes else ()
+    inputs = self.generation_inputs(inputs, fields)
+    known = ("guidance_scale", "candidates") if seq2seq else ("guidance_scale",)
+    unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
+    if unknown:
+      raise ConfigError(f"generate: options {unknown} are not read by this run; accepted: {known}")
+    sampler, w = self.sampler(model), options.get("guidance_scale")
+    if seq2seq:
+      missing = [i for i, x in enumerate(inputs) if not isinstance(x.get("source"), str)]
+      if missing:
+        raise ConfigError(f"generate: inputs {missing[:5]} have no 'source' text (seq2seq run)")
+      sources = [x["source"] for x in inputs]
+      texts = sampler.from_sources(key, sources, w, options.get("candidates"))
+      nfe = sampler.nfe(True)
+      return [{**x, "text": t, "nfe": nfe} for x, t in zip(inputs, texts, strict=True)]
+    labels = None
+    if num_classes:
+      labels = [x.get("label", num_classes) for x in inputs]
+      ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= num_classes
+      bad = [v for v in labels if not ok(v)]
+      if bad:
+        raise ConfigError(
+          f"generate: label={bad[0]!r} must be an int in [0, {num_classes}) ({num_classes}: the "
+          "null class, as an absent label)"
+        )
+      labels = jnp.asarray(labels, jnp.int32)
+    texts = self.decode(sampler.latents(key, len(inputs), w, labels=labels))
+    nfe = sampler.nfe(bool(num_classes))
+    return [{**x, "text": t, "nfe": nfe} for x, t in zip(inputs, texts, strict=True)]
 
 
 class DecoderTuningMixin:

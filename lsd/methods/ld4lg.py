@@ -1,14 +1,15 @@
 """LD4LG (Latent Diffusion for Language Generation, arXiv 2212.09462) as three trainer tasks.
 
 Stage 1, "ld4lg_ae" (`LD4LGAutoencoderTask`): a `LatentAutoencoder` trained on teacher-forced
-reconstruction; its encoder is trained from scratch or is the frozen MiniLM (`model.encoder`), its
-decoder optionally starts from a causal-LM run (`ld4lg.decoder_init`)
-(`lsd.methods.latent.LatentAutoencoderTask`).
+reconstruction; its encoder is trained from scratch or is a frozen pretrained one (`model.encoder`,
+a name of the registry `lsd.convert.encoder_specs`), its decoder optionally starts from a causal-LM
+run (`ld4lg.decoder_init`) (`lsd.methods.latent.LatentAutoencoderTask`).
 Stage 2, "ld4lg_diffusion": a `LatentDenoiser` learns the v-prediction (cosine schedule, unweighted
 L2) with self-conditioning and condition dropout for CFG on the latents of the frozen stage-1 run
-(encoded once, `ld4lg.cache_latents`), optionally plus a decoding loss; seq2seq: the frozen
-MiniLM's states of each source are the denoiser's context
-(`lsd.methods.latent.LatentDiffusionTask`).
+(encoded once, `ld4lg.cache_latents`), optionally plus a decoding loss; seq2seq: a frozen
+encoder's states of each source (`ld4lg.context_encoder`) are the denoiser's context
+(`lsd.methods.latent.LatentDiffusionTask`). Conditional generation (class labels, sources) is
+`Task.generate` (`lsd.api.generate`, `lsd sample --label / --source`).
 Stage 3 (optional), "ld4lg_decoder": the stage-1 decoder tuned to read the stage-2 denoiser's
 estimates (`lsd.methods.latent.DecoderTuningMixin`); diffusion runs decode with it when
 `ld4lg.decoder_workdir` names it.
@@ -16,7 +17,7 @@ estimates (`lsd.methods.latent.DecoderTuningMixin`); diffusion runs decode with 
 The recipe only: the stages, the math, the stage runs, the latent cache and text <-> latents are
 shared (`lsd.methods.latent`, `lsd.diffusion.latent`, `lsd.train.stages`, `lsd.data.latent_cache`,
 `lsd.sampling.text_latent`; `lsd.api.encode_texts`, `decode_latents`, `interpolate_texts`,
-`edit_text` and `generate_from_sources` for loaded runs). Each stage's `config.ld4lg` section is
+`edit_text`, `generate` and `generate_from_sources` for loaded runs). Each stage's `config.ld4lg` section is
 read into its dataclass at every use, so edits to a loaded run's config take effect.
 """
 
