@@ -172,10 +172,11 @@ _SCALAR_TYPES = {
 }
 
 
-def check_field_types(cls, values: dict[str, Any]) -> None:
+def check_field_types(cls, values: dict[str, Any], section: str = "") -> None:
   """Raises ConfigError for a value whose type does not match its dataclass field's annotation
   (int, float, bool, str, or one of those `| None`); other annotations are not checked. A config
-  read from a hand-edited config.json can hold any JSON value in any field."""
+  read from a hand-edited config.json can hold any JSON value in any field. `section` (e.g.
+  "sample") prefixes the field's name in the message."""
   import dataclasses
 
   for f in dataclasses.fields(cls):
@@ -190,21 +191,23 @@ def check_field_types(cls, values: dict[str, Any]) -> None:
     test, accepted = _SCALAR_TYPES[kind]
     if not test(value):
       accepted += " or null" if optional else ""
+      name = f"{section}.{f.name}" if section else f.name
       raise ConfigError(
-        f"{f.name}={value!r} must be {accepted} (field {f.name!r} of {cls.__name__}; got a "
+        f"{name}={value!r} must be {accepted} (field {f.name!r} of {cls.__name__}; got a "
         f"{type(value).__name__})"
       )
 
 
-def dataclass_from_config(cls, cfg: ml_collections.ConfigDict, **overrides):
+def dataclass_from_config(cls, cfg: ml_collections.ConfigDict, section: str = "", **overrides):
   """Builds a config dataclass from the ConfigDict fields it declares (others are ignored), after
-  checking their types against the annotations, then calls its `validate()`."""
+  checking their types against the annotations (errors name the field as `section.field`), then
+  calls its `validate()`."""
   import dataclasses
 
   fields = {f.name for f in dataclasses.fields(cls)}
   values = {k: v for k, v in cfg.items() if k in fields}
   values.update(overrides)
-  check_field_types(cls, values)
+  check_field_types(cls, values, section)
   out = cls(**values)
   out.validate()
   return out

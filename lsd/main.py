@@ -146,8 +146,8 @@ def _compile_parser(verbs) -> None:
 
 
 def _train(args, overrides) -> None:
-  from lsd.config import apply_override, from_json_file, load_config_file
   from lsd.api import train
+  from lsd.config import apply_override, from_json_file, load_config_file
 
   if args.coordinator:
     import jax

@@ -145,7 +145,9 @@ def test_a_second_run_in_a_locked_workdir_is_refused_naming_the_holder(corpus, t
 
 def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_exactly(corpus, tmp_path, capsys):
   run = tmp_path / "run"
-  config = tiny_config(corpus, steps=100_000, ckpt_every=100_000, log_every=1)
+  # A constant learning rate after warmup: the schedule does not depend on train.steps, so an
+  # uninterrupted run of another length is the reference for the resumed one.
+  config = tiny_config(corpus, steps=100_000, ckpt_every=100_000, log_every=1, lr_decay="constant")
   # SIGTERM arrives from another thread while the loop runs (as a preemption notice would).
   timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
   timer.start()
@@ -158,10 +160,11 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_exactly(corpus, 
   assert f"SIGTERM received: stopped at step {res.final_step}" in capsys.readouterr().out
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled
   # The checkpoint holds everything up to the stop: a rerun resumes there, with the losses an
-  # uninterrupted run has (the schedule depends on train.steps, so compare within one config).
+  # uninterrupted run has.
   stop = res.final_step
-  again = train(tiny_config(corpus, steps=stop + 3, ckpt_every=100), tmp_path / "again")
-  rest = train(tiny_config(corpus, steps=stop + 3, ckpt_every=100), run, record_every_step=True)
+  longer = dict(steps=stop + 3, ckpt_every=100, lr_decay="constant")
+  again = train(tiny_config(corpus, **longer), tmp_path / "again")
+  rest = train(tiny_config(corpus, **longer), run, record_every_step=True)
   assert sorted(rest.losses) == [stop + 1, stop + 2, stop + 3]
   assert rest.losses[stop + 3] == again.losses[stop + 3]
   records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

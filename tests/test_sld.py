@@ -472,7 +472,7 @@ def _stories(path):
   path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.slow  # two trainings, the CLI and the API: about a minute on an idle 2-core CPU
+@pytest.mark.slow  # two trainings, the CLI and the API: minutes on 2 CPU cores
 def test_two_stages_train_and_sample_through_the_cli_and_the_api(tmp_path, capsys):
   _stories(tmp_path / "stories.json")
   common = [

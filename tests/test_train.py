@@ -244,3 +244,19 @@ def test_frozen_prefixes_get_no_update_not_even_weight_decay():
   cfg.freeze = ("enc", "")
   with pytest.raises(ConfigError, match=r"train.freeze=\('enc', ''\) must be a list"):
     validate_train_config(cfg)
+
+
+def test_constant_lr_decay_does_not_depend_on_train_steps():
+  from lsd.train.state import default_train_config, lr_schedule, validate_train_config
+
+  def lrs(**fields):
+    cfg = default_train_config()
+    cfg.update(dict(lr=1e-3, warmup_steps=4, **fields))
+    validate_train_config(cfg)
+    return [float(lr_schedule(cfg)(i)) for i in (0, 2, 4, 50, 99)]
+
+  np.testing.assert_allclose(lrs(steps=100, lr_decay="constant"), [0, 5e-4, 1e-3, 1e-3, 1e-3])
+  assert lrs(steps=100, lr_decay="constant") == lrs(steps=10_000, lr_decay="constant")
+  assert lrs(steps=100)[-1] < lrs(steps=10_000)[-1]  # cosine decays by train.steps
+  with pytest.raises(ConfigError, match="train.lr_decay='linear'"):
+    lrs(steps=100, lr_decay="linear")

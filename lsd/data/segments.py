@@ -79,7 +79,7 @@ class SegmentConfig:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> SegmentConfig:
-    return dataclass_from_config(cls, cfg)
+    return dataclass_from_config(cls, cfg, "data")
 
   def validate(self) -> None:
     check_choice("data.segment_mode", self.segment_mode, SEGMENT_MODES)

@@ -98,7 +98,7 @@ class DGLMDiffusionTask(Task):
 
   @property
   def stage(self) -> DGLMDiffusionStage:
-    return dataclass_from_config(DGLMDiffusionStage, self.config.dglm)
+    return dataclass_from_config(DGLMDiffusionStage, self.config.dglm, "dglm")
 
   @property
   def schedule(self) -> CosineSchedule:

@@ -119,7 +119,9 @@ class LatentAutoencoderTask(Task):
 
   @property
   def stage(self) -> Any:
-    return dataclass_from_config(self.stage_config, self.config.get(self.section) or {})
+    return dataclass_from_config(
+      self.stage_config, self.config.get(self.section) or {}, self.section
+    )
 
   def validate(self) -> None:
     self.check_encoder(load=False)
@@ -304,7 +306,7 @@ class LatentDiffusionTask(Task):
 
   @property
   def stage(self) -> Any:
-    return dataclass_from_config(self.stage_config, self.config[self.section])
+    return dataclass_from_config(self.stage_config, self.config[self.section], self.section)
 
   @property
   def sampling(self) -> tl.LatentSampleConfig:
@@ -575,7 +577,7 @@ class DecoderTuningMixin:
 
   @property
   def stage(self) -> Any:
-    return dataclass_from_config(self.stage_config, self.config[self.section])
+    return dataclass_from_config(self.stage_config, self.config[self.section], self.section)
 
   def autoencoder(self) -> stages.LoadedRun:
     """The autoencoder run this one starts from; its model config must equal `config.model`."""

@@ -45,7 +45,7 @@ class DecodeConfig:
 
   @classmethod
   def from_config(cls, cfg) -> DecodeConfig:
-    return dataclass_from_config(cls, cfg)
+    return dataclass_from_config(cls, cfg, "sample")
 
   def validate(self) -> None:
     if int(self.num_beams) < 1:
@@ -69,7 +69,7 @@ class LatentSampleConfig:
 
   @classmethod
   def from_config(cls, cfg) -> LatentSampleConfig:
-    return dataclass_from_config(cls, cfg)
+    return dataclass_from_config(cls, cfg, "sample")
 
   def validate(self) -> None:
     check_choice("sample.sampler", self.sampler, latent_sampling.SAMPLERS)

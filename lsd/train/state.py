@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from lsd.config import ConfigError, check_positive, check_range
+from lsd.config import ConfigError, check_choice, check_positive, check_range
 
 
 @flax.struct.dataclass
@@ -30,6 +30,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       "lr": 3e-4,
       "warmup_steps": 100,
       "min_lr_ratio": 0.1,
+      # After the linear warmup: "cosine" decays to lr * min_lr_ratio at train.steps; "constant"
+      # holds lr, so the schedule does not depend on train.steps (a run can be extended).
+      "lr_decay": "cosine",
       "weight_decay": 0.01,
       "b1": 0.9,
       "b2": 0.98,
@@ -73,6 +76,7 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
   check_positive("train.lr", cfg.lr)
   _check_int("train.warmup_steps", cfg.warmup_steps, 0)
   check_range("train.min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0)
+  check_choice("train.lr_decay", cfg.get("lr_decay", "cosine"), LR_DECAYS)
   check_positive("train.weight_decay", cfg.weight_decay, allow_zero=True)
   check_range("train.b1", cfg.b1, 0.0, 1.0)
   check_range("train.b2", cfg.b2, 0.0, 1.0)
@@ -104,7 +108,16 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
     _check_int(f"train.{name}", cfg.get(name, 0), 0)
 
 
+LR_DECAYS = ("cosine", "constant")
+
+
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  if cfg.get("lr_decay", "cosine") == "constant":
+    warmup = int(cfg.warmup_steps)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
+      [warmup],
+    )
   warmup = min(int(cfg.warmup_steps), int(cfg.steps) - 1)
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
