@@ -13,6 +13,7 @@ Stage 2 (seq2seq denoiser):
   lsd train --config configs/ld4lg_e2e.py:stage=diffusion,size=tiny --workdir runs/e2e_diff \
     --config.data.path=/path/to/e2e/trainset.csv --config.ld4lg.autoencoder_workdir=runs/e2e_ae
   lsd sample --workdir runs/e2e_diff --num_samples 8   # held-out sources -> outputs
+  lsd sample --workdir runs/e2e_diff --source 'name[Zizzi], food[French]'
 
 Data: the E2E csv files (columns `mr`, `ref`; tuetschek/e2e-dataset). Arguments as in
 configs/ld4lg_yelp.py (stage, size, encoder, steps) and context; sentences are longer here (max_len

@@ -7,13 +7,16 @@ Stage 1, the autoencoder (text -> l x d latents -> text):
 Stage 2, the latent denoiser (the stage-1 run is loaded frozen):
   lsd train --config configs/ld4lg_yelp.py:stage=diffusion,size=tiny --workdir runs/ld4lg_diff \
     --config.data.path='/path/to/yelp/sentiment.*' --config.ld4lg.autoencoder_workdir=runs/ld4lg_ae
-Sample (class-conditional, cycling through the classes):
+Sample (class-conditional, cycling through the classes; or one output per --label):
   lsd sample --workdir runs/ld4lg_diff --num_samples 8
-Optional stage 3, the decoder tuned to read the denoiser's estimates (both runs loaded frozen; then
-decode with it by setting the diffusion run's ld4lg.decoder_workdir):
+  lsd sample --workdir runs/ld4lg_diff --label 1 --label 0 --config.sample.guidance_scale=2
+Optional stage 3, the decoder tuned to read the denoiser's estimates (both runs loaded frozen); the
+diffusion run decodes with it when its ld4lg.decoder_workdir names it (set when training stage 2,
+or for one sampling as below):
   lsd train --config configs/ld4lg_yelp.py:stage=decoder,size=tiny --workdir runs/ld4lg_dec \
     --config.data.path='/path/to/yelp/sentiment.*' --config.ld4lg.autoencoder_workdir=runs/ld4lg_ae \
     --config.ld4lg.denoiser_workdir=runs/ld4lg_diff
+  lsd sample --workdir runs/ld4lg_diff --config.ld4lg.decoder_workdir=runs/ld4lg_dec
 
 Data: `data.path` is a glob of sentence files, one sentence per line and one file per class, the
 label being the file's index in sorted order (the Yelp files of shentianxiao/language-style-transfer:
@@ -66,15 +69,15 @@ SIZES = {
   ),
   "tiny": dict(
     max_len=32,
-    # 4096 BPE merges: near whole-word tokens. At equal AE/denoiser steps the ablation measured
-    # MAUVE 0.293 / 0.529 / 0.579 at vocab 2048 / 4096 / 8192 (recon BLEU 90.5 / 84.0 / 68.8: the
-    # larger output layer needs more AE steps; 8192 also halves the AE's step rate).
+    # 4096 BPE merges: near whole-word tokens, which decode the denoiser's samples more fluently;
+    # a larger output layer needs more AE steps (ld4lg_ablation.json: vocab*, ld4lg.json; the
+    # results table of docs/ld4lg.md).
     vocab_size=4096,
     batch_size=32,
     length_buckets=(16, 24),
     # Per-example latent noise std ~ U(0, 0.3) in AE training: the decoder reads the neighbourhood
     # of each sentence's latents as that sentence, so a tiny denoiser's errors decode to fluent
-    # text. At 0.5 the benchmark's recon BLEU fell from 93.7 (clean) to 90.0.
+    # text; more noise costs reconstruction (ld4lg_ablation.json: noise*, ld4lg_lminit.json).
     latent_noise=0.3,
     ae=dict(
       d_encoder=128,
@@ -134,9 +137,9 @@ SIZES = {
   ),
 }
 # Latents -> text. num_beams > 1: beam search with these processors (the reference decodes with 4
-# beams, repetition penalty 1.2 and no repeated trigram; benchmarks/ld4lg_decode.py: Yelp MAUVE
-# 0.434 with it vs 0.377 greedy); 1: greedy (top_p = 0) or nucleus sampling. The test size decodes
-# greedily (num_beams is set per size in `build`).
+# beams, repetition penalty 1.2 and no repeated trigram; above greedy decoding in ld4lg_decode.json:
+# beam_s100); 1: greedy (top_p = 0) or nucleus sampling. The test size decodes greedily (num_beams
+# is set per size in `build`).
 DECODE = {
   "num_beams": 4,
   "length_penalty": 1.0,
@@ -221,9 +224,8 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
         "autoencoder_workdir": "",  # the stage-1 run to start from
         "denoiser_workdir": "",  # the stage-2 run trained on its latents
         # Rows decoded from their clean latents (plain reconstruction) rather than from the
-        # denoiser's estimate at t ~ U(0, tune_t_max). benchmarks/ld4lg_ablation.py (1000 steps):
-        # 0 / 0.2 / 0.5 -> sample MAUVE 0.684 / 0.723 / 0.600, recon BLEU 71.5 / 74.0 / 77.8
-        # (84.0 and MAUVE 0.529 without stage 3): fewer clean rows, more fluent samples.
+        # denoiser's estimate at t ~ U(0, tune_t_max): fewer clean rows, more fluent samples and
+        # less exact reconstruction (ld4lg_ablation.json: vocab4096_dec*).
         "tune_clean_prob": 0.2,
         "tune_t_max": 1.0,
         # Max std of the training-only latent noise on the decoder's inputs in this stage;
@@ -271,7 +273,7 @@ def build(a: dict, data: dict, num_classes: int) -> ml_collections.ConfigDict:
       "eta": 0.0,
       "guidance_scale": 1.0,
       # x0_hat back onto the sqrt(d) sphere at every step, where the AE's latents live (the
-      # reference does this for seq2seq only); MAUVE 0.18 -> 0.28 on the clean-AE benchmark run.
+      # reference does this for seq2seq only; ld4lg_decode.json: greedy_s100_noproject).
       "project": ae["normalize_latents"],
       "max_new_tokens": size["max_len"] - 1,
       "top_p": 0.0,
