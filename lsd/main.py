@@ -216,6 +216,8 @@ def _sample(args, overrides) -> None:
   run = api.load(args.workdir, step=args.step)
   for dotted, raw in overrides:  # the loaded run's config, in memory only (the task reads it)
     apply_override(run.config, dotted, raw)
+  if overrides:
+    run.task.validate()
   key = jax.random.key(args.seed)
   if inputs:
     samples = api.generate(run, key, inputs)

@@ -180,3 +180,21 @@ def test_write_report_flat_and_per_variant(tmp_path):
   assert lines[0] == "| variant | entropy | gen_ppl |"
   assert "| draft | 5.000 | 40.000 |" in lines
   assert "| revise | 5.250 | - |" in lines
+
+
+def test_rouge_per_sample_is_what_rouge_averages():
+  per = metrics.rouge_per_sample(["the cat sat", "xyz"], [["dog", "the cat sat"], "abc"])
+  np.testing.assert_allclose(per["rouge1"], [100.0, 0.0])
+  assert metrics.rouge(["the cat sat", "xyz"], [["dog", "the cat sat"], "abc"])["rouge1"] == 50.0
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_excludes_zero_when_clear():
+  rng = np.random.default_rng(1)
+  b = rng.normal(size=400)
+  clear = metrics.paired_bootstrap(b + 0.5, b)  # a constant shift: every resample differs by 0.5
+  assert clear["diff"] == pytest.approx(0.5) and clear["low"] == pytest.approx(0.5)
+  noisy = metrics.paired_bootstrap(rng.normal(size=400), rng.normal(size=400))
+  assert noisy["low"] < noisy["diff"] < noisy["high"] and noisy["low"] < 0 < noisy["high"]
+  assert metrics.paired_bootstrap([1.0, np.nan, 3.0], [0.0, 1.0, 1.0])["n"] == 2
+  with pytest.raises(ValueError, match="paired 1-D scores"):
+    metrics.paired_bootstrap([1.0, 2.0], [1.0])

@@ -354,6 +354,16 @@ def test_sampling_and_loading_errors_name_what_is_wrong(corpus, tmp_path, capsys
   with pytest.raises(SystemExit) as e:
     lsd_main(["sample", "--workdir", str(run), "--num_samples", "0"])
   assert e.value.code == 2 and "'0' is not an int >= 1" in capsys.readouterr().err
+  # A bad sampler setting, given for one call or stored in a hand-edited config.json: one line.
+  assert lsd_main(["sample", "--workdir", str(run), "--config.sample.top_p=1.5"]) == 2
+  assert "sample.top_p=1.5" in capsys.readouterr().err
+  stored = json.loads((run / "config.json").read_text())
+  edited = tmp_path / "edited"
+  shutil.copytree(run, edited)
+  stored["sample"]["temperature"] = -1.0
+  (edited / "config.json").write_text(json.dumps(stored))
+  assert lsd_main(["sample", "--workdir", str(edited)]) == 2
+  assert "sample.temperature=-1.0" in capsys.readouterr().err
   # api.load of a run without checkpoints creates nothing.
   bare = tmp_path / "bare"
   bare.mkdir()

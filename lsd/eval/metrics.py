@@ -111,18 +111,48 @@ def rouge(
   Returns:
     {"rouge1": ..., "rouge2": ..., "rougeL": ...}, each in [0, 100].
   """
+  per = rouge_per_sample(preds, refs, use_stemmer=use_stemmer)
+  return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def rouge_per_sample(
+  preds: Sequence[str], refs: Sequence[str | Sequence[str]], *, use_stemmer: bool = False
+) -> dict[str, np.ndarray]:
+  """ROUGE-1/2/L F1 x 100 of each prediction, as in `rouge`: {"rouge1": [N], ...}."""
   from rouge_score import rouge_scorer
 
   groups = _as_reference_lists(refs, len(preds))
   if not preds:
     raise ValueError("rouge: preds is empty; pass at least one prediction")
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-  for pred, group in zip(preds, groups, strict=True):
+  out = {k: np.zeros(len(preds)) for k in ROUGE_TYPES}
+  for i, (pred, group) in enumerate(zip(preds, groups, strict=True)):
     scores = scorer.score_multi(group, pred)
     for k in ROUGE_TYPES:
-      totals[k] += scores[k].fmeasure
-  return {k: 100.0 * v / len(preds) for k, v in totals.items()}
+      out[k][i] = 100.0 * scores[k].fmeasure
+  return out
+
+
+def paired_bootstrap(
+  a: Sequence[float], b: Sequence[float], *, n: int = 2000, seed: int = 0, stat=np.mean
+) -> dict[str, float]:
+  """stat(a) - stat(b) over paired per-item scores (the same test items), with a 95 % interval
+  from `n` bootstrap resamples of the items; NaN items (in either) are dropped.
+
+  Returns {"diff", "low", "high", "n"}: the difference exceeds the resampling spread when the
+  interval excludes 0.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired_bootstrap: a and b must be paired 1-D scores; got {a.shape}, {b.shape}")
+  keep = ~(np.isnan(a) | np.isnan(b))
+  a, b = a[keep], b[keep]
+  if not len(a):
+    raise ValueError("paired_bootstrap: no item has both scores")
+  idx = np.random.default_rng(seed).integers(0, len(a), size=(n, len(a)))
+  diffs = np.array([stat(a[i]) - stat(b[i]) for i in idx])
+  low, high = np.percentile(diffs, [2.5, 97.5])
+  return {"diff": float(stat(a) - stat(b)), "low": float(low), "high": float(high), "n": len(a)}
 
 
 def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], **kw: Any) -> float:

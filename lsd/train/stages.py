@@ -62,6 +62,7 @@ def load_run(
   except ValueError as e:
     raise ConfigError(f"{workdir / 'config.json'} is not valid JSON ({e})") from e
   task = make_task(config)
+  task.validate()  # a hand-edited config.json fails here, with the field, not in a trace
   task.tokenizer = Tokenizer.load(workdir / "tokenizer.json")
   if not (workdir / "checkpoints").is_dir():
     raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
