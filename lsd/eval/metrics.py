@@ -144,7 +144,9 @@ def paired_bootstrap(
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f"paired_bootstrap: a and b must be paired 1-D scores; got {a.shape}, {b.shape}")
+    raise ValueError(
+      f"paired_bootstrap: a and b must be paired 1-D scores; got {a.shape}, {b.shape}"
+    )
   keep = ~(np.isnan(a) | np.isnan(b))
   a, b = a[keep], b[keep]
   if not len(a):
