@@ -4,13 +4,18 @@ provenance fields and prints one summary line."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
+
+from lsd.train.sweep import quiet, steady_steps_per_s  # noqa: F401 (quiet: for the scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -77,3 +82,35 @@ def write_result(name: str, metrics: dict, config: dict) -> Path:
   )
   print(f"{name}: {summary} -> {path.relative_to(RESULTS_DIR.parent.parent)}")
   return path
+
+
+# ------------------------------------------------------------------------- training and features
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def probe_steps(cfg, probe: Path, minutes: float, train) -> int:
+  """Training steps of run config `cfg` that fit `minutes` on this machine, from the steady speed
+  of an 80-step probe run in `probe` (`lsd.train.sweep.steady_steps_per_s`); `train(config,
+  workdir)` trains (`lsd.api.train`). The probe is reused when it exists."""
+  if not (probe / "metrics.jsonl").exists():
+    c = quiet(cfg, 80, log_every=10)
+    c.train.eval_batches = 1
+    train(c, probe)
+  sps = steady_steps_per_s(probe)
+  log(f"{probe.name}: {sps:.2f} steps/s -> {int(minutes * 60 * sps)} steps in {minutes} min")
+  return int(minutes * 60 * sps)
+
+
+def cached_features(judge, folder: Path, texts: list[str]) -> np.ndarray:
+  """judge.hidden_features(texts) (`lsd.eval.genppl.GenPPL`), kept in `folder` under a hash of the
+  texts and the judge's truncation, so fixed text sets are embedded once across runs."""
+  key = json.dumps([judge.max_len, list(texts)]).encode()
+  f = Path(folder) / f"{hashlib.sha256(key).hexdigest()[:20]}.npy"
+  if f.exists():
+    return np.load(f)
+  x = np.asarray(judge.hidden_features(texts))
+  f.parent.mkdir(parents=True, exist_ok=True)
+  np.save(f.with_suffix(".tmp.npy"), x)
+  f.with_suffix(".tmp.npy").replace(f)  # atomic: a killed run never leaves a truncated file
+  return x
