@@ -3,6 +3,7 @@
 lsd train  --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]
 lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl] [--config.a.b=value ...]
            [--inputs FILE.jsonl | --prompt TEXT ... | --source TEXT ... | --label N ...]
+           [--attribute NAME=TARGET:SCALE ...]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
 """
@@ -99,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--prompt", action="append", default=[], help="a text to continue")
   g.add_argument("--source", action="append", default=[], help="a seq2seq source text")
   g.add_argument("--label", action="append", type=int, default=[], help="a class id")
+  g.add_argument(
+    "--attribute",
+    action="append",
+    default=[],
+    metavar="NAME=TARGET:SCALE",
+    help="DGLM decoder runs: guide the proposals with the classifier NAME of dglm.classifiers "
+    "towards class TARGET with strength SCALE, e.g. sentiment=positive:3.0 (repeatable: the "
+    "log-probabilities add up)",
+  )
   e = verbs.add_parser(
     "eval",
     help="score a samples JSONL file",
@@ -213,6 +223,13 @@ def _sample(args, overrides) -> None:
   from lsd.config import apply_override
 
   inputs = _sample_inputs(args)
+  options = {}
+  if args.attribute:
+    from lsd.methods.dglm import parse_attribute
+
+    if not inputs:
+      raise ConfigError("--attribute guides conditional generation: give --prompt or --inputs")
+    options["attributes"] = [parse_attribute(a, "--attribute") for a in args.attribute]
   run = api.load(args.workdir, step=args.step)
   for dotted, raw in overrides:  # the loaded run's config, in memory only (the task reads it)
     apply_override(run.config, dotted, raw)
@@ -220,7 +237,7 @@ def _sample(args, overrides) -> None:
     run.task.validate()
   key = jax.random.key(args.seed)
   if inputs:
-    samples = api.generate(run, key, inputs)
+    samples = api.generate(run, key, inputs, **options)
   else:
     samples = api.sample(run, key, args.num_samples or 4)
   print_samples(samples, header=f" (step {run.step})")

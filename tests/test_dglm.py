@@ -406,3 +406,196 @@ def test_continuation_from_a_proposal_follows_the_spliced_logits():
   eps = jax.random.normal(jax.random.key(1), proposal.shape)
   want = np.sqrt(0.8) * proposal + np.sqrt(0.2) * eps
   np.testing.assert_allclose(renoise(jax.random.key(1), proposal, 0.8), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder stage, proposal -> text, classifiers in a run
+# ---------------------------------------------------------------------------------------------
+_GOOD = ["great", "friendly", "delicious", "amazing", "lovely", "perfect"]
+_BAD = ["awful", "rude", "cold", "terrible", "bland", "dirty"]
+_THINGS = ["the food", "the staff", "the pizza", "our waiter", "the room", "the coffee"]
+
+
+def _reviews(tmp, n=48):
+  """Two files of short Yelp-like review sentences (label = file index: 0 bad, 1 good)."""
+  tmp.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for label, words in ((0, _BAD), (1, _GOOD)):
+    lines = [
+      f"{rng.choice(_THINGS)} was {rng.choice(words)} and {rng.choice(_THINGS)} was "
+      f"{rng.choice(words)} ."
+      for _ in range(n)
+    ]
+    (tmp / f"sentiment.{label}").write_text("\n".join(lines) + "\n")
+  return str(tmp / "sentiment.*")
+
+
+def _config(stage, data, **dglm):
+  from lsd.config import load_config_file
+
+  config = Path(__file__).resolve().parents[1] / "configs" / "dglm.py"
+  cfg = load_config_file(f"{config}:size=test,stage={stage}")
+  cfg.data.path = data
+  cfg.data.eval_fraction = 0.05
+  cfg.train.update(progress=False, num_samples=2, log_every=1, ckpt_every=100)
+  cfg.dglm.update(dglm)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+  """A 20-step decoder run without a diffusion run: it computes its own statistics."""
+  from lsd.api import train
+
+  tmp = tmp_path_factory.mktemp("dglm")
+  data = _reviews(tmp / "data")
+  cfg = _config("decoder", data)
+  cfg.train.update(steps=20, lr=3e-3)
+  return data, tmp / "dec", train(cfg, tmp / "dec", record_every_step=True)
+
+
+@pytest.mark.slow  # a 20-step run: about 50 s on 2 busy CPU cores
+def test_decoder_stage_trains_and_keeps_its_statistics(decoder_run):
+  from lsd.config import ConfigError
+  from lsd.methods import get_task
+
+  data, workdir, res = decoder_run
+  losses = [res.losses[k] for k in sorted(res.losses)]
+  assert res.final_step == 20 and np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+  # computed as the diffusion stage computes them: the training continuations' moments
+  task = get_task(_config("decoder", data))
+  train_docs, _ = task.split_docs()
+  want = emb.embedding_stats(task.embeddings([d["text"] for d in train_docs[:256]]))
+  stats = emb.load_stats(workdir / emb.STATS_FILE, width=384)
+  np.testing.assert_array_equal(stats.mean, want.mean)
+  np.testing.assert_array_equal(stats.std, want.std)
+  # no diffusion run: the end-of-run samples read the true continuation's embedding
+  assert len(res.samples) == 2
+  for s in res.samples:
+    assert s["proposal"] == "reference" and s["prompt"] and s["nfe"] == len(s["tokens"])
+  bad = _config("decoder", data, freeze_decoder=True)
+  with pytest.raises(ConfigError, match="freeze_decoder=True needs dglm.decoder_init"):
+    get_task(bad)
+
+
+def test_prefixes_of_different_lengths_decode_as_one_at_a_time(tmp_path):
+  """Batched by token length: each continuation equals the one decoded alone (greedy tokens)."""
+  from lsd.data.tokenizer import train_bpe
+  from lsd.methods import get_task
+
+  data = _reviews(tmp_path)
+  task = get_task(_config("decoder", data))
+  task.config.sample.renoise_alpha_bar = 1.0  # the re-noising draw then counts 0 times
+  task.tokenizer = train_bpe(Path(tmp_path / "sentiment.1").read_text().splitlines(), 300)
+  task.stats = emb.embedding_stats(_unit_rows(jax.random.key(20), 64, 384))
+  model = task.build_model(nnx.Rngs(0))
+  prefixes = ["the food", "the pizza was lovely and", "our waiter"]
+  proposals = _unit_rows(jax.random.key(21), 3, 384)
+  key, kw = jax.random.key(3), dict(top_p=0.0, max_new_tokens=6)
+  batched = task.continue_texts(model, key, prefixes, proposals, **kw)
+  lengths = [len(task.tokenizer.encode(p)) for p in prefixes]
+  assert lengths[0] == lengths[2] != lengths[1], lengths  # rows 0 and 2 share a decoding call
+  for i, p in enumerate(prefixes):
+    alone = task.continue_texts(model, key, [p], proposals[i : i + 1], **kw)[0]
+    assert alone["tokens"] == batched[i]["tokens"], (p, alone, batched[i])
+    assert len(alone["tokens"]) <= 6 and alone["text"] == task.tokenizer.decode(alone["tokens"])
+  # the proposal reaches the continuation: another proposal, another greedy continuation
+  other = task.continue_texts(model, key, prefixes[:1], proposals[1:2], max_new_tokens=6, top_p=0.0)
+  assert other[0]["tokens"] != batched[0]["tokens"]
+
+
+def test_classifier_file_round_trip(tmp_path):
+  from lsd.diffusion.attribute_guidance import load_classifier, save_classifier
+
+  binary, topic = _classifiers()
+  x = _unit_rows(jax.random.key(22), 4, 384)
+  for clf, names in ((binary, ["negative", "positive"]), (topic, ["w", "s", "b", "t"])):
+    path = tmp_path / "clf.safetensors"
+    save_classifier(path, clf, names)
+    loaded, classes = load_classifier(path)
+    assert classes == names and [p.name for p in tmp_path.iterdir()] == ["clf.safetensors"]
+    np.testing.assert_array_equal(loaded.log_probs(x), clf.log_probs(x))
+  with pytest.raises(ValueError, match="need 2 distinct names"):
+    save_classifier(tmp_path / "x.safetensors", binary, ["a", "a"])
+  emb.save_stats(tmp_path / "stats.safetensors", emb.embedding_stats(x))
+  with pytest.raises(ValueError, match="not a classifier file"):
+    load_classifier(tmp_path / "stats.safetensors")
+
+
+def test_attribute_flag_errors_name_the_flag_the_value_and_the_form(tmp_path, capsys):
+  from lsd.main import main
+  from lsd.methods.dglm import parse_attribute
+
+  assert parse_attribute("sentiment=positive:3.0") == ("sentiment", "positive", 3.0)
+  assert parse_attribute("topic=2:-1e-1") == ("topic", "2", -0.1)
+  for bad in ("sentiment=positive", "sentiment:3", "=pos:1", "sentiment=pos:x", "s=p:inf"):
+    code = main(["sample", "--workdir", str(tmp_path), "--prompt", "hi", "--attribute", bad])
+    err = capsys.readouterr().err
+    assert code == 2, bad
+    assert f"--attribute {bad!r}: expected NAME=TARGET:SCALE" in err, err
+  code = main(["sample", "--workdir", str(tmp_path), "--attribute", "sentiment=pos:1"])
+  assert code == 2 and "give --prompt or --inputs" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two trainings and the CLI: about 2 minutes on 2 busy CPU cores
+def test_dglm_end_to_end_on_the_command_line(tmp_path, capsys):
+  """Diffusion stage, then a decoder stage that takes its statistics, then `lsd sample --prompt`
+  with `--attribute` guidance from a classifier saved by `save_attribute_classifier`."""
+  import json
+
+  from lsd.api import load
+  from lsd.config import ConfigError
+  from lsd.convert.encoders import frozen_encoder
+  from lsd.main import main
+  from lsd.methods import get_task
+  from lsd.methods.dglm import save_attribute_classifier
+
+  config = Path(__file__).resolve().parents[1] / "configs" / "dglm.py"
+  data, diff, dec = _reviews(tmp_path / "data"), tmp_path / "diff", tmp_path / "dec"
+  texts = [(tmp_path / "data" / f"sentiment.{y}").read_text().splitlines() for y in (0, 1)]
+  labels = [0] * len(texts[0]) + [1] * len(texts[1])
+  clf_path = tmp_path / "sentiment.safetensors"
+  clf, names = save_attribute_classifier(
+    clf_path, frozen_encoder("minilm"), texts[0] + texts[1], labels, ["negative", "positive"]
+  )
+  common = [f"--config.data.path={data}", "--config.train.progress=false"]
+  common += ["--config.train.num_samples=1", "--config.data.eval_fraction=0.05"]
+  assert main(["train", "--config", f"{config}:size=test", "--workdir", str(diff), *common]) == 0
+  spec = [{"name": "sentiment", "path": str(clf_path), "target": "positive", "scale": 0.0}]
+  args = [
+    f"--config.dglm.diffusion_workdir={diff}",
+    f"--config.dglm.classifiers={json.dumps(spec)}",
+  ]
+  stage = f"{config}:size=test,stage=decoder"
+  assert main(["train", "--config", stage, "--workdir", str(dec), *common, *args]) == 0
+  ours, theirs = emb.load_stats(dec / emb.STATS_FILE), emb.load_stats(diff / emb.STATS_FILE)
+  np.testing.assert_array_equal(ours.mean, theirs.mean)
+  np.testing.assert_array_equal(ours.std, theirs.std)
+  capsys.readouterr()
+  out = tmp_path / "samples.jsonl"
+  prompts = ["--prompt", "the food was", "--prompt", "our waiter"]
+  attr = ["--attribute", "sentiment=positive:3.0"]
+  assert main(["sample", "--workdir", str(dec), *prompts, *attr, "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "prompt 'the food was'" in printed and "prompt 'our waiter'" in printed
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["prompt"] for r in records] == ["the food was", "our waiter"]
+  for r in records:  # 4 denoiser steps, then the decoded tokens
+    assert isinstance(r["text"], str) and r["nfe"] == 4 + len(r["tokens"])
+  code = main(["sample", "--workdir", str(dec), *prompts, "--attribute", "topic=sports:2"])
+  assert code == 2 and "accepted: ['sentiment']" in capsys.readouterr().err
+  code = main(["sample", "--workdir", str(dec), *prompts, "--attribute", "sentiment=happy:2"])
+  assert code == 2 and "accepted targets are ['negative', 'positive']" in capsys.readouterr().err
+  # guidance moves the proposals up the classifier's log-prob (same noise, scale 0 vs 30)
+  run, key = load(dec), jax.random.key(5)
+  prefixes = ["the food was", "our waiter", "the room", "the staff was"]
+  plain = run.task.propose(key, prefixes, [("sentiment", "positive", 0.0)])
+  guided = run.task.propose(key, prefixes, [("sentiment", "positive", 30.0)])
+  assert np.mean(clf.log_prob(1)(guided)) > np.mean(clf.log_prob(1)(plain)) + 0.05
+  # a decoder run whose statistics differ from the diffusion run's is refused
+  cfg = _config("decoder", data, diffusion_workdir=str(diff))
+  task = get_task(cfg)
+  emb.save_stats(tmp_path / "other" / emb.STATS_FILE, emb.EmbeddingStats(ours.mean, ours.std * 2))
+  with pytest.raises(ConfigError, match="embedding statistics of .* differ"):
+    task.setup_stats(tmp_path / "other", task.split_docs()[0], 0)

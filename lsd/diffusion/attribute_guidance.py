@@ -8,18 +8,25 @@ estimate up the gradient of that sum.
 
 The reference moves the noise estimate with the gradient of a Monte-Carlo estimate around x0_hat
 taken through z_t; here the gradient is taken at x0_hat itself, the hook the shared samplers have.
+
+A classifier is kept as a safetensors file with its class names (`save_classifier` /
+`load_classifier`, written atomically; no pickle), so a run's config can name it with a target.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from lsd.diffusion.embedding import EmbeddingStats, from_tokens, unstandardize
 from lsd.diffusion.guidance import LogProbFn, classifier_guide
+from lsd.fileio import atomic_write
 
 
 class LinearClassifier:
@@ -77,3 +84,39 @@ def attribute_guide(
   """The sampler `guide` (x0_hat -> x0_hat + grad sum_i scale_i log p_i) for classifiers on the
   embedding space; build it once per set of terms (a jitted sampler takes it as a static)."""
   return classifier_guide(embedding_log_prob(stats, composed_log_prob(terms)), 1.0)
+
+
+def save_classifier(
+  path: str | os.PathLike, classifier: LinearClassifier, classes: Sequence[str]
+) -> None:
+  """Writes `classifier` and its class names (class index i is `classes[i]`) to a safetensors
+  file, atomically."""
+  from safetensors.numpy import save_file
+
+  names = [str(c) for c in classes]
+  if len(names) != classifier.num_classes or len(set(names)) != len(names):
+    raise ValueError(
+      f"classes={names}: need {classifier.num_classes} distinct names, one per class"
+    )
+  arrays = {
+    "weight": np.ascontiguousarray(classifier.weight, np.float32),
+    "bias": np.ascontiguousarray(np.asarray(classifier.bias, np.float32).reshape(-1)),
+  }
+  meta = {"classes": json.dumps(names)}
+  atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[LinearClassifier, list[str]]:
+  """(classifier, class names) from a file written by `save_classifier`."""
+  from safetensors import safe_open
+
+  with safe_open(os.fspath(path), framework="numpy") as f:
+    meta, keys = f.metadata() or {}, set(f.keys())
+    if keys != {"weight", "bias"} or "classes" not in meta:
+      raise ValueError(f"{path}: not a classifier file (weight, bias and class names expected)")
+    weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+  classes = json.loads(meta["classes"])
+  clf = LinearClassifier(weight, bias[0] if weight.ndim == 1 else bias)
+  if len(classes) != clf.num_classes:
+    raise ValueError(f"{path}: {len(classes)} class names for {clf.num_classes} classes")
+  return clf, [str(c) for c in classes]

@@ -19,7 +19,10 @@ The soft-prompt decoder (`lsd.models.soft_prompt`) and plug-and-play attribute g
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +36,24 @@ from lsd.data.arrays import ArrayData
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import encode_sentences, load_sentences
 from lsd.data.sources import split_documents
+from lsd.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from lsd.diffusion import embedding as emb
-from lsd.diffusion.attribute_guidance import LinearClassifier
-from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
+from lsd.diffusion.attribute_guidance import (
+  LinearClassifier,
+  attribute_guide,
+  load_classifier,
+  save_classifier,
+)
+from lsd.diffusion.gaussian import COSINE, OBJECTIVES, CosineSchedule, q_sample
 from lsd.diffusion.latent import diffusion_training_loss
+from lsd.methods import get_task
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+from lsd.models.soft_prompt import SoftPromptConfig, SoftPromptDecoder, soft_prompt_lm_loss
+from lsd.nn import TransformerConfig
 from lsd.sampling import latent as latent_sampling
+from lsd.sampling.soft_prompt import continue_from_proposal
 from lsd.sampling.text_latent import LatentSampleConfig
+from lsd.train import stages
 from lsd.train.task import Batch, Task
 
 
@@ -82,30 +96,99 @@ class DGLMDiffusionStage:
     check_range("dglm.self_condition_prob", self.self_condition_prob, 0.0, 1.0)
     check_range("dglm.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
     check_positive("dglm.schedule_scale", self.schedule_scale)
-    n = self.stats_sentences
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-      raise ConfigError(f"dglm.stats_sentences={n!r} must be an int >= 2")
+    _check_stats_sentences(self.stats_sentences)
 
 
-class DGLMDiffusionTask(Task):
-  """The prefix-conditioned denoiser over the continuation's standardised sentence embedding."""
+def _check_stats_sentences(n) -> None:
+  if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    raise ConfigError(f"dglm.stats_sentences={n!r} must be an int >= 2")
 
-  name = "dglm_diffusion"
+
+class DGLMTask(Task):
+  """What both DGLM stages share: the frozen sentence encoder, the prefix / continuation split of
+  the sentence data, and the run's embedding statistics (`<workdir>/embedding_stats.safetensors`:
+  a resumed or loaded run reloads them)."""
+
+  stage_config: type  # the frozen dataclass of `config.dglm`
 
   def __init__(self, config):
     super().__init__(config)
     self.stats: emb.EmbeddingStats | None = None  # set by make_data / load_stats
 
   @property
-  def stage(self) -> DGLMDiffusionStage:
-    return dataclass_from_config(DGLMDiffusionStage, self.config.dglm, "dglm")
+  def stage(self):
+    return dataclass_from_config(self.stage_config, self.config.dglm, "dglm")
+
+  def encoder(self):
+    return frozen_encoder(self.stage.encoder, "dglm.encoder")
+
+  def split_docs(self) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) sentences cut into {"source": prefix, "text": continuation}."""
+    st, cfg = self.stage, self.config.data
+    train_docs, eval_docs = split_documents(load_sentences(cfg), cfg.eval_fraction, cfg.split_seed)
+    train_docs = split_prefixes(train_docs, st.split_seed)
+    if len(train_docs) < 2:
+      raise ConfigError(f"data: {len(train_docs)} training sentences of >= 2 words; need more")
+    return train_docs, split_prefixes(eval_docs, st.split_seed + 1)
+
+  def embeddings(self, texts: list[str]) -> np.ndarray:
+    """Unit embeddings [N, E] of `texts` (tokenised to data.max_len), encoded once."""
+    return embed_texts(self.encoder(), texts, self.config.data.max_len)
+
+  def load_stats(self, workdir: str | Path) -> emb.EmbeddingStats:
+    """The run's statistics from `workdir` (a loaded run reloads them itself)."""
+    path = Path(workdir) / emb.STATS_FILE
+    if not path.is_file():
+      raise ConfigError(f"workdir={str(workdir)!r} holds no {emb.STATS_FILE}: is it a DGLM run?")
+    self.stats = emb.load_stats(path, self.encoder().width)
+    return self.stats
+
+  def load_run_files(self, workdir: Path) -> None:
+    self.load_stats(workdir)
+
+  def reference_stats(self) -> tuple[str, emb.EmbeddingStats] | None:
+    """(field, statistics) of an earlier run this run must share statistics with; None."""
+    return None
+
+  def setup_stats(self, workdir, train_docs: list[dict], process_index: int) -> None:
+    """The run's statistics: those in the workdir (a resumed run), else those of the earlier run
+    of `reference_stats`, else computed on the first `dglm.stats_sentences` training
+    continuations (the same on every process); saved in the workdir. With an earlier run, the two
+    must match."""
+    path, ref = Path(workdir) / emb.STATS_FILE, self.reference_stats()
+    if path.exists():
+      self.load_stats(workdir)
+    elif ref is not None:
+      self.stats = ref[1]
+    else:
+      head = self.embeddings([d["text"] for d in train_docs[: self.stage.stats_sentences]])
+      self.stats = emb.embedding_stats(head)
+    if not path.exists() and process_index == 0:
+      emb.save_stats(path, self.stats)
+    if ref is not None:
+      check_same_stats(self.stats, ref[1], str(path), ref[0])
+
+
+def check_same_stats(a: emb.EmbeddingStats, b: emb.EmbeddingStats, a_name: str, b_name: str):
+  """Raises ConfigError unless statistics a and b are equal (to float32 rounding)."""
+  close = lambda x, y: x.shape == y.shape and np.allclose(x, y, rtol=1e-5, atol=1e-7)
+  if not (close(a.mean, b.mean) and close(a.std, b.std)):
+    raise ConfigError(
+      f"the embedding statistics of {a_name} and {b_name} differ: both stages must standardise "
+      "with one set (train the decoder with the diffusion run's data and dglm.stats_sentences, "
+      "or start a fresh decoder run, which copies them)"
+    )
+
+
+class DGLMDiffusionTask(DGLMTask):
+  """The prefix-conditioned denoiser over the continuation's standardised sentence embedding."""
+
+  name = "dglm_diffusion"
+  stage_config = DGLMDiffusionStage
 
   @property
   def schedule(self) -> CosineSchedule:
     return CosineSchedule(scale=float(self.stage.schedule_scale))
-
-  def encoder(self):
-    return frozen_encoder(self.stage.encoder, "dglm.encoder")
 
   def validate(self) -> None:
     self.stage.validate()
@@ -129,41 +212,21 @@ class DGLMDiffusionTask(Task):
 
   def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
     enc, cfg = self.encoder(), self.config.data
-    encode = jax.jit(lambda t, v: sentence_embeddings(enc, t, v))
-    tokens, valid = encode_sentences([d["text"] for d in docs], enc.tokenizer, cfg.max_len)
     src, src_valid = encode_sentences(
       [d["source"] for d in docs], enc.tokenizer, cfg.max_source_len
     )
     return {
-      "embedding": encode_in_chunks(tokens, valid, encode, chunk=256),
+      "embedding": self.embeddings([d["text"] for d in docs]),
       "source_tokens": src,
       "source_valid": src_valid,
     }
 
-  def load_stats(self, workdir: str | Path) -> emb.EmbeddingStats:
-    """The run's statistics from `workdir` (for a loaded run)."""
-    self.stats = emb.load_stats(Path(workdir) / emb.STATS_FILE, self.encoder().width)
-    return self.stats
-
   def make_data(self, workdir, *, process_index: int, process_count: int):
     """ArrayData of the held-in sentences' continuation embeddings (encoded once) and prefix
-    tokens; the statistics are computed on the first `dglm.stats_sentences` training
-    continuations (the same on every process) unless the workdir has them (a resumed run)."""
-    st, cfg, enc = self.stage, self.config.data, self.encoder()
-    docs = load_sentences(cfg)
-    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
-    train_docs = split_prefixes(train_docs, st.split_seed)
-    eval_docs = split_prefixes(eval_docs, st.split_seed + 1)
-    if len(train_docs) < 2:
-      raise ConfigError(f"data: {len(train_docs)} training sentences of >= 2 words; need more")
-    path = Path(workdir) / emb.STATS_FILE
-    if path.exists():
-      self.load_stats(workdir)
-    else:
-      head = self._rows(train_docs[: st.stats_sentences])["embedding"]
-      self.stats = emb.embedding_stats(head)
-      if process_index == 0:
-        emb.save_stats(path, self.stats)
+    tokens; the statistics are `setup_stats`'s."""
+    cfg, enc = self.config.data, self.encoder()
+    train_docs, eval_docs = self.split_docs()
+    self.setup_stats(workdir, train_docs, process_index)
     self.tokenizer = enc.tokenizer
     self.tokenizer.save(Path(workdir) / "tokenizer.json")
     self.eval_docs = eval_docs
@@ -210,9 +273,10 @@ class DGLMDiffusionTask(Task):
   def propose(
     self, model: LatentDenoiser, key: jax.Array, prefixes: list[str], *, guide=None
   ) -> jax.Array:
-    """Semantic proposals: unit-norm continuation embeddings [B, E] for `prefixes`, sampled with
-    the run's `sample` settings (CFG with sample.guidance_scale), optionally with a classifier
-    `guide` (`lsd.diffusion.attribute_guidance.attribute_guide`)."""
+    """Semantic proposals: unit-norm continuation embeddings [B, E] for `prefixes` (the encoder's
+    space, which stages exchange; each stage standardises with its statistics), sampled with the
+    run's `sample` settings (CFG with sample.guidance_scale), optionally with a classifier `guide`
+    (`lsd.diffusion.attribute_guidance.attribute_guide`)."""
     s, enc = LatentSampleConfig.from_config(self.config.sample), self.encoder()
     src, valid = encode_sentences(prefixes, enc.tokenizer, self.config.data.max_source_len)
     context = hidden_states(enc, jnp.asarray(src), jnp.asarray(valid))
@@ -234,16 +298,19 @@ class DGLMDiffusionTask(Task):
     )
     return emb.unstandardize(self.stats, emb.from_tokens(x0))
 
+  def nfe(self) -> int:
+    s = LatentSampleConfig.from_config(self.config.sample)
+    return s.steps * (2 if s.guidance_scale != 1.0 else 1)
+
   def sample_text(self, model: LatentDenoiser, key: jax.Array, num_samples: int) -> list[dict]:
     """Proposals for the first held-out prefixes, each with its cosine similarity to the true
-    continuation's embedding (decoding them to text is the decoder stage's job)."""
+    continuation's embedding (the decoder stage turns proposals into text)."""
     docs = getattr(self, "eval_docs", [])[:num_samples]
     if not docs:
       return []
     props = np.asarray(self.propose(model, key, [d["source"] for d in docs]))
-    truth = self._rows(docs)["embedding"]
-    s = LatentSampleConfig.from_config(self.config.sample)
-    nfe = s.steps * (2 if s.guidance_scale != 1.0 else 1)
+    truth = self.embeddings([d["text"] for d in docs])
+    nfe = self.nfe()
     return [
       {
         "source": d["source"],
@@ -257,13 +324,394 @@ class DGLMDiffusionTask(Task):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The decoder stage
+# ---------------------------------------------------------------------------------------------------
+class ClassifierSpec(NamedTuple):
+  """One entry of `dglm.classifiers`: a classifier file (`save_classifier`) and the target class
+  (a name or index) and scale its guidance has unless an attribute option sets them."""
+
+  name: str
+  path: str
+  target: str
+  scale: float
+
+
+def classifier_specs(entries) -> dict[str, ClassifierSpec]:
+  """`dglm.classifiers` (a list of {"name", "path", "target", "scale"}) checked, by name."""
+  keys = list(ClassifierSpec._fields)
+  if isinstance(entries, str | dict) or not isinstance(entries, list | tuple):
+    raise ConfigError(f"dglm.classifiers={entries!r} must be a list of {{{', '.join(keys)}}}")
+  out = {}
+  for i, e in enumerate(entries):
+    e = e.to_dict() if hasattr(e, "to_dict") else e
+    ok = isinstance(e, dict) and sorted(e) == sorted(keys)
+    name, path, target, scale = (e.get(k) for k in keys) if ok else (None,) * 4
+    ok = ok and isinstance(name, str) and bool(_NAME.match(name)) and name not in out
+    ok = ok and isinstance(path, str) and bool(path) and isinstance(target, str | int)
+    ok = ok and not isinstance(target, bool) and _is_number(scale)
+    if not ok:
+      raise ConfigError(
+        f"dglm.classifiers[{i}]={e!r} must be {{name: a unique word, path: a classifier file, "
+        "target: a class name or index, scale: a number}"
+      )
+    out[name] = ClassifierSpec(name, path, str(target), float(scale))
+  return out
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ATTRIBUTE = re.compile(r"^([A-Za-z0-9_.-]+)=([^:=]+):([^:=]+)$")
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def parse_attribute(text: str, field: str = "--attribute") -> tuple[str, str, float]:
+  """`NAME=TARGET:SCALE` (e.g. `sentiment=positive:3.0`) -> (name, target, scale); a ConfigError
+  names `field`, the value and the accepted form."""
+  m = _ATTRIBUTE.match(text.strip()) if isinstance(text, str) else None
+  scale = None
+  if m:
+    try:
+      scale = float(m[3])
+    except ValueError:
+      scale = None
+  if scale is None or not np.isfinite(scale):
+    raise ConfigError(
+      f"{field} {text!r}: expected NAME=TARGET:SCALE, e.g. sentiment=positive:3.0 (NAME a "
+      "classifier of the run's dglm.classifiers, TARGET one of its classes or a class index, SCALE "
+      "a finite number)"
+    )
+  return m[1], m[2].strip(), scale
+
+
+@dataclasses.dataclass(frozen=True)
+class DGLMDecoderStage:
+  """`config.dglm` for the decoder stage."""
+
+  encoder: str = "minilm"  # the frozen sentence encoder (the diffusion run's)
+  stats_sentences: int = 10000  # as the diffusion stage, when no diffusion run gives statistics
+  split_seed: int = 0  # the per-sentence prefix / continuation cut
+  diffusion_workdir: str = ""  # the dglm_diffusion run: its statistics, and proposals at sampling
+  decoder_init: str = ""  # a causal_lm run whose weights start the decoder; "" = random init
+  freeze_decoder: bool = False  # only the soft-prompt generator trains ("decoder" in train.freeze)
+  classifiers: Any = ()  # [{name, path, target, scale}]: attribute guidance of the proposals
+
+  def validate(self) -> None:
+    encoder_spec(self.encoder, "dglm.encoder")
+    _check_stats_sentences(self.stats_sentences)
+    if self.freeze_decoder and not self.decoder_init:
+      raise ConfigError(
+        "dglm.freeze_decoder=True needs dglm.decoder_init (a causal_lm run): a frozen random "
+        "decoder would never learn to read the prompts' context"
+      )
+    classifier_specs(self.classifiers)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSampleConfig:
+  """`config.sample` of the decoder stage (the proposals use the diffusion run's settings)."""
+
+  max_new_tokens: int = 32
+  top_p: float = 0.9  # 0 = greedy
+  temperature: float = 1.0
+  renoise_alpha_bar: float = 0.95  # the proposal is re-noised to this level (1 = not at all)
+
+  def validate(self) -> None:
+    n = self.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ConfigError(f"sample.max_new_tokens={n!r} must be an int >= 1")
+    check_range("sample.top_p", self.top_p, 0.0, 1.0)
+    check_positive("sample.temperature", self.temperature)
+    a = self.renoise_alpha_bar
+    if not _is_number(a) or not 0 < a <= 1:
+      raise ConfigError(f"sample.renoise_alpha_bar={a!r} must be in (0, 1] (1 = no re-noising)")
+
+
+class DGLMDecoderTask(DGLMTask):
+  """The soft-prompt decoder (`lsd.models.soft_prompt.SoftPromptDecoder`): a causal LM that
+  reads [<bos> prefix][P soft prompts][continuation <eos>], the prompts generated from the
+  continuation's standardised embedding noised to t ~ U(0, 1) on the cosine schedule (alpha_bar(t)
+  given to the generator); the loss is `soft_prompt_lm_loss` over prefix and continuation.
+
+  The decoder starts from random weights or from the causal_lm run `dglm.decoder_init` (whose
+  tokenizer it then uses); `dglm.freeze_decoder` puts "decoder" into `train.freeze`, so only the
+  generator trains. The statistics are those of the diffusion run `dglm.diffusion_workdir` when
+  set (checked equal to the workdir's on resume), else computed as the diffusion stage does.
+  Sampling: `generate` continues prompts from the diffusion run's proposals, optionally guided by
+  the classifiers of `dglm.classifiers` (`attribute_terms`).
+  """
+
+  name = "dglm_decoder"
+  stage_config = DGLMDecoderStage
+
+  def __init__(self, config):
+    super().__init__(config)
+    freeze = config.train.get("freeze", ())
+    if self.stage.freeze_decoder and "decoder" not in freeze:
+      config.train.freeze = type(freeze)([*freeze, "decoder"])
+    self._runs, self._classifiers = {}, {}
+
+  @property
+  def sampling(self) -> DecoderSampleConfig:
+    return dataclass_from_config(DecoderSampleConfig, self.config.sample, "sample")
+
+  def prompt_config(self) -> SoftPromptConfig:
+    cfg = self.config.soft_prompt
+    return SoftPromptConfig.from_config(cfg, d_embedding=self.encoder().width)
+
+  def model_config(self) -> TransformerConfig:
+    return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
+
+  def validate(self) -> None:
+    _ = self.stage, self.sampling, self.prompt_config()
+    TransformerConfig.from_config(self.config.model, vocab_size=8).validate("model")
+
+  def build_model(self, rngs: nnx.Rngs) -> SoftPromptDecoder:
+    return SoftPromptDecoder(self.prompt_config(), self.model_config(), rngs=rngs)
+
+  def _run(self, field: str, method: str, hint: str) -> stages.LoadedRun:
+    if field not in self._runs:
+      path = getattr(self.stage, field)
+      self._runs[field] = stages.load_stage_run(f"dglm.{field}", path, get_task, method, hint)
+    return self._runs[field]
+
+  def diffusion_run(self) -> stages.LoadedRun:
+    """The dglm_diffusion run of `dglm.diffusion_workdir` (EMA params), loaded once."""
+    run = self._run("diffusion_workdir", "dglm_diffusion", "(configs/dglm.py)")
+    if run.task.stage.encoder != self.stage.encoder:
+      raise ConfigError(
+        f"dglm.diffusion_workdir={self.stage.diffusion_workdir!r} embeds with "
+        f"{run.task.stage.encoder!r}, this run with dglm.encoder={self.stage.encoder!r}"
+      )
+    return run
+
+  def decoder_init_run(self) -> stages.LoadedRun:
+    return self._run("decoder_init", "causal_lm", "(configs/causal_lm.py)")
+
+  def reference_stats(self):
+    path = self.stage.diffusion_workdir
+    return (f"dglm.diffusion_workdir={path!r}", self.diffusion_run().task.stats) if path else None
+
+  def decoder_tokenizer(self, workdir, train_docs: list[dict]):
+    """The `dglm.decoder_init` LM's tokenizer (its weights read those ids), else the one
+    `data.tokenizer` describes, built on the training sentences; kept in the workdir."""
+    if self.stage.decoder_init:
+      tok = self.decoder_init_run().tokenizer
+      tok.save(Path(workdir) / TOKENIZER_FILE)
+      return tok
+    texts = [f"{d['source']} {d['text']}" for d in train_docs]
+    return build_tokenizer(self.config.data.tokenizer, texts, save_dir=workdir)
+
+  def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
+    """Decoder rows [<bos> prefix continuation <eos>] padded to data.max_len ("tokens", "valid";
+    a long continuation is cut, the prefix keeps at most max_len - 3 ids), "split" (the index of
+    the first continuation token) and the continuation's unit "embedding"."""
+    tok, n = self.tokenizer, self.config.data.max_len
+    tokens = np.full((len(docs), n), tok.pad_id, np.int32)
+    lengths, split = np.zeros(len(docs), np.int32), np.zeros(len(docs), np.int32)
+    for i, d in enumerate(docs):
+      p = tok.encode(d["source"])[: n - 3]
+      row = [tok.bos_id, *p, *tok.encode(d["text"])[: n - 2 - len(p)], tok.eos_id]
+      tokens[i, : len(row)], lengths[i], split[i] = row, len(row), 1 + len(p)
+    return {
+      "tokens": tokens,
+      "valid": np.arange(n)[None, :] < lengths[:, None],
+      "split": split,
+      "embedding": self.embeddings([d["text"] for d in docs]),
+    }
+
+  def make_data(self, workdir, *, process_index: int, process_count: int):
+    """ArrayData of decoder rows with the continuation embeddings (encoded once)."""
+    cfg = self.config.data
+    train_docs, eval_docs = self.split_docs()
+    self.tokenizer = self.decoder_tokenizer(workdir, train_docs)
+    self.setup_stats(workdir, train_docs, process_index)
+    self.eval_docs = eval_docs
+    return ArrayData(
+      tokenizer=self.tokenizer,
+      train=self._rows(train_docs[process_index::process_count]),
+      eval=self._rows(eval_docs) if eval_docs else {},
+      batch_size=cfg.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  def initial_params(self, params):
+    """The random init, with every decoder weight from the `dglm.decoder_init` LM if set."""
+    path = self.stage.decoder_init
+    if not path:
+      return params
+    run = self.decoder_init_run()
+    kw = dict(field="dglm.decoder_init", path=path, names=("LM", "DGLM decoder"))
+    stages.check_fields_match(
+      source=run.task.model_config(),
+      target=self.model_config(),
+      what="its model is not the decoder's",
+      hint="train the LM with this run's model fields",
+      ignore=("dropout", "dtype", "remat"),
+      **kw,
+    )
+    out, _ = stages.copy_params(params, run.params, into=("decoder",), complete=True, **kw)
+    if jax.process_index() == 0:
+      print(f"lsd: DGLM decoder initialised from {path} (step {run.step})", flush=True)
+    return out
+
+  def loss(self, model: SoftPromptDecoder, batch: Batch, key: jax.Array):
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    z0 = emb.standardize(self.stats, batch["embedding"])
+    t = jax.random.uniform(k_t, (z0.shape[0],))
+    z, _ = q_sample(k_noise, z0, t, COSINE)
+    rngs = nnx.Rngs(dropout=k_drop) if model.decoder.cfg.dropout else None
+    logits, is_prompt, index = model(
+      batch["tokens"], batch["split"], z, COSINE.alpha_bar(t), rngs=rngs
+    )
+    loss, count = soft_prompt_lm_loss(logits, is_prompt, index, batch["tokens"], batch["valid"])
+    return loss, {"ppl": jnp.exp(loss), "loss_weight": count}
+
+  def classifier(self, path: str):
+    """(LinearClassifier, class names) of a classifier file, loaded once."""
+    if path not in self._classifiers:
+      if not Path(path).is_file():
+        raise ConfigError(f"dglm.classifiers: {path!r} is not a file (save one: save_classifier)")
+      self._classifiers[path] = load_classifier(path)
+    return self._classifiers[path]
+
+  def attribute_terms(self, attributes=None) -> list[tuple]:
+    """Guidance terms [(log p(target | embedding), scale)]: one per `attributes` entry
+    ("NAME=TARGET:SCALE" or (name, target, scale)), NAME a classifier of `dglm.classifiers`; None
+    = every configured classifier with its own target and scale. Scale 0 drops a term."""
+    specs = classifier_specs(self.stage.classifiers)
+    if attributes is None:
+      chosen = [(c.name, c.target, c.scale) for c in specs.values()]
+    else:
+      chosen = [parse_attribute(a, "attribute") if isinstance(a, str) else a for a in attributes]
+    terms = []
+    for name, target, scale in chosen:
+      if name not in specs:
+        raise ConfigError(
+          f"attribute {name!r}: dglm.classifiers has no classifier of that name; accepted: "
+          f"{sorted(specs)}"
+        )
+      clf, classes = self.classifier(specs[name].path)
+      t = str(target)
+      index = classes.index(t) if t in classes else int(t) if t.isdigit() else -1
+      if not 0 <= index < len(classes):
+        raise ConfigError(
+          f"attribute {name}={target!r}: accepted targets are {classes} or an index in "
+          f"[0, {len(classes)})"
+        )
+      if scale:
+        terms.append((clf.log_prob(index), float(scale)))
+    return terms
+
+  def propose(self, key: jax.Array, prefixes: list[str], attributes=None) -> jax.Array:
+    """Unit-norm proposals [N, E] for `prefixes` from the diffusion run, guided by
+    `attribute_terms(attributes)` when there are any."""
+    run = self.diffusion_run()
+    path = f"dglm.diffusion_workdir={self.stage.diffusion_workdir!r}"
+    check_same_stats(self.stats, run.task.stats, "this decoder run", path)
+    terms = self.attribute_terms(attributes)
+    guide = attribute_guide(run.task.stats, terms) if terms else None
+    return run.task.propose(run.model(), key, prefixes, guide=guide)
+
+  def continue_texts(
+    self, model, key: jax.Array, prefixes: list[str], proposals, **options
+  ) -> list[dict]:
+    """Continuations of `prefixes` under unit-norm `proposals` [N, E]: each is standardised with
+    the run's statistics, re-noised to sample.renoise_alpha_bar with a draw of its own and read by
+    the generator; the decoder continues [<bos> prefix][soft prompts]
+    (`lsd.sampling.soft_prompt.continue_from_proposal`). Prefixes are batched by token length
+    (one decoding call per length, no padding), and a row's draws depend on its index only, so a
+    greedy continuation is the same whatever the other prefixes are. Options max_new_tokens,
+    top_p, temperature (None = `config.sample`). Records {"text", "tokens", "nfe"}, cut at eos."""
+    s, tok = self.sampling, self.tokenizer
+    kw = {k: getattr(s, k) if options.get(k) is None else options[k] for k in _DECODING}
+    z = emb.standardize(self.stats, proposals)
+    k_noise, k_dec = jax.random.split(key)
+    draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), z.shape[1:])
+    eps = jax.vmap(draw)(jnp.arange(z.shape[0]))
+    rows = [[tok.bos_id, *tok.encode(p)] for p in prefixes]
+    graphdef, params = nnx.split(model)
+    out = [None] * len(rows)
+    for length in sorted({len(r) for r in rows}):
+      idx = [i for i, r in enumerate(rows) if len(r) == length]
+      tokens = continue_from_proposal(
+        graphdef,
+        params,
+        jax.random.fold_in(k_dec, length),
+        jnp.asarray([rows[i] for i in idx], jnp.int32),
+        z[jnp.asarray(idx)],
+        eps=eps[jnp.asarray(idx)],
+        alpha_bar=float(s.renoise_alpha_bar),
+        **kw,
+      )
+      for i, row in zip(idx, jax.device_get(tokens).tolist(), strict=True):
+        row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
+        out[i] = {"text": tok.decode(row), "tokens": row, "nfe": len(row)}
+    return out
+
+  def generate(self, model, key: jax.Array, inputs: list[dict], **options) -> list[dict]:
+    """Each input's "prompt" (a prefix; absent = "") -> "text", its continuation: the diffusion
+    run proposes an embedding for every prefix in one sampler call (guided by `attribute_terms`
+    of the `attributes` option, None = dglm.classifiers as configured), then `continue_texts`.
+    Options attributes, max_new_tokens, top_p, temperature; "nfe" counts denoiser passes and
+    decoding steps."""
+    inputs = self.generation_inputs(inputs, ("prompt",))
+    known = ("attributes", *_DECODING)
+    unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
+    if unknown:
+      raise ConfigError(
+        f"generate: options {unknown} are not read by dglm_decoder; accepted: {known}"
+      )
+    prefixes = [x.get("prompt", "") for x in inputs]
+    if not all(isinstance(p, str) for p in prefixes):
+      raise ConfigError("generate: every 'prompt' must be a text")
+    k_prop, k_dec = jax.random.split(key)
+    proposals = self.propose(k_prop, prefixes, options.get("attributes"))
+    outs = self.continue_texts(model, k_dec, prefixes, proposals, **options)
+    nfe = self.diffusion_run().task.nfe()
+    return [{**x, **o, "nfe": o["nfe"] + nfe} for x, o in zip(inputs, outs, strict=True)]
+
+  def sample_text(self, model, key: jax.Array, num_samples: int) -> list[dict]:
+    """Continuations of the first held-out prefixes, from the diffusion run's proposals when
+    `dglm.diffusion_workdir` is set, else from the true continuation's embedding (how well the
+    decoder reads one); "proposal" says which."""
+    docs = getattr(self, "eval_docs", None)
+    docs = (self.split_docs()[1] if docs is None else docs)[:num_samples]
+    if not docs:
+      return []
+    prefixes, (k_prop, k_dec) = [d["source"] for d in docs], jax.random.split(key)
+    if self.stage.diffusion_workdir:
+      proposals, kind = self.propose(k_prop, prefixes), "diffusion"
+    else:
+      proposals, kind = self.embeddings([d["text"] for d in docs]), "reference"
+    outs = self.continue_texts(model, k_dec, prefixes, proposals)
+    return [
+      {"prompt": d["source"], "reference": d["text"], "proposal": kind, **o}
+      for d, o in zip(docs, outs, strict=True)
+    ]
+
+
+_DECODING = ("max_new_tokens", "top_p", "temperature")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Plug-and-play attribute classifiers
 # ---------------------------------------------------------------------------------------------------
 def embed_texts(enc, texts: list[str], max_len: int = 64, chunk: int = 256) -> np.ndarray:
-  """Unit sentence embeddings [N, E] of `texts` by the frozen encoder (fp32 numpy)."""
+  """Unit sentence embeddings [N, E] of `texts` by the frozen encoder (fp32 numpy), in chunks of
+  a fixed size (one compiled program per max_len; a row's value does not depend on the others)."""
   tokens, valid = encode_sentences(list(texts), enc.tokenizer, max_len)
-  encode = jax.jit(lambda t, v: sentence_embeddings(enc, t, v))
-  return encode_in_chunks(tokens, valid, encode, chunk=chunk)
+  return encode_in_chunks(tokens, valid, _embedder(enc.name), chunk=chunk)
+
+
+@functools.cache
+def _embedder(name: str):
+  """`sentence_embeddings` of the registry encoder `name`, jitted once per process."""
+  enc = frozen_encoder(name)
+  return jax.jit(lambda t, v: sentence_embeddings(enc, t, v))
 
 
 def classifier_from_probe(probe) -> LinearClassifier:
@@ -286,3 +734,14 @@ def fit_attribute_classifier(
 
   probe = LinearProbe(c=c, max_iter=10_000).fit(embed_texts(enc, texts, max_len), labels)
   return classifier_from_probe(probe), probe.classes
+
+
+def save_attribute_classifier(
+  path: str | Path, enc, texts: list[str], labels, class_names=None, **kw
+) -> tuple[LinearClassifier, list[str]]:
+  """`fit_attribute_classifier` on labelled `texts`, saved to `path` (`save_classifier`) with
+  `class_names` (class i's name; None = the labels as text), for `dglm.classifiers`."""
+  clf, classes = fit_attribute_classifier(enc, texts, labels, **kw)
+  names = [str(c) for c in (classes if class_names is None else class_names)]
+  save_classifier(path, clf, names)
+  return clf, names

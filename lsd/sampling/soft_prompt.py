@@ -3,8 +3,10 @@
 
 At inference the diffusion model's proposal (a standardised embedding) is re-noised to alpha_bar
 (the reference uses 0.95 at test time) before the generator reads it, as the decoder was trained on
-noised embeddings. The prefix is a batch of equal-length token rows; decoding is the shared
-KV-cached loop (`lsd.sampling.autoregressive.generate_from_embeds`).
+noised embeddings. The prefix is a batch of equal-length token rows (callers group prefixes of
+different lengths into batches of one length); decoding is the shared KV-cached loop
+(`lsd.sampling.autoregressive.generate_from_embeds`). Passing each row's re-noising draw (`eps`)
+makes a row's continuation independent of the batch it is decoded in.
 """
 
 from __future__ import annotations
@@ -36,18 +38,23 @@ def continue_from_proposal(
   prefix: Int[Array, "B S"],
   proposal: Float[Array, "B E"],
   *,
+  eps: Float[Array, "B E"] | None = None,
   alpha_bar: float = 0.95,
   max_new_tokens: int,
   top_p: float = 0.9,
   temperature: float = 1.0,
 ) -> Int[Array, "B N"]:
   """Tokens [B, max_new_tokens] continuing `prefix` under the soft prompts of `proposal` (a
-  standardised embedding) re-noised to `alpha_bar`. graphdef / params: a `SoftPromptDecoder`.
-  top_p = 0: greedy."""
+  standardised embedding) re-noised to `alpha_bar` with the draw `eps` (None: drawn from `key`).
+  graphdef / params: a `SoftPromptDecoder`. top_p = 0: greedy."""
   model = nnx.merge(graphdef, params)
   k_noise, k_decode = jax.random.split(key)
   ab = jnp.full((proposal.shape[0],), alpha_bar, jnp.float32)
-  prompts = model.generator(renoise(k_noise, proposal, alpha_bar), ab)
+  if eps is None:
+    noised = renoise(k_noise, proposal, alpha_bar)
+  else:
+    noised = noise_to(proposal, eps, ab)
+  prompts = model.generator(noised, ab)
   inputs = jnp.concatenate([model.decoder.embed_tokens(prefix), prompts.astype(jnp.float32)], 1)
   dec_graphdef, dec_params = nnx.split(model.decoder)
   return generate_from_embeds(

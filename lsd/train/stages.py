@@ -69,6 +69,7 @@ def load_run(
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
   if ckpt.latest_step() is None:
     raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
+  task.load_run_files(workdir)
   mesh = make_mesh(config.mesh)
   rules = rules_from_config(config.mesh)
   graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)

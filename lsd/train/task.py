@@ -53,6 +53,12 @@ class Task(abc.ABC):
     self.tokenizer = bundle.tokenizer
     return bundle
 
+  def load_run_files(self, workdir: Path) -> None:
+    """Reloads the files a finished run keeps beside its checkpoints besides the tokenizer (e.g.
+    statistics computed by `make_data`); `lsd.train.stages.load_run` calls it after attaching the
+    tokenizer, once the run has a checkpoint. The default has none."""
+    return None
+
   @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """Creates the model. Must be callable under `nnx.eval_shape` (no data-dependent work)."""
