@@ -382,18 +382,25 @@ def test_canvases_are_shuffled_framed_documents(tok):
   assert _documents_in_stream(_take(iter(unshuffled), 20), tok)[:5] == expected[:5]
 
 
-def test_process_shards_are_disjoint(tok):
-  seen = []
-  for index in range(2):
-    ds = lm_dataset(
-      DOCS, tok, seq_len=16, global_batch_size=2, seed=0, process_index=index, process_count=2,
-      num_epochs=1,
-    )  # fmt: skip
-    batches = list(ds)
-    assert batches[0]["tokens"].shape == (1, 16)
-    seen.append(set(_documents_in_stream(batches, tok)))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {tuple(x) for x in tokenize_documents(DOCS, tok)}
+def test_processes_split_the_global_batches_one_process_sees(tok):
+  kw = dict(seq_len=16, seed=0, num_epochs=2)
+  single = list(lm_dataset(DOCS, tok, global_batch_size=4, **kw))
+  halves = [
+    list(lm_dataset(DOCS, tok, global_batch_size=4, process_index=i, process_count=2, **kw))
+    for i in range(2)
+  ]
+  assert len(halves[0]) == len(halves[1]) == len(single) > 2
+  assert halves[0][0]["tokens"].shape == (2, 16)
+  for step, whole in enumerate(single):  # process 0 holds rows 0-1, process 1 rows 2-3
+    for key in ("tokens", "valid"):
+      got = np.concatenate([halves[0][step][key], halves[1][step][key]])
+      np.testing.assert_array_equal(got, whole[key])
+  # The iterator state is a position in the shared stream: it resumes on another process count.
+  one = iter(lm_dataset(DOCS, tok, global_batch_size=4, **kw))
+  next(one)
+  two = iter(lm_dataset(DOCS, tok, global_batch_size=4, process_index=1, process_count=2, **kw))
+  two.set_state(one.get_state())
+  np.testing.assert_array_equal(next(two)["tokens"], next(one)["tokens"][2:])
   with pytest.raises(ValueError, match="global_batch_size=3 must be a positive multiple"):
     lm_dataset(DOCS, tok, seq_len=16, global_batch_size=3, seed=0, process_count=2)
 
@@ -528,14 +535,14 @@ def test_data_config_errors(kw, match):
 # In-memory array data (precomputed features, e.g. cached latents)
 # ---------------------------------------------------------------------------------------------------
 def _array_data(process_index=0, process_count=1, n=10, batch_size=4, seed=0):
-  from lsd.data.arrays import ArrayData, shard_rows
+  from lsd.data.arrays import ArrayData
 
   rows = {"x": np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)}
   rows["label"] = np.arange(n, dtype=np.int32) % 2
   evals = {"x": np.arange(5, dtype=np.float32)[:, None] + 100.0, "label": np.zeros(5, np.int32)}
   return ArrayData(
     tokenizer=None,
-    train=shard_rows(rows, process_index, process_count),
+    train=rows,
     eval=evals,
     batch_size=batch_size,
     seed=seed,
@@ -559,13 +566,18 @@ def test_array_data_epochs_resume_shards_and_eval_batches():
   again.set_state(state)
   for w in want:
     np.testing.assert_array_equal(next(again)["x"], w)
-  # Two processes: disjoint shards that cover the rows, half the global batch each.
+  # Two processes: each holds its half of the global batch a single process sees, at every step
+  # and after a resume (the order does not depend on the process count).
   parts = [_array_data(p, 2, n=12, batch_size=4) for p in (0, 1)]
-  shards = [set(d.train["x"][:, 0].tolist()) for d in parts]
-  assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(12))
-  for d, shard in zip(parts, shards, strict=True):
-    batch = next(d.train_iter())["x"][:, 0]
-    assert len(batch) == 2 and set(batch.tolist()) <= shard
+  iters = [d.train_iter() for d in parts]
+  single = data.train_iter()
+  for _ in range(5):
+    halves = [next(i)["x"] for i in iters]
+    assert len(halves[0]) == 2
+    np.testing.assert_array_equal(np.concatenate(halves), next(single)["x"])
+  moved = parts[1].train_iter()
+  moved.set_state(single.get_state())  # a 1-process state resumes on 2 processes
+  np.testing.assert_array_equal(next(moved)["x"], next(single)["x"][2:])
   # Eval: 5 rows in global batches of 4, the last one wrapping around to rows 0..2.
   ev = data.eval_batches()
   assert [b["x"][:, 0].tolist() for b in ev] == [[100, 101, 102, 103], [104, 100, 101, 102]]
@@ -573,5 +585,27 @@ def test_array_data_epochs_resume_shards_and_eval_batches():
   assert [b["x"][:, 0].tolist() for b in parts[1].eval_batches()] == [[102, 103], [101, 102]]
   with pytest.raises(ConfigError, match="data.batch_size=3"):
     _array_data(0, 2, batch_size=3)
-  with pytest.raises(ConfigError, match="fewer than its batch"):
+  with pytest.raises(ConfigError, match="larger than the 3 training rows"):
     _array_data(n=3, batch_size=4)
+
+
+def test_gather_rows_restores_the_global_order_from_strided_shards():
+  from lsd.data.arrays import gather_rows
+
+  rows = {"x": np.arange(7 * 2).reshape(7, 2), "label": np.arange(7, dtype=np.int32)}
+  shards = [{k: v[p::3] for k, v in rows.items()} for p in range(3)]  # 3, 2 and 2 rows
+
+  def allgather(x):  # what every process receives: each process's array, padded, stacked
+    if x.ndim == 0:  # the row counts
+      return np.array([len(s["x"]) for s in shards])
+    key = "x" if x.ndim == 2 else "label"
+    assert len(x) == 3  # padded to the longest shard
+    padded = [np.zeros_like(x) for _ in shards]
+    for p, s in enumerate(shards):
+      padded[p][: len(s[key])] = s[key]
+    return np.stack(padded)
+
+  out = gather_rows(shards[1], 1, 3, allgather=allgather)
+  for k in rows:
+    np.testing.assert_array_equal(out[k], rows[k])
+  assert gather_rows(rows, 0, 1)["x"] is rows["x"]

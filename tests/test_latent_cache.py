@@ -63,7 +63,11 @@ def test_latent_rows_equal_encoding_every_sentence_at_once(tokenizer):
   np.testing.assert_allclose(encode_in_chunks(tokens, valid, Encoder(), chunk=8), want, rtol=1e-6)
 
 
-def test_cached_latent_data_holds_this_process_rows_and_all_eval_rows(tokenizer):
+def test_cached_latent_data_holds_all_rows_each_process_encoding_its_share(
+  tokenizer, monkeypatch
+):
+  from jax.experimental import multihost_utils
+
   docs = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS * 2)]
   data = types.SimpleNamespace(
     tokenizer=tokenizer,
@@ -78,12 +82,22 @@ def test_cached_latent_data_holds_this_process_rows_and_all_eval_rows(tokenizer)
     max_source_len=64,
     num_labels=2,
   )
+  every = latent_rows(docs[:8], tokenizer, 12, Encoder(), keep_tokens=True)  # one process's rows
+  encoded = []
+
+  def allgather(x):  # process 0 contributes rows 0, 2, 4, 6; this process (1) rows 1, 3, 5, 7
+    if np.ndim(x) == 0:
+      return np.array([4, int(x)])
+    key = next(k for k, v in every.items() if v.dtype == x.dtype and v.ndim == x.ndim)
+    encoded.append(key)
+    np.testing.assert_allclose(x, every[key][1::2], rtol=1e-6)  # it encoded only its share
+    return np.stack([every[key][0::2], x])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
   cached = cached_latent_data(data, Encoder(), keep_tokens=True, field="x.cache_latents")
-  mine = docs[1:8:2]
-  tokens, valid = encode_sentences([d["text"] for d in mine], tokenizer, 12)
-  np.testing.assert_allclose(cached.train["latents"], Encoder()(tokens, valid), rtol=1e-6)
-  np.testing.assert_array_equal(cached.train["tokens"], tokens)
-  np.testing.assert_array_equal(cached.train["label"], [d["label"] for d in mine])
+  assert sorted(encoded) == sorted(every)
+  for key, want in every.items():
+    np.testing.assert_allclose(cached.train[key], want, rtol=1e-6)
   assert len(cached.eval["latents"]) == 2 and cached.num_labels == 2
   assert cached.local_batch_size == 2
   batch = next(cached.train_iter())

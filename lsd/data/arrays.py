@@ -3,9 +3,11 @@
 Used where the rows are precomputed features rather than text, e.g. the latents of a frozen
 autoencoder (LD4LG stage 2 encodes its training sentences once instead of at every step).
 
-Pipeline (per process): this process's rows [process_index::process_count] -> MapDataset.range ->
-shuffle(seed) -> repeat(num_epochs) -> map(index -> row) -> batch(local batch) -> to_iter_dataset.
-The iterator state is a position (grain), so it checkpoints with the model like the text pipelines.
+Pipeline (every process the same): all N training rows -> MapDataset.range -> shuffle(seed) ->
+repeat(num_epochs) -> batch(global batch) -> this process's slice of each global batch ->
+to_iter_dataset. So the rows of global batch i do not depend on the process count: a run on 2
+processes sees the batches a run on 1 process sees. The iterator state is a position (grain), the
+same on every process, so it checkpoints with the model and resumes on another process count.
 Evaluation batches are the fixed global batches of the eval rows, in order; the last one is filled
 up with the first rows again, so every eval batch has the training shape and holds real rows.
 """
@@ -37,8 +39,8 @@ def _check_rows(name: str, arrays: dict[str, np.ndarray]) -> int:
 class ArrayData:
   """The trainer's data object (see `lsd.train.task.Task.make_data`) over in-memory arrays.
 
-  `train` holds this process's training rows (callers shard before building, see `shard_rows`);
-  `eval` holds all evaluation rows (every process keeps its part of each global eval batch).
+  `train` holds all training rows and `eval` all evaluation rows; every process keeps its part of
+  each global batch. Rows computed per process are joined first (`gather_rows`).
   """
 
   tokenizer: Any
@@ -57,10 +59,10 @@ class ArrayData:
         f"{self.process_count}"
       )
     n = _check_rows("train rows", self.train)
-    if n < self.local_batch_size:
+    if n < self.batch_size:
       raise ConfigError(
-        f"data.batch_size={self.batch_size}: process {self.process_index} has only {n} training "
-        f"rows, fewer than its batch of {self.local_batch_size}"
+        f"data.batch_size={self.batch_size} is larger than the {n} training rows; use a smaller "
+        "batch or more data"
       )
     if self.eval:
       _check_rows("eval rows", self.eval)
@@ -71,13 +73,15 @@ class ArrayData:
 
   def train_iter(self, num_epochs: int | None = None) -> grain.DatasetIterator:
     rows = self.train
+    lo = self.process_index * self.local_batch_size
+    mine = slice(lo, lo + self.local_batch_size)
 
-    def fetch(i):
-      return {k: v[i] for k, v in rows.items()}
+    def fetch(idx):  # this process's rows of one global batch of row indices
+      return {k: v[idx[mine]] for k, v in rows.items()}
 
     n = _check_rows("train rows", rows)
-    ds = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(num_epochs).map(fetch)
-    ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    ds = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(num_epochs)
+    ds = ds.batch(self.batch_size, drop_remainder=True).map(fetch)
     return iter(ds.to_iter_dataset(_SYNCHRONOUS))
 
   def eval_batches(self, num_batches: int = 0) -> list[Batch]:
@@ -97,6 +101,28 @@ class ArrayData:
     return out
 
 
-def shard_rows(arrays: dict[str, np.ndarray], process_index: int, process_count: int) -> dict:
-  """This process's rows [process_index::process_count] of every field."""
-  return {k: v[process_index::process_count] for k, v in arrays.items()}
+def gather_rows(
+  local: dict[str, np.ndarray], process_index: int, process_count: int, allgather=None
+) -> dict[str, np.ndarray]:
+  """All rows, in their global order, from each process's rows [process_index::process_count]
+  (computed where they are cheap to split, e.g. encoding sentences to latents): every process
+  gets the same arrays. `allgather` (default `multihost_utils.process_allgather`) stacks one
+  equally shaped array per process; the shards are padded to equal length for it."""
+  if process_count == 1:
+    return dict(local)
+  if allgather is None:
+    from jax.experimental import multihost_utils
+
+    allgather = multihost_utils.process_allgather
+  n_local = np.asarray(allgather(np.int64(_check_rows("local rows", local))))  # [P]
+  total, m = int(n_local.sum()), int(n_local.max())
+  out = {}
+  for k, v in local.items():
+    padded = np.zeros((m, *v.shape[1:]), v.dtype)
+    padded[: len(v)] = v
+    stacked = np.asarray(allgather(padded))  # [P, m, ...]: process p holds rows p, p + P, ...
+    full = np.zeros((total, *v.shape[1:]), v.dtype)
+    for p in range(process_count):
+      full[p::process_count] = stacked[p, : int(n_local[p])]
+    out[k] = full
+  return out

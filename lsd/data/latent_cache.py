@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lsd.data.arrays import ArrayData
+from lsd.data.arrays import ArrayData, gather_rows
 from lsd.data.sentences import encode_sentences
 
 Encode = Callable[[np.ndarray, np.ndarray], object]  # (tokens [n, T], valid [n, T]) -> [n, l, d]
@@ -66,8 +66,8 @@ def latent_rows(
 
 def cached_latent_data(data, encode: Encode, *, keep_tokens: bool = False, field: str = ""):
   """`ArrayData` with the rows (`latent_rows`) of sentence data `data` (`lsd.data.sentences`'s
-  `SentenceData`: its tokenizer, max_len, source tokenizer, batch and processes): this process's
-  training sentences and all eval sentences. `field` (the config field that asked for the cache)
+  `SentenceData`: its tokenizer, max_len, source tokenizer, batch and processes): all training
+  sentences (each process encodes a share) and all eval sentences. `field` (the config field that asked for the cache)
   ends the timing line process 0 prints."""
   t0 = time.perf_counter()
   kw = dict(keep_tokens=keep_tokens, source_tokenizer=data.source_tokenizer)
@@ -76,7 +76,13 @@ def cached_latent_data(data, encode: Encode, *, keep_tokens: bool = False, field
   def rows(docs):
     return latent_rows(docs, data.tokenizer, data.max_len, encode, **kw)
 
-  train_rows = rows(data.train_docs[data.process_index :: data.process_count])
+  # Each process encodes its share; every process then holds all rows (a process-count
+  # independent data order needs them).
+  train_rows = gather_rows(
+    rows(data.train_docs[data.process_index :: data.process_count]),
+    data.process_index,
+    data.process_count,
+  )
   eval_rows = rows(data.eval_docs) if data.eval_docs else {}
   if data.process_index == 0:
     print(

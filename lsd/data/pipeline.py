@@ -1,14 +1,18 @@
 """grain input pipelines: documents -> packed token canvases -> per-process batches.
 
 Training (`lm_dataset`):
-  documents -> this process's shard -> tokenise once: [bos] ids [eos]
+  documents -> tokenise once: [bos] ids [eos]
   -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs) -> to_iter_dataset
-  -> wrap-pack into canvases of seq_len (`PackIterDataset`) -> batch(local_batch)
+  -> wrap-pack into canvases of seq_len (`PackIterDataset`) -> batch(global_batch)
+  -> this process's rows of each global batch
 
 Design choices:
-- Tokenisation happens once, up front, over this process's shard (the Rust tokenizer batches it in
-  parallel). lsd's corpora are small (~1M tokens for BBC News, i.e. a few MB of int32), so keeping
-  token arrays in memory is cheaper than re-tokenising every document in every epoch.
+- Every process builds the same global stream and keeps its rows of each global batch: a run's
+  batches, and so its losses, do not depend on the process count, and its iterator state resumes
+  on another process count. The price is that every host tokenises and packs the whole corpus.
+- Tokenisation happens once, up front (the Rust tokenizer batches it in parallel). lsd's corpora
+  are small (~1M tokens for BBC News, i.e. a few MB of int32), so keeping token arrays in memory
+  is cheaper than re-tokenising every document in every epoch.
 - `shuffle` comes before `repeat`: grain's MapDataset shuffle draws a fresh permutation for every
   epoch from (seed + epoch) when indices run past one epoch, so this gives a new, deterministic
   order per epoch without ever mixing two epochs (shuffling after an infinite repeat would not).
@@ -135,12 +139,13 @@ def lm_dataset(
   """The training pipeline for this process (see the module docstring for its stages).
 
   Args:
-    docs: all documents (every process passes the same list; each keeps docs[index::count]).
+    docs: all documents (every process passes the same list and packs the same global stream).
     tokenizer: gives ids and bos/eos/pad.
     seq_len: canvas length L.
     global_batch_size: canvases per step over all processes; must be divisible by process_count.
     seed: shuffle seed in [0, 2**32); the stream is a deterministic function of (docs, seed, ...).
-    process_index, process_count: this process's shard of the documents.
+    process_index, process_count: this process keeps rows [index * B, (index + 1) * B) of every
+      global batch, so the global batches do not depend on the process count.
     shuffle: shuffle documents (a new permutation each epoch); False keeps source order.
     num_epochs: None repeats forever; a finite count ends the stream (the short last canvas is
       padded, an incomplete last batch is dropped).
@@ -152,17 +157,18 @@ def lm_dataset(
   local_batch = _check_sharding(global_batch_size, process_index, process_count)
   if seq_len <= 0:
     raise ValueError(f"seq_len={seq_len} must be > 0")
-  shard = list(docs[process_index::process_count])
-  if not shard:
-    raise ValueError(
-      f"process {process_index} of {process_count} has no documents ({len(docs)} in total)"
-    )
-  ds = grain.MapDataset.source(tokenize_documents(shard, tokenizer))
+  if not docs:
+    raise ValueError("lm_dataset needs at least one document")
+  ds = grain.MapDataset.source(tokenize_documents(list(docs), tokenizer))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   it = ds.repeat(num_epochs).to_iter_dataset(_SYNCHRONOUS)
   it = PackIterDataset(it, seq_len=seq_len, pad_id=tokenizer.pad_id)
-  return it.batch(local_batch, drop_remainder=True)
+  it = it.batch(global_batch_size, drop_remainder=True)
+  if process_count == 1:
+    return it
+  mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return it.map(lambda batch: {k: v[mine] for k, v in batch.items()})
 
 
 def eval_canvases(

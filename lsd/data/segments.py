@@ -39,7 +39,7 @@ import numpy as np
 
 from lsd.config import ConfigError, check_choice, dataclass_from_config
 from lsd.data import check_data_config, load_documents, split_documents
-from lsd.data.arrays import ArrayData, shard_rows
+from lsd.data.arrays import ArrayData
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import (
   SentenceData,
@@ -272,10 +272,8 @@ class SegmentData:
     return out
 
   def array_data(self, encode: Encode | None = None, *, keep_tokens: bool = True) -> ArrayData:
-    """The trainer's data object over `rows` of this process's training texts and all held-out
-    texts."""
+    """The trainer's data object over `rows` of all training and held-out texts."""
     train = self.rows(self.train_docs, encode, keep_tokens=keep_tokens)
-    train = shard_rows(train, self.process_index, self.process_count)
     held_out = self.rows(self.eval_docs, encode, keep_tokens=keep_tokens) if self.eval_docs else {}
     return ArrayData(
       tokenizer=self.tokenizer,

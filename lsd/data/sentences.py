@@ -193,7 +193,8 @@ def sentence_dataset(
 ) -> grain.IterDataset:
   """This process's stream of batches {"tokens": int32[B, max_len], "valid": bool[B, max_len],
   "label"?: int32[B]}, B = global_batch_size // process_count. Every process passes the same `docs`
-  and keeps docs[process_index::process_count]. shuffle draws a new permutation per epoch from
+  and plans the same global batches, keeping its slice of each (tokenising only those rows), so
+  the batches do not depend on the process count. shuffle draws a new permutation per epoch from
   `seed`; num_epochs=None repeats forever, a finite count drops the incomplete last batch.
 
   With `length_buckets` (see `check_length_buckets`) every batch holds sentences of one bucket and
@@ -220,14 +221,19 @@ def sentence_dataset(
     ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(num_epochs)
     ds = ds.map_with_index(lambda i, _: plan.batch(i, rows, tokenize))
     return ds.to_iter_dataset(_SYNCHRONOUS)
-  shard = list(docs[process_index::process_count])
-  if not shard:
-    raise ValueError(f"process {process_index} of {process_count} has no sentences")
-  ds = grain.MapDataset.source(shard)
+  if not docs:
+    raise ValueError("sentence_dataset needs at least one sentence")
+  local = global_batch_size // process_count
+  mine = slice(process_index * local, (process_index + 1) * local)
+
+  def collate(idx):  # this process's rows of one global batch of sentence indices
+    rows = [tokenize(docs[i]) for i in idx[mine]]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  ds = grain.MapDataset.range(len(docs))
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(tokenize)
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds.repeat(num_epochs).batch(global_batch_size, drop_remainder=True).map(collate)
   return ds.to_iter_dataset(_SYNCHRONOUS)
 
 
