@@ -63,9 +63,7 @@ def test_latent_rows_equal_encoding_every_sentence_at_once(tokenizer):
   np.testing.assert_allclose(encode_in_chunks(tokens, valid, Encoder(), chunk=8), want, rtol=1e-6)
 
 
-def test_cached_latent_data_holds_all_rows_each_process_encoding_its_share(
-  tokenizer, monkeypatch
-):
+def test_cached_latent_data_holds_all_rows_each_process_encoding_its_share(tokenizer, monkeypatch):
   from jax.experimental import multihost_utils
 
   docs = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS * 2)]

@@ -359,4 +359,3 @@ def export_hf(arch: str, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     json.dump(model.cfg.to_hf(), f, indent=2)
   os.replace(tmp, out / "config.json")
   return out
-
