@@ -12,8 +12,14 @@ states of the prefix (dropped for CFG); v-prediction, self-conditioning, DDPM / 
 `lsd.sampling.latent`. Its end-of-run samples are proposals for held-out prefixes, reported by
 their cosine similarity to the true continuation's embedding (text needs a decoder stage).
 
-The soft-prompt decoder (`lsd.models.soft_prompt`) and plug-and-play attribute guidance
-(`lsd.diffusion.attribute_guidance`) are the other pieces; see docs/dglm.md for what is wired.
+`DGLMDecoderTask` (`dglm_decoder`): the soft-prompt decoder (`lsd.models.soft_prompt`) trained on
+[<bos> prefix][soft prompts of the noised, standardised continuation embedding][continuation], with
+the diffusion run's statistics. Its `generate` turns prompts into continuations: proposals from the
+diffusion run (`dglm.diffusion_workdir`), optionally guided by saved attribute classifiers
+(`dglm.classifiers`, `lsd sample --attribute NAME=TARGET:SCALE`), decoded after the prefix.
+
+Stages exchange embeddings in the encoder's unit-norm space; each standardises with its statistics,
+which both stages keep in their workdirs and which must be equal. See docs/dglm.md.
 """
 
 from __future__ import annotations
@@ -623,9 +629,10 @@ class DGLMDecoderTask(DGLMTask):
     the run's statistics, re-noised to sample.renoise_alpha_bar with a draw of its own and read by
     the generator; the decoder continues [<bos> prefix][soft prompts]
     (`lsd.sampling.soft_prompt.continue_from_proposal`). Prefixes are batched by token length
-    (one decoding call per length, no padding), and a row's draws depend on its index only, so a
-    greedy continuation is the same whatever the other prefixes are. Options max_new_tokens,
-    top_p, temperature (None = `config.sample`). Records {"text", "tokens", "nfe"}, cut at eos."""
+    (one decoding call per length, no padding); row i's re-noising draw is `fold_in(key, i)`'s,
+    so it does not depend on the other prefixes (nucleus draws are per length batch). Options
+    max_new_tokens, top_p, temperature (None = `config.sample`). Records {"text", "tokens",
+    "nfe"}, cut at eos."""
     s, tok = self.sampling, self.tokenizer
     kw = {k: getattr(s, k) if options.get(k) is None else options[k] for k in _DECODING}
     z = emb.standardize(self.stats, proposals)
