@@ -599,3 +599,39 @@ def test_dglm_end_to_end_on_the_command_line(tmp_path, capsys):
   emb.save_stats(tmp_path / "other" / emb.STATS_FILE, emb.EmbeddingStats(ours.mean, ours.std * 2))
   with pytest.raises(ConfigError, match="embedding statistics of .* differ"):
     task.setup_stats(tmp_path / "other", task.split_docs()[0], 0)
+
+
+def test_decoder_starts_from_a_causal_lm_run_and_can_be_frozen(tmp_path):
+  """dglm.decoder_init copies every weight of a causal_lm run into the decoder (and the run's
+  tokenizer becomes the decoder's); freeze_decoder puts "decoder" into train.freeze."""
+  from flax import traverse_util
+
+  from lsd.api import train
+  from lsd.config import load_config_file
+  from lsd.methods import get_task
+
+  data = _reviews(tmp_path / "data")
+  lm = load_config_file(
+    str(Path(__file__).resolve().parents[1] / "configs/causal_lm.py:size=test,data=text")
+  )
+  lm.data.path = str(tmp_path / "data" / "sentiment.1")
+  lm.train.update(steps=2, progress=False, num_samples=1, ckpt_every=100)
+  train(lm, tmp_path / "lm")
+  cfg = _config("decoder", data, decoder_init=str(tmp_path / "lm"), freeze_decoder=True)
+  task = get_task(cfg)
+  assert list(cfg.train.freeze) == ["decoder"]
+  train_docs, _ = task.split_docs()
+  task.tokenizer = task.decoder_tokenizer(tmp_path / "dec", train_docs)
+  run = task.decoder_init_run()
+  assert (tmp_path / "dec" / "tokenizer.json").read_text() == (
+    tmp_path / "lm" / "tokenizer.json"
+  ).read_text()
+  _, params = nnx.split(task.build_model(nnx.Rngs(1)))
+  out = traverse_util.flatten_dict(task.initial_params(params).to_pure_dict())
+  lm_params = traverse_util.flatten_dict(run.params.to_pure_dict())
+  assert len(lm_params) > 5
+  for k, v in lm_params.items():
+    np.testing.assert_array_equal(out[("decoder", *k)], v)
+  fresh = traverse_util.flatten_dict(params.to_pure_dict())
+  gen = [k for k in fresh if k[0] == "generator"]
+  assert gen and all(np.array_equal(out[k], fresh[k]) for k in gen)

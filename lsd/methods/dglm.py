@@ -463,15 +463,15 @@ class DGLMDecoderTask(DGLMTask):
     return dataclass_from_config(DecoderSampleConfig, self.config.sample, "sample")
 
   def prompt_config(self) -> SoftPromptConfig:
-    cfg = self.config.soft_prompt
-    return SoftPromptConfig.from_config(cfg, d_embedding=self.encoder().width)
+    width = encoder_spec(self.stage.encoder, "dglm.encoder").width
+    return SoftPromptConfig.from_config(self.config.soft_prompt, d_embedding=width)
 
   def model_config(self) -> TransformerConfig:
     return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
 
   def validate(self) -> None:
     _ = self.stage, self.sampling, self.prompt_config()
-    TransformerConfig.from_config(self.config.model, vocab_size=8).validate("model")
+    TransformerConfig.from_config(self.config.model, vocab_size=8)  # the vocabulary comes later
 
   def build_model(self, rngs: nnx.Rngs) -> SoftPromptDecoder:
     return SoftPromptDecoder(self.prompt_config(), self.model_config(), rngs=rngs)
