@@ -332,6 +332,10 @@ class DGLMDiffusionTask(DGLMTask):
 # ---------------------------------------------------------------------------------------------------
 # The decoder stage
 # ---------------------------------------------------------------------------------------------------
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ATTRIBUTE = re.compile(r"^([A-Za-z0-9_.-]+)=([^:=]+):([^:=]+)$")
+
+
 class ClassifierSpec(NamedTuple):
   """One entry of `dglm.classifiers`: a classifier file (`save_classifier`) and the target class
   (a name or index) and scale its guidance has unless an attribute option sets them."""
@@ -362,10 +366,6 @@ def classifier_specs(entries) -> dict[str, ClassifierSpec]:
       )
     out[name] = ClassifierSpec(name, path, str(target), float(scale))
   return out
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_ATTRIBUTE = re.compile(r"^([A-Za-z0-9_.-]+)=([^:=]+):([^:=]+)$")
 
 
 def _is_number(x) -> bool:
