@@ -38,7 +38,7 @@ from flax import nnx
 from lsd.config import ConfigError, check_choice, check_positive, check_range, dataclass_from_config
 from lsd.convert.encoder_specs import encoder_spec
 from lsd.convert.encoders import frozen_encoder, hidden_states, pool
-from lsd.data.arrays import ArrayData
+from lsd.data.arrays import ArrayData, gather_rows
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import encode_sentences, load_sentences
 from lsd.data.sources import split_documents
@@ -228,18 +228,18 @@ class DGLMDiffusionTask(DGLMTask):
     }
 
   def make_data(self, workdir, *, process_index: int, process_count: int):
-    """ArrayData of the held-in sentences' continuation embeddings (encoded once) and prefix
-    tokens; the statistics are `setup_stats`'s."""
+    """ArrayData of the held-in sentences' continuation embeddings (encoded once, each process
+    its share, then joined) and prefix tokens; the statistics are `setup_stats`'s."""
     cfg, enc = self.config.data, self.encoder()
     train_docs, eval_docs = self.split_docs()
     self.setup_stats(workdir, train_docs, process_index)
     self.tokenizer = enc.tokenizer
     self.tokenizer.save(Path(workdir) / "tokenizer.json")
     self.eval_docs = eval_docs
-    local = train_docs[process_index::process_count]
+    local = self._rows(train_docs[process_index::process_count])
     return ArrayData(
       tokenizer=enc.tokenizer,
-      train=self._rows(local),
+      train=gather_rows(local, process_index, process_count),
       eval=self._rows(eval_docs) if eval_docs else {},
       batch_size=cfg.batch_size,
       seed=self.config.seed,
@@ -534,9 +534,10 @@ class DGLMDecoderTask(DGLMTask):
     self.tokenizer = self.decoder_tokenizer(workdir, train_docs)
     self.setup_stats(workdir, train_docs, process_index)
     self.eval_docs = eval_docs
+    local = train_docs[process_index::process_count]  # encoded here, then joined
     return ArrayData(
       tokenizer=self.tokenizer,
-      train=self._rows(train_docs[process_index::process_count]),
+      train=gather_rows(self._rows(local), process_index, process_count),
       eval=self._rows(eval_docs) if eval_docs else {},
       batch_size=cfg.batch_size,
       seed=self.config.seed,
