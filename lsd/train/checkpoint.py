@@ -12,6 +12,7 @@ tried; the second is a `CheckpointMismatch` naming the difference.
 from __future__ import annotations
 
 import collections
+import json
 import shutil
 import time
 import warnings
@@ -133,11 +134,33 @@ class Checkpointer:
         "run that wrote it: launch with its own config, or use a new --workdir"
       )
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    items = {"state": ocp.args.StandardRestore(target)}
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      data_iter.set_state(self._data_position(step))
     return restored["state"]
+
+  def _data_position(self, step: int) -> dict:
+    """The data iterator's state at `step`. Each process writes its own file (grain's handler),
+    but the position is the same on every process (the batches do not depend on the process
+    count), so a run resumed on another process count reads process 0's."""
+    folder = self.directory / str(step) / "data_iter"
+    index, count = jax.process_index(), jax.process_count()
+    mine = folder / f"process_{index}-of-{count}.json"
+    if not mine.exists():
+      written = sorted(folder.glob("process_0-of-*.json"))
+      if not written:
+        raise OSError(f"it holds no data position ({mine.name} is missing)")
+      mine = written[0]
+      if index == 0:
+        print(
+          f"lsd: the checkpoint at step {step} was written by "
+          f"{mine.stem.split('-of-')[1]} process(es), this run has {count}: the data position "
+          "is shared, so it resumes",
+          flush=True,
+        )
+    return json.loads(mine.read_text())
 
   def _set_aside(self, step: int) -> Path:
     """Moves an unreadable step directory out of the manager's view (it is kept for inspection,

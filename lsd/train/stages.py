@@ -70,7 +70,15 @@ def load_run(
   if ckpt.latest_step() is None:
     raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
   task.load_run_files(workdir)
-  mesh = make_mesh(config.mesh)
+  try:
+    mesh = make_mesh(config.mesh)
+  except ConfigError as e:  # a run trained on another slice: load on the devices there are
+    mesh = make_mesh(ml_collections.ConfigDict(dict(config.mesh, data=-1, fsdp=1, tensor=1)))
+    print(
+      f"lsd: the run's mesh does not fit here ({e}); loading it data-parallel over "
+      f"{mesh.size} device(s)",
+      flush=True,
+    )
   rules = rules_from_config(config.mesh)
   graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
   tx = make_optimizer(config.train)
