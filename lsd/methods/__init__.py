@@ -19,7 +19,7 @@ TASKS = {
   "sld_ae": "lsd.methods.sld:SLDAutoencoderTask",
   "sld_diffusion": "lsd.methods.sld:SLDDiffusionTask",
   "dglm_diffusion": "lsd.methods.dglm:DGLMDiffusionTask",
-  "dglm_decoder": "lsd.methods.dglm:DGLMDecoderTask",
+  "dglm_decoder": "lsd.methods.dglm_decoder:DGLMDecoderTask",
 }
 
 

@@ -4,19 +4,18 @@ Each sentence is cut at a word boundary into a prefix and a continuation (`split
 per sentence). The latent is the frozen encoder's sentence embedding of the continuation
 (mean-pooled, unit norm: `sentence_embeddings`), standardised per dimension with statistics of the
 training corpus that the run keeps in `<workdir>/embedding_stats.safetensors`
-(`lsd.diffusion.embedding`).
+(`lsd.diffusion.embedding`). `DGLMTask` is what both stages share.
 
 `DGLMDiffusionTask` (`dglm_diffusion`): the shared `LatentDenoiser` on the standardised embedding
 split into `model.num_latents` tokens of `model.d_latent`, cross-attending to the frozen encoder's
 states of the prefix (dropped for CFG); v-prediction, self-conditioning, DDPM / DDIM from
 `lsd.sampling.latent`. Its end-of-run samples are proposals for held-out prefixes, reported by
-their cosine similarity to the true continuation's embedding (text needs a decoder stage).
+their cosine similarity to the true continuation's embedding (text needs a decoder stage, the
+soft-prompt decoder of `lsd.methods.dglm_decoder`).
 
-`DGLMDecoderTask` (`dglm_decoder`): the soft-prompt decoder (`lsd.models.soft_prompt`) trained on
-[<bos> prefix][soft prompts of the noised, standardised continuation embedding][continuation], with
-the diffusion run's statistics. Its `generate` turns prompts into continuations: proposals from the
-diffusion run (`dglm.diffusion_workdir`), optionally guided by saved attribute classifiers
-(`dglm.classifiers`, `lsd sample --attribute NAME=TARGET:SCALE`), decoded after the prefix.
+Plug-and-play attribute classifiers: logistic classifiers fitted on the frozen encoder's
+embeddings of labelled text and saved to files (`save_attribute_classifier`), named in a decoder
+run's `dglm.classifiers` (`classifier_specs`) and chosen per call (`parse_attribute`).
 
 Stages exchange embeddings in the encoder's unit-norm space; each standardises with its statistics,
 which both stages keep in their workdirs and which must be equal. See docs/dglm.md.
@@ -28,7 +27,7 @@ import dataclasses
 import functools
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,24 +41,16 @@ from lsd.data.arrays import ArrayData, gather_rows
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import encode_sentences, load_sentences
 from lsd.data.sources import split_documents
-from lsd.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from lsd.diffusion import embedding as emb
 from lsd.diffusion.attribute_guidance import (
   LinearClassifier,
-  attribute_guide,
-  load_classifier,
   save_classifier,
 )
-from lsd.diffusion.gaussian import COSINE, OBJECTIVES, CosineSchedule, q_sample
+from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss
-from lsd.methods import get_task
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
-from lsd.models.soft_prompt import SoftPromptConfig, SoftPromptDecoder, soft_prompt_lm_loss
-from lsd.nn import TransformerConfig
 from lsd.sampling import latent as latent_sampling
-from lsd.sampling.soft_prompt import continue_from_proposal
 from lsd.sampling.text_latent import LatentSampleConfig
-from lsd.train import stages
 from lsd.train.task import Batch, Task
 
 
@@ -102,10 +93,10 @@ class DGLMDiffusionStage:
     check_range("dglm.self_condition_prob", self.self_condition_prob, 0.0, 1.0)
     check_range("dglm.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
     check_positive("dglm.schedule_scale", self.schedule_scale)
-    _check_stats_sentences(self.stats_sentences)
+    check_stats_sentences(self.stats_sentences)
 
 
-def _check_stats_sentences(n) -> None:
+def check_stats_sentences(n) -> None:
   if isinstance(n, bool) or not isinstance(n, int) or n < 2:
     raise ConfigError(f"dglm.stats_sentences={n!r} must be an int >= 2")
 
@@ -330,7 +321,7 @@ class DGLMDiffusionTask(DGLMTask):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The decoder stage
+# Plug-and-play attribute classifiers
 # ---------------------------------------------------------------------------------------------------
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ATTRIBUTE = re.compile(r"^([A-Za-z0-9_.-]+)=([^:=]+):([^:=]+)$")
@@ -358,7 +349,7 @@ def classifier_specs(entries) -> dict[str, ClassifierSpec]:
     name, path, target, scale = (e.get(k) for k in keys) if ok else (None,) * 4
     ok = ok and isinstance(name, str) and bool(_NAME.match(name)) and name not in out
     ok = ok and isinstance(path, str) and bool(path) and isinstance(target, str | int)
-    ok = ok and not isinstance(target, bool) and _is_number(scale)
+    ok = ok and not isinstance(target, bool) and is_number(scale)
     if not ok:
       raise ConfigError(
         f"dglm.classifiers[{i}]={e!r} must be {{name: a unique word, path: a classifier file, "
@@ -368,7 +359,7 @@ def classifier_specs(entries) -> dict[str, ClassifierSpec]:
   return out
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
   return isinstance(x, int | float) and not isinstance(x, bool) and bool(np.isfinite(x))
 
 
@@ -391,323 +382,6 @@ def parse_attribute(text: str, field: str = "--attribute") -> tuple[str, str, fl
   return m[1], m[2].strip(), scale
 
 
-@dataclasses.dataclass(frozen=True)
-class DGLMDecoderStage:
-  """`config.dglm` for the decoder stage."""
-
-  encoder: str = "minilm"  # the frozen sentence encoder (the diffusion run's)
-  stats_sentences: int = 10000  # as the diffusion stage, when no diffusion run gives statistics
-  split_seed: int = 0  # the per-sentence prefix / continuation cut
-  diffusion_workdir: str = ""  # the dglm_diffusion run: its statistics, and proposals at sampling
-  decoder_init: str = ""  # a causal_lm run whose weights start the decoder; "" = random init
-  freeze_decoder: bool = False  # only the soft-prompt generator trains ("decoder" in train.freeze)
-  classifiers: Any = ()  # [{name, path, target, scale}]: attribute guidance of the proposals
-
-  def validate(self) -> None:
-    encoder_spec(self.encoder, "dglm.encoder")
-    _check_stats_sentences(self.stats_sentences)
-    if self.freeze_decoder and not self.decoder_init:
-      raise ConfigError(
-        "dglm.freeze_decoder=True needs dglm.decoder_init (a causal_lm run): a frozen random "
-        "decoder would never learn to read the prompts' context"
-      )
-    classifier_specs(self.classifiers)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderSampleConfig:
-  """`config.sample` of the decoder stage (the proposals use the diffusion run's settings)."""
-
-  max_new_tokens: int = 32
-  top_p: float = 0.9  # 0 = greedy
-  temperature: float = 1.0
-  renoise_alpha_bar: float = 0.95  # the proposal is re-noised to this level (1 = not at all)
-
-  def validate(self) -> None:
-    n = self.max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ConfigError(f"sample.max_new_tokens={n!r} must be an int >= 1")
-    check_range("sample.top_p", self.top_p, 0.0, 1.0)
-    check_positive("sample.temperature", self.temperature)
-    a = self.renoise_alpha_bar
-    if not _is_number(a) or not 0 < a <= 1:
-      raise ConfigError(f"sample.renoise_alpha_bar={a!r} must be in (0, 1] (1 = no re-noising)")
-
-
-class DGLMDecoderTask(DGLMTask):
-  """The soft-prompt decoder (`lsd.models.soft_prompt.SoftPromptDecoder`): a causal LM that
-  reads [<bos> prefix][P soft prompts][continuation <eos>], the prompts generated from the
-  continuation's standardised embedding noised to t ~ U(0, 1) on the cosine schedule (alpha_bar(t)
-  given to the generator); the loss is `soft_prompt_lm_loss` over prefix and continuation.
-
-  The decoder starts from random weights or from the causal_lm run `dglm.decoder_init` (whose
-  tokenizer it then uses); `dglm.freeze_decoder` puts "decoder" into `train.freeze`, so only the
-  generator trains. The statistics are those of the diffusion run `dglm.diffusion_workdir` when
-  set (checked equal to the workdir's on resume), else computed as the diffusion stage does.
-  Sampling: `generate` continues prompts from the diffusion run's proposals, optionally guided by
-  the classifiers of `dglm.classifiers` (`attribute_terms`).
-  """
-
-  name = "dglm_decoder"
-  stage_config = DGLMDecoderStage
-
-  def __init__(self, config):
-    super().__init__(config)
-    freeze = config.train.get("freeze", ())
-    if self.stage.freeze_decoder and "decoder" not in freeze:
-      config.train.freeze = type(freeze)([*freeze, "decoder"])
-    self._runs, self._classifiers = {}, {}
-
-  @property
-  def sampling(self) -> DecoderSampleConfig:
-    return dataclass_from_config(DecoderSampleConfig, self.config.sample, "sample")
-
-  def prompt_config(self) -> SoftPromptConfig:
-    width = encoder_spec(self.stage.encoder, "dglm.encoder").width
-    return SoftPromptConfig.from_config(self.config.soft_prompt, d_embedding=width)
-
-  def model_config(self) -> TransformerConfig:
-    return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
-
-  def validate(self) -> None:
-    _ = self.stage, self.sampling, self.prompt_config()
-    TransformerConfig.from_config(self.config.model, vocab_size=8)  # the vocabulary comes later
-
-  def build_model(self, rngs: nnx.Rngs) -> SoftPromptDecoder:
-    return SoftPromptDecoder(self.prompt_config(), self.model_config(), rngs=rngs)
-
-  def _run(self, field: str, method: str, hint: str) -> stages.LoadedRun:
-    if field not in self._runs:
-      path = getattr(self.stage, field)
-      self._runs[field] = stages.load_stage_run(f"dglm.{field}", path, get_task, method, hint)
-    return self._runs[field]
-
-  def diffusion_run(self) -> stages.LoadedRun:
-    """The dglm_diffusion run of `dglm.diffusion_workdir` (EMA params), loaded once."""
-    run = self._run("diffusion_workdir", "dglm_diffusion", "(configs/dglm.py)")
-    if run.task.stage.encoder != self.stage.encoder:
-      raise ConfigError(
-        f"dglm.diffusion_workdir={self.stage.diffusion_workdir!r} embeds with "
-        f"{run.task.stage.encoder!r}, this run with dglm.encoder={self.stage.encoder!r}"
-      )
-    return run
-
-  def decoder_init_run(self) -> stages.LoadedRun:
-    return self._run("decoder_init", "causal_lm", "(configs/causal_lm.py)")
-
-  def reference_stats(self):
-    path = self.stage.diffusion_workdir
-    return (f"dglm.diffusion_workdir={path!r}", self.diffusion_run().task.stats) if path else None
-
-  def decoder_tokenizer(self, workdir, train_docs: list[dict]):
-    """The `dglm.decoder_init` LM's tokenizer (its weights read those ids), else the one
-    `data.tokenizer` describes, built on the training sentences; kept in the workdir."""
-    if self.stage.decoder_init:
-      tok = self.decoder_init_run().tokenizer
-      tok.save(Path(workdir) / TOKENIZER_FILE)
-      return tok
-    texts = [f"{d['source']} {d['text']}" for d in train_docs]
-    return build_tokenizer(self.config.data.tokenizer, texts, save_dir=workdir)
-
-  def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
-    """Decoder rows [<bos> prefix continuation <eos>] padded to data.max_len ("tokens", "valid";
-    a long continuation is cut, the prefix keeps at most max_len - 3 ids), "split" (the index of
-    the first continuation token) and the continuation's unit "embedding"."""
-    tok, n = self.tokenizer, self.config.data.max_len
-    tokens = np.full((len(docs), n), tok.pad_id, np.int32)
-    lengths, split = np.zeros(len(docs), np.int32), np.zeros(len(docs), np.int32)
-    for i, d in enumerate(docs):
-      p = tok.encode(d["source"])[: n - 3]
-      row = [tok.bos_id, *p, *tok.encode(d["text"])[: n - 2 - len(p)], tok.eos_id]
-      tokens[i, : len(row)], lengths[i], split[i] = row, len(row), 1 + len(p)
-    return {
-      "tokens": tokens,
-      "valid": np.arange(n)[None, :] < lengths[:, None],
-      "split": split,
-      "embedding": self.embeddings([d["text"] for d in docs]),
-    }
-
-  def make_data(self, workdir, *, process_index: int, process_count: int):
-    """ArrayData of decoder rows with the continuation embeddings (encoded once)."""
-    cfg = self.config.data
-    train_docs, eval_docs = self.split_docs()
-    self.tokenizer = self.decoder_tokenizer(workdir, train_docs)
-    self.setup_stats(workdir, train_docs, process_index)
-    self.eval_docs = eval_docs
-    local = train_docs[process_index::process_count]  # encoded here, then joined
-    return ArrayData(
-      tokenizer=self.tokenizer,
-      train=gather_rows(self._rows(local), process_index, process_count),
-      eval=self._rows(eval_docs) if eval_docs else {},
-      batch_size=cfg.batch_size,
-      seed=self.config.seed,
-      process_index=process_index,
-      process_count=process_count,
-    )
-
-  def initial_params(self, params):
-    """The random init, with every decoder weight from the `dglm.decoder_init` LM if set."""
-    path = self.stage.decoder_init
-    if not path:
-      return params
-    run = self.decoder_init_run()
-    kw = dict(field="dglm.decoder_init", path=path, names=("LM", "DGLM decoder"))
-    stages.check_fields_match(
-      source=run.task.model_config(),
-      target=self.model_config(),
-      what="its model is not the decoder's",
-      hint="train the LM with this run's model fields",
-      ignore=("dropout", "dtype", "remat"),
-      **kw,
-    )
-    out, _ = stages.copy_params(params, run.params, into=("decoder",), complete=True, **kw)
-    if jax.process_index() == 0:
-      print(f"lsd: DGLM decoder initialised from {path} (step {run.step})", flush=True)
-    return out
-
-  def loss(self, model: SoftPromptDecoder, batch: Batch, key: jax.Array):
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    z0 = emb.standardize(self.stats, batch["embedding"])
-    t = jax.random.uniform(k_t, (z0.shape[0],))
-    z, _ = q_sample(k_noise, z0, t, COSINE)
-    rngs = nnx.Rngs(dropout=k_drop) if model.decoder.cfg.dropout else None
-    logits, is_prompt, index = model(
-      batch["tokens"], batch["split"], z, COSINE.alpha_bar(t), rngs=rngs
-    )
-    loss, count = soft_prompt_lm_loss(logits, is_prompt, index, batch["tokens"], batch["valid"])
-    return loss, {"ppl": jnp.exp(loss), "loss_weight": count}
-
-  def classifier(self, path: str):
-    """(LinearClassifier, class names) of a classifier file, loaded once."""
-    if path not in self._classifiers:
-      if not Path(path).is_file():
-        raise ConfigError(f"dglm.classifiers: {path!r} is not a file (save one: save_classifier)")
-      self._classifiers[path] = load_classifier(path)
-    return self._classifiers[path]
-
-  def attribute_terms(self, attributes=None) -> list[tuple]:
-    """Guidance terms [(log p(target | embedding), scale)]: one per `attributes` entry
-    ("NAME=TARGET:SCALE" or (name, target, scale)), NAME a classifier of `dglm.classifiers`; None
-    = every configured classifier with its own target and scale. Scale 0 drops a term."""
-    specs = classifier_specs(self.stage.classifiers)
-    if attributes is None:
-      chosen = [(c.name, c.target, c.scale) for c in specs.values()]
-    else:
-      chosen = [parse_attribute(a, "attribute") if isinstance(a, str) else a for a in attributes]
-    terms = []
-    for name, target, scale in chosen:
-      if name not in specs:
-        raise ConfigError(
-          f"attribute {name!r}: dglm.classifiers has no classifier of that name; accepted: "
-          f"{sorted(specs)}"
-        )
-      clf, classes = self.classifier(specs[name].path)
-      t = str(target)
-      index = classes.index(t) if t in classes else int(t) if t.isdigit() else -1
-      if not 0 <= index < len(classes):
-        raise ConfigError(
-          f"attribute {name}={target!r}: accepted targets are {classes} or an index in "
-          f"[0, {len(classes)})"
-        )
-      if scale:
-        terms.append((clf.log_prob(index), float(scale)))
-    return terms
-
-  def propose(self, key: jax.Array, prefixes: list[str], attributes=None) -> jax.Array:
-    """Unit-norm proposals [N, E] for `prefixes` from the diffusion run, guided by
-    `attribute_terms(attributes)` when there are any."""
-    run = self.diffusion_run()
-    path = f"dglm.diffusion_workdir={self.stage.diffusion_workdir!r}"
-    check_same_stats(self.stats, run.task.stats, "this decoder run", path)
-    terms = self.attribute_terms(attributes)
-    guide = attribute_guide(run.task.stats, terms) if terms else None
-    return run.task.propose(run.model(), key, prefixes, guide=guide)
-
-  def continue_texts(
-    self, model, key: jax.Array, prefixes: list[str], proposals, **options
-  ) -> list[dict]:
-    """Continuations of `prefixes` under unit-norm `proposals` [N, E]: each is standardised with
-    the run's statistics, re-noised to sample.renoise_alpha_bar with a draw of its own and read by
-    the generator; the decoder continues [<bos> prefix][soft prompts]
-    (`lsd.sampling.soft_prompt.continue_from_proposal`). Prefixes are batched by token length
-    (one decoding call per length, no padding); row i's re-noising draw is `fold_in(key, i)`'s,
-    so it does not depend on the other prefixes (nucleus draws are per length batch). Options
-    max_new_tokens, top_p, temperature (None = `config.sample`). Records {"text", "tokens",
-    "nfe"}, cut at eos."""
-    s, tok = self.sampling, self.tokenizer
-    kw = {k: getattr(s, k) if options.get(k) is None else options[k] for k in _DECODING}
-    z = emb.standardize(self.stats, proposals)
-    k_noise, k_dec = jax.random.split(key)
-    draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), z.shape[1:])
-    eps = jax.vmap(draw)(jnp.arange(z.shape[0]))
-    rows = [[tok.bos_id, *tok.encode(p)] for p in prefixes]
-    graphdef, params = nnx.split(model)
-    out = [None] * len(rows)
-    for length in sorted({len(r) for r in rows}):
-      idx = [i for i, r in enumerate(rows) if len(r) == length]
-      tokens = continue_from_proposal(
-        graphdef,
-        params,
-        jax.random.fold_in(k_dec, length),
-        jnp.asarray([rows[i] for i in idx], jnp.int32),
-        z[jnp.asarray(idx)],
-        eps=eps[jnp.asarray(idx)],
-        alpha_bar=float(s.renoise_alpha_bar),
-        **kw,
-      )
-      for i, row in zip(idx, jax.device_get(tokens).tolist(), strict=True):
-        row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
-        out[i] = {"text": tok.decode(row), "tokens": row, "nfe": len(row)}
-    return out
-
-  def generate(self, model, key: jax.Array, inputs: list[dict], **options) -> list[dict]:
-    """Each input's "prompt" (a prefix; absent = "") -> "text", its continuation: the diffusion
-    run proposes an embedding for every prefix in one sampler call (guided by `attribute_terms`
-    of the `attributes` option, None = dglm.classifiers as configured), then `continue_texts`.
-    Options attributes, max_new_tokens, top_p, temperature; "nfe" counts denoiser passes and
-    decoding steps."""
-    inputs = self.generation_inputs(inputs, ("prompt",))
-    known = ("attributes", *_DECODING)
-    unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
-    if unknown:
-      raise ConfigError(
-        f"generate: options {unknown} are not read by dglm_decoder; accepted: {known}"
-      )
-    prefixes = [x.get("prompt", "") for x in inputs]
-    if not all(isinstance(p, str) for p in prefixes):
-      raise ConfigError("generate: every 'prompt' must be a text")
-    k_prop, k_dec = jax.random.split(key)
-    proposals = self.propose(k_prop, prefixes, options.get("attributes"))
-    outs = self.continue_texts(model, k_dec, prefixes, proposals, **options)
-    nfe = self.diffusion_run().task.nfe()
-    return [{**x, **o, "nfe": o["nfe"] + nfe} for x, o in zip(inputs, outs, strict=True)]
-
-  def sample_text(self, model, key: jax.Array, num_samples: int) -> list[dict]:
-    """Continuations of the first held-out prefixes, from the diffusion run's proposals when
-    `dglm.diffusion_workdir` is set, else from the true continuation's embedding (how well the
-    decoder reads one); "proposal" says which."""
-    docs = getattr(self, "eval_docs", None)
-    docs = (self.split_docs()[1] if docs is None else docs)[:num_samples]
-    if not docs:
-      return []
-    prefixes, (k_prop, k_dec) = [d["source"] for d in docs], jax.random.split(key)
-    if self.stage.diffusion_workdir:
-      proposals, kind = self.propose(k_prop, prefixes), "diffusion"
-    else:
-      proposals, kind = self.embeddings([d["text"] for d in docs]), "reference"
-    outs = self.continue_texts(model, k_dec, prefixes, proposals)
-    return [
-      {"prompt": d["source"], "reference": d["text"], "proposal": kind, **o}
-      for d, o in zip(docs, outs, strict=True)
-    ]
-
-
-_DECODING = ("max_new_tokens", "top_p", "temperature")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Plug-and-play attribute classifiers
-# ---------------------------------------------------------------------------------------------------
 def embed_texts(enc, texts: list[str], max_len: int = 64, chunk: int = 256) -> np.ndarray:
   """Unit sentence embeddings [N, E] of `texts` by the frozen encoder (fp32 numpy), in chunks of
   a fixed size (one compiled program per max_len; a row's value does not depend on the others)."""
