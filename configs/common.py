@@ -65,6 +65,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       # Activation rematerialisation per block: "none", "full" (keep only block inputs) or
       # "dots_saveable" (keep matmul outputs without batch dims): memory for recompute.
       "remat": "none",
+      # Embedding / output rows rounded up to a multiple of this: 128 for accelerator sizes
+      # (lane-aligned matmuls, e.g. GPT-2's 50,257 tokens -> 50,304); 1 keeps CPU sizes exact.
+      "vocab_multiple": 128 if size == "base" else 1,
     }
   )
 

@@ -1,11 +1,14 @@
 """lsd.nn against plain numpy reference computations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from lsd.config import ConfigError
 from lsd.nn import (
   MLP,
   Attention,
@@ -226,3 +229,27 @@ def test_cached_attention_equals_attention_over_concatenated_keys():
     mask=jnp.concatenate([jnp.broadcast_to(jnp.arange(size) < length, (t, size)), causal], -1),
   )
   np.testing.assert_allclose(cached_attention(q, k, v, cache, causal), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_gives_the_logits_of_the_exact_one(tie):
+  exact = TransformerConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, tie_embeddings=tie)
+  padded = dataclasses.replace(exact, vocab_multiple=128)
+  assert padded.padded_vocab == 384 and exact.padded_vocab == 300
+  big = Transformer(padded, rngs=nnx.Rngs(0))
+  assert big.embed.embedding.shape == (384, 32)
+  small = Transformer(exact, rngs=nnx.Rngs(1))
+  # The exact model with the padded one's weights, the padding rows cut off.
+  small.embed.embedding.value = big.embed.embedding[...][:300]
+  if not tie:
+    small.head.kernel.value = big.head.kernel[...][:, :300]
+  for a, b in zip(small.blocks, big.blocks, strict=True):
+    nnx.update(a, nnx.state(b))
+  nnx.update(small.final_norm, nnx.state(big.final_norm))
+  tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 300)
+  got, _ = big(tokens)
+  want, _ = small(tokens)
+  assert got.shape == (2, 7, 300)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ConfigError, match="model.vocab_multiple=0"):
+    dataclasses.replace(exact, vocab_multiple=0).validate()

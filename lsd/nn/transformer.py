@@ -91,13 +91,16 @@ class TransformerConfig:
   d_context: int = 0  # width of the cross-attention context (0 = d_model)
   dtype: str = "float32"  # compute dtype; params stay fp32
   remat: str = "none"  # one of REMAT_POLICIES: recompute block activations in the backward pass
+  # The embedding and output layers hold vocab_size rounded up to a multiple of this (128 on TPU:
+  # lane-aligned matmuls); the extra rows are never looked up and their logits are dropped.
+  vocab_multiple: int = 1
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, **overrides) -> TransformerConfig:
     return dataclass_from_config(cls, cfg, **overrides)
 
   def validate(self, prefix: str = "model") -> None:
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "vocab_multiple"):
       check_positive(f"{prefix}.{name}", getattr(self, name))
     # 0 = derived from the other fields (or off); a negative size reached the layer shapes.
     for name in ("n_kv_heads", "head_dim", "d_ff", "learned_pos", "cond_dim", "d_context"):
@@ -117,6 +120,11 @@ class TransformerConfig:
       )
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"{prefix}.dropout={self.dropout} must be in [0, 1)")
+
+  @property
+  def padded_vocab(self) -> int:
+    """The rows of the embedding and output layers: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def ff_dim(self) -> int:
@@ -219,7 +227,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     cfg.validate()
     self.cfg = cfg
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, rngs=rngs)
+    self.embed = Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.compute_dtype, rngs=rngs)
     self.pos_embed = (
       nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (cfg.learned_pos, cfg.d_model)),
@@ -235,7 +243,7 @@ class Transformer(nnx.Module):
       None
       if cfg.tie_embeddings
       else dense(
-        cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype, rngs=rngs
+        cfg.d_model, cfg.padded_vocab, ("embed", "vocab"), dtype=cfg.compute_dtype, rngs=rngs
       )
     )
 
@@ -329,4 +337,6 @@ class Transformer(nnx.Module):
     if return_hidden:
       return x, new_cache
     logits = self.embed.attend(x) if self.head is None else self.head(x)
+    if self.cfg.padded_vocab != self.cfg.vocab_size:
+      logits = logits[..., : self.cfg.vocab_size]  # the padding rows are no tokens
     return logits.astype(jnp.float32), new_cache
