@@ -19,7 +19,9 @@ the diffusion run's statistics, and samples continuations from its proposals.
 lsd.methods.dglm.save_attribute_classifier, e.g. --config.dglm.classifiers='[{"name":
 "sentiment", "path": "sst2.safetensors", "target": "1", "scale": 0.0}]' when training.)
 Optional: --config.dglm.decoder_init=<causal_lm run with the same model fields> starts the decoder
-from that LM (and its tokenizer); --config.dglm.freeze_decoder=true then trains the generator only.
+from that LM (and its tokenizer), or --config.dglm.decoder_checkpoint=<local Hugging Face GPT-2
+safetensors directory> makes the imported GPT-2 (architecture, weights, tokenizer) the decoder;
+--config.dglm.freeze_decoder=true then trains the generator only.
 
 Arguments (`:key=value,...`): size in {test, tiny, base}; stage in {diffusion, decoder}; steps
 (0 = size default). `base` has the paper's denoiser sizes (12 layers of width 768, 32 embedding
@@ -167,6 +169,7 @@ def decoder_config(a: dict, size: dict, dec: dict) -> ml_collections.ConfigDict:
     "split_seed": 0,
     "diffusion_workdir": "",
     "decoder_init": "",
+    "decoder_checkpoint": "",
     "freeze_decoder": False,
     "classifiers": [],
   }

