@@ -637,6 +637,38 @@ def test_decoder_starts_from_a_causal_lm_run_and_can_be_frozen(tmp_path):
   assert gen and all(np.array_equal(out[k], fresh[k]) for k in gen)
 
 
+def test_decoder_stage_train_step_lowers_without_data():
+  """`lsd compile`'s path: the decoder stage's abstract batch (split index and embedding
+  included) and its train step lowered with abstract inputs only; the diffusion stage's batch."""
+  from lsd.config import load_config_file
+  from lsd.methods import abstract, get_task
+  from lsd.train import aot
+
+  config = Path(__file__).resolve().parents[1] / "configs" / "dglm.py"
+  c = load_config_file(f"{config}:size=test,stage=decoder")
+  task = abstract.prepare(get_task(c))
+  batch = abstract.batch(task, c.data.batch_size)
+  assert {k: (v.shape, str(v.dtype)) for k, v in batch.items()} == {
+    "tokens": ((8, 16), "int32"),
+    "valid": ((8, 16), "bool"),
+    "split": ((8,), "int32"),
+    "embedding": ((8, 384), "float32"),
+  }
+  assert task.tokenizer.vocab_size == 512 and task.stats.mean.shape == (384,)
+  t = aot.abstract_train(c, task, jax.devices(), batch)
+  lowered = jax.jit(t.step_fn, in_shardings=(t.state_shardings, None)).lower(t.state, t.batch)
+  state, metrics = lowered.out_info
+  assert {"loss", "ppl"} <= set(metrics) and metrics["ppl"].shape == ()
+  shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+  assert shapes(state.params) == shapes(t.state.params)
+  diffusion = abstract.prepare(get_task(load_config_file(f"{config}:size=test")))
+  assert {k: v.shape for k, v in abstract.batch(diffusion, 8).items()} == {
+    "embedding": (8, 384),
+    "source_tokens": (8, 16),
+    "source_valid": (8, 16),
+  }
+
+
 def _tiny_gpt2(directory: Path, texts: list[str]) -> Path:
   """A random-weight GPT-2 checkpoint (d_model 24, 64 positions) written by the exporter, with a
   byte-level BPE tokenizer.json trained on `texts` that holds GPT-2's <|endoftext|>."""

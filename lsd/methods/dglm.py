@@ -143,6 +143,14 @@ class DGLMTask(Task):
   def load_run_files(self, workdir: Path) -> None:
     self.load_stats(workdir)
 
+  def prepare_abstract(self) -> None:
+    """Without data, the loss standardises with stand-in statistics (mean 0, std 1): only their
+    shapes reach a compiled step."""
+    super().prepare_abstract()
+    if self.stats is None:
+      width = encoder_spec(self.stage.encoder, "dglm.encoder").width
+      self.stats = emb.EmbeddingStats(np.zeros(width, np.float32), np.ones(width, np.float32))
+
   def reference_stats(self) -> tuple[str, emb.EmbeddingStats] | None:
     """(field, statistics) of an earlier run this run must share statistics with; None."""
     return None
@@ -266,6 +274,18 @@ class DGLMDiffusionTask(DGLMTask):
 
   def tokens_in(self, batch: Batch) -> int:
     return int(batch["embedding"].shape[0] * self.config.model.num_latents)
+
+  def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """`make_data`'s rows: the continuation's unit embedding and the prefix's encoder tokens."""
+    n, width = (
+      self.config.data.max_source_len,
+      encoder_spec(self.stage.encoder, "dglm.encoder").width,
+    )
+    return {
+      "embedding": jax.ShapeDtypeStruct((batch_size, width), jnp.float32),
+      "source_tokens": jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
+      "source_valid": jax.ShapeDtypeStruct((batch_size, n), jnp.bool_),
+    }
 
   def propose(
     self, model: LatentDenoiser, key: jax.Array, prefixes: list[str], *, guide=None

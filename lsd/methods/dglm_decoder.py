@@ -25,6 +25,7 @@ from lsd.convert.encoder_specs import encoder_spec
 from lsd.data.arrays import ArrayData, gather_rows
 from lsd.data.tokenizer import (
   TOKENIZER_FILE,
+  Tokenizer,
   build_tokenizer,
   gpt2_with_lsd_specials,
 )
@@ -210,6 +211,26 @@ class DGLMDecoderTask(DGLMTask):
     except (OSError, ValueError) as e:
       raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
     return tok
+
+  def prepare_abstract(self) -> None:
+    """The tokenizer the decoder's weights read (`decoder_tokenizer` without data: the causal_lm
+    run's file, the checkpoint's, else `data.tokenizer`'s) and stand-in statistics."""
+    if self.tokenizer is None and self.stage.decoder_init:
+      self.tokenizer = Tokenizer.load(Path(self.stage.decoder_init) / TOKENIZER_FILE)
+    elif self.tokenizer is None and self.stage.decoder_checkpoint:
+      self.tokenizer = self.checkpoint_tokenizer()
+    super().prepare_abstract()
+
+  def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """`_rows` for `batch_size` rows: tokens, valid [B, data.max_len], split [B], embedding [B, E]."""
+    n, width = self.config.data.max_len, encoder_spec(self.stage.encoder, "dglm.encoder").width
+    s = lambda *shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+    return {
+      "tokens": s(n, dtype=jnp.int32),
+      "valid": s(n, dtype=jnp.bool_),
+      "split": s(dtype=jnp.int32),
+      "embedding": s(width, dtype=jnp.float32),
+    }
 
   def _rows(self, docs: list[dict]) -> dict[str, np.ndarray]:
     """Decoder rows [<bos> prefix continuation <eos>] padded to data.max_len ("tokens", "valid";
