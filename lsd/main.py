@@ -96,10 +96,22 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   s.add_argument("--out", default=None, help="also write the samples to this JSONL file")
   g = s.add_argument_group("conditional generation (Task.generate; each flag repeatable)")
-  g.add_argument("--inputs", default=None, help="JSONL, one input per line: {prompt|source|label}")
+  g.add_argument(
+    "--inputs", default=None, help="JSONL, one input per line: {prompt|source|label|text+segment}"
+  )
   g.add_argument("--prompt", action="append", default=[], help="a text to continue")
   g.add_argument("--source", action="append", default=[], help="a seq2seq source text")
   g.add_argument("--label", action="append", type=int, default=[], help="a class id")
+  g.add_argument(
+    "--text", action="append", default=[], help="a text to edit, with --segment (SLD runs)"
+  )
+  g.add_argument(
+    "--segment",
+    action="append",
+    type=int,
+    default=[],
+    help="the segment (0-based) of --text to regenerate given the others (SLD runs)",
+  )
   g.add_argument(
     "--attribute",
     action="append",
@@ -197,7 +209,11 @@ def print_samples(samples: list, header: str = "") -> None:
 def _sample_inputs(args) -> list[dict]:
   """The inputs of `lsd sample`: --inputs lines, or the --prompt / --source / --label flags zipped
   (equal counts), each repeated --num_samples times; [] = unconditional sampling."""
-  flags = {k: getattr(args, k) for k in ("prompt", "source", "label") if getattr(args, k)}
+  flags = {
+    k: getattr(args, k)
+    for k in ("prompt", "source", "label", "text", "segment")
+    if getattr(args, k)
+  }
   if args.inputs and flags:
     raise ConfigError(f"--inputs and --{'/--'.join(flags)} exclude each other: give one")
   if args.inputs:

@@ -540,6 +540,26 @@ def test_two_stages_train_and_sample_through_the_cli_and_the_api(tmp_path, capsy
   assert again == texts
   with pytest.raises(ConfigError, match="segment=4"):
     lsd.api.regenerate_segment(diff, jax.random.key(2), [story], 4, sources=prompts[:1])
+  # The same edit through generate (the CLI's path): the key is folded with the segment index.
+  edit = {"text": story, "segment": 1, "source": prompts[0]}
+  (rec,) = lsd.api.generate(diff, jax.random.key(2), [edit])
+  want = lsd.api.regenerate_segment(
+    diff, jax.random.fold_in(jax.random.key(2), 1), [story], 1, sources=prompts[:1]
+  )
+  assert rec["text"] == want[0] and rec["original"] == story
+  with pytest.raises(ConfigError, match="cannot mix"):
+    lsd.api.generate(diff, jax.random.key(2), [edit, {"source": prompts[0]}])
+  with pytest.raises(ConfigError, match="needs a 'text' string and a 'segment' int"):
+    lsd.api.generate(diff, jax.random.key(2), [{"text": story, "segment": "1", "source": "x"}])
+  out = tmp_path / "edit.jsonl"
+  argv = ["sample", "--workdir", str(tmp_path / "diff"), "--seed", "2", "--out", str(out)]
+  argv += ["--text", story, "--segment", "1", "--source", prompts[0]]
+  assert lsd_main(argv) == 0
+  assert json.loads(out.read_text().splitlines()[0])["text"] == want[0]
+  # A prompt is the source of a continuation run.
+  by_prompt = lsd.api.generate(diff, jax.random.key(4), [{"prompt": prompts[0]}])
+  by_source = lsd.api.generate(diff, jax.random.key(4), [{"source": prompts[0]}])
+  assert by_prompt[0]["text"] == by_source[0]["text"]
 
 
 def test_conditional_gen_ppl_scores_only_the_continuation():

@@ -231,6 +231,57 @@ class SLDDiffusionTask(LatentDiffusionTask):
     rows = segment_rows(lists, ae.tokenizer, k, t, encode, keep_tokens=False)
     return jnp.asarray(rows["latents"]), rows["segment_valid"]
 
+  def generate(self, model: LatentDenoiser, key: jax.Array, inputs: list[dict], **options):
+    """As `LatentDiffusionTask.generate`, and inputs {"text", "segment", "source"?} regenerate
+    segment `segment` (0-based) of `text` given its other segments (`regenerate_segment`); records
+    `{**input, "text": the edited text, "original", "nfe"}`. Edits and plain inputs may not mix in
+    one call. A "prompt" is the source of a continuation run (ROCStories: sentence 1)."""
+    if isinstance(inputs, list) and self.context_encoder is not None:
+      inputs = [
+        {**{k: v for k, v in x.items() if k != "prompt"}, "source": x["prompt"]}
+        if isinstance(x, dict) and "prompt" in x and "source" not in x
+        else x
+        for x in inputs
+      ]
+    edits = [isinstance(x, dict) and ("segment" in x or "text" in x) for x in inputs]
+    if not any(edits):
+      return super().generate(model, key, inputs, **options)
+    seq2seq = self.context_encoder is not None
+    fields = ("text", "segment", "source") if seq2seq else ("text", "segment")
+    if not all(edits):
+      raise ConfigError(
+        "generate: inputs that edit a segment ({'text', 'segment'}) and inputs that generate "
+        "anew cannot mix in one call"
+      )
+    inputs = self.generation_inputs(inputs, fields)
+    unknown = sorted(k for k, v in options.items() if k != "guidance_scale" and v is not None)
+    if unknown:
+      raise ConfigError(f"generate: options {unknown} are not read by segment edits")
+    for i, x in enumerate(inputs):
+      j = x.get("segment")
+      if not isinstance(x.get("text"), str) or isinstance(j, bool) or not isinstance(j, int):
+        raise ConfigError(
+          f"generate: input {i} edits a segment: it needs a 'text' string and a 'segment' int "
+          f"(0-based); got text={x.get('text')!r}, segment={j!r}"
+        )
+      if seq2seq and not isinstance(x.get("source"), str):
+        raise ConfigError(f"generate: input {i} has no 'source' text (seq2seq run)")
+    out: list[dict | None] = [None] * len(inputs)
+    nfe = self.sampler(model).nfe(seq2seq)
+    for j in sorted({x["segment"] for x in inputs}):  # one batch per edited segment index
+      rows = [i for i, x in enumerate(inputs) if x["segment"] == j]
+      texts = self.regenerate_segment(
+        model,
+        jax.random.fold_in(key, j),
+        [inputs[i]["text"] for i in rows],
+        j,
+        sources=[inputs[i]["source"] for i in rows] if seq2seq else None,
+        guidance_scale=options.get("guidance_scale"),
+      )
+      for i, t in zip(rows, texts, strict=True):
+        out[i] = {**inputs[i], "original": inputs[i]["text"], "text": t, "nfe": nfe}
+    return out
+
   def regenerate_segment(
     self,
     model: LatentDenoiser,
