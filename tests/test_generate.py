@@ -64,7 +64,7 @@ def test_a_method_without_conditional_generation_refuses_naming_it():
 
 
 def _args(**kw):
-  base = dict(inputs=None, prompt=[], source=[], label=[], num_samples=None)
+  base = dict(inputs=None, prompt=[], source=[], label=[], text=[], segment=[], num_samples=None)
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -75,6 +75,8 @@ def test_cli_inputs_zip_the_flags_or_read_jsonl(tmp_path):
   assert both == [{"prompt": "a", "label": 0}] * 2 + [{"prompt": "b", "label": 1}] * 2
   with pytest.raises(ConfigError, match="2 --source, 1 --label: give as many of each"):
     _sample_inputs(_args(source=["x", "y"], label=[0]))
+  edit = _sample_inputs(_args(text=["a. b."], segment=[1], source=["p"]))
+  assert edit == [{"source": "p", "text": "a. b.", "segment": 1}]
   f = tmp_path / "in.jsonl"
   f.write_text(json.dumps({"source": "name[Zizzi]"}) + "\n\n" + json.dumps({"label": 1}) + "\n")
   assert _sample_inputs(_args(inputs=str(f))) == [{"source": "name[Zizzi]"}, {"label": 1}]
