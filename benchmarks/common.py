@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lsd.fileio import atomic_write_text
 from lsd.train.sweep import quiet, steady_steps_per_s  # noqa: F401 (quiet: for the scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -76,7 +77,7 @@ def write_result(name: str, metrics: dict, config: dict) -> Path:
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   path = RESULTS_DIR / f"{name}.json"
-  path.write_text(json.dumps(record, indent=2) + "\n")
+  atomic_write_text(path, json.dumps(record, indent=2) + "\n")  # a kill never truncates it
   summary = " ".join(
     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
   )

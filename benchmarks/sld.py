@@ -74,6 +74,7 @@ from lsd.config import load_config_file  # noqa: E402
 from lsd.data.segments import split_segments  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, dist_n, mauve, paired_bootstrap, rouge_per_sample  # noqa: E402
+from lsd.fileio import atomic_write_text  # noqa: E402
 from lsd.methods import get_task  # noqa: E402
 from lsd.nn.layers import normalize_to_sphere  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
@@ -258,7 +259,7 @@ def cached(path: Path, make) -> dict:
   if path.exists():
     return json.loads(path.read_text())
   rec = make()
-  path.write_text(json.dumps(rec))
+  atomic_write_text(path, json.dumps(rec))
   log(f"{path.name}: {len(rec['texts'])} texts in {rec['seconds']:.0f} s, e.g. {rec['texts'][:1]}")
   return rec
 
@@ -446,6 +447,37 @@ def main():
     ds_sld_ae=half, ds_sld_diff=half, ds_ld4lg_ae=half, ds_ld4lg_diff=half, ds_ar=2 * half
   )
   methods, paired, cfgs, roc_info = run_task("roc", path, test, workdir, args, minutes)
+  vs = paired["sld_minus_ld4lg"]
+  # A claim holds when the difference is in its direction and exceeds the bootstrap spread.
+  result = {
+    "methods": methods,
+    "paired": paired,
+    "claims": {
+      "sld_beats_ld4lg_rouge_l": vs["rouge_l"]["low"] > 0,
+      "sld_beats_ld4lg_ppl": vs["log_ppl"]["high"] < 0,
+    },
+  }
+  config = {
+    "data_dir": "shared corpora: rocstories, dialogsum (see ../shared/data)",
+    "rocstories": {
+      "split": "95/5 seeded (seed 0) over 5,000 stories; prompt = sentence 1, target = the rest",
+      "test_prompts": len(test),
+      **roc_info,
+      "sld": {"latents": "4 segments x 8 x 32", "sample": dict(cfgs["roc_sld_diff"].sample)},
+      "ld4lg": {
+        "latents": "32 x 32",
+        "max_len": LD4LG_MAX_LEN,
+        "sample": dict(cfgs["roc_ld4lg_diff"].sample),
+      },
+      "ar": "causal LM on whole stories, nucleus p = 0.9 from [bos] prompt",
+      "judge": "SmolLM2-135M-Instruct, per-sample perplexity of the continuation given the prompt",
+    },  # fmt: skip
+    "budget_minutes": minutes if not args.steps else f"{args.steps} steps per run (smoke)",
+  }
+  # The file is written after each part, "incomplete" naming the parts still to come, so a run
+  # stopped later keeps what it measured (a rerun resumes the rest).
+  todo = ["robustness", "latent_pca"] + ([] if args.skip_dialogsum else ["dialogsum"])
+  write_result(args.result, {**result, "incomplete": todo}, config)
 
   # Robustness: the SLD autoencoder vs one without the contrastive + adversarial losses.
   plain_steps = train_run(
@@ -460,30 +492,15 @@ def main():
   }
   png = RESULTS_DIR / f"{args.result}_latents.png"
   pca = latent_pca(workdir / "roc_sld_ae", [d["story"] for d in test], png)
+  result["robustness"] = robust
+  result["latent_pca"] = {**pca, "plot": str(png.relative_to(REPO))}
+  result["claims"]["losses_make_latents_more_robust"] = (
+    robust["with_losses"]["0.2"] > robust["without_losses"]["0.2"]
+  )
+  config["rocstories"]["robustness_ablation_steps"] = plain_steps
+  todo = todo[2:]
+  write_result(args.result, {**result, "incomplete": todo} if todo else result, config)
 
-  result = {
-    "methods": methods,
-    "robustness": robust,
-    "latent_pca": {**pca, "plot": str(png.relative_to(REPO))},
-  }
-  config = {
-    "data_dir": "shared corpora: rocstories, dialogsum (see ../shared/data)",
-    "rocstories": {
-      "split": "95/5 seeded (seed 0) over 5,000 stories; prompt = sentence 1, target = the rest",
-      "test_prompts": len(test),
-      **roc_info,
-      "robustness_ablation_steps": plain_steps,
-      "sld": {"latents": "4 segments x 8 x 32", "sample": dict(cfgs["roc_sld_diff"].sample)},
-      "ld4lg": {
-        "latents": "32 x 32",
-        "max_len": LD4LG_MAX_LEN,
-        "sample": dict(cfgs["roc_ld4lg_diff"].sample),
-      },
-      "ar": "causal LM on whole stories, nucleus p = 0.9 from [bos] prompt",
-      "judge": "SmolLM2-135M-Instruct, per-sample perplexity of the continuation given the prompt",
-    },  # fmt: skip
-    "budget_minutes": minutes if not args.steps else f"{args.steps} steps per run (smoke)",
-  }
   if not args.skip_dialogsum:
     ds_path, ds_test = write_dialogsum(data_dir, workdir / "data", args.dialogsum_test)
     ds, ds_paired, _, ds_info = run_task("ds", ds_path, ds_test, workdir, args, minutes)
@@ -493,16 +510,7 @@ def main():
       "test": f"dialogsum.test.jsonl, first {len(ds_test)} dialogues, 3 references each",
       **ds_info,
     }
-  result["paired"] = paired
-  vs = paired["sld_minus_ld4lg"]
-  # A claim holds when the difference is in its direction and exceeds the bootstrap spread.
-  result["claims"] = {
-    "sld_beats_ld4lg_rouge_l": vs["rouge_l"]["low"] > 0,
-    "sld_beats_ld4lg_ppl": vs["log_ppl"]["high"] < 0,
-    "losses_make_latents_more_robust": robust["with_losses"]["0.2"]
-    > robust["without_losses"]["0.2"],
-  }
-  write_result(args.result, result, config)
+    write_result(args.result, result, config)
 
 
 if __name__ == "__main__":
