@@ -59,6 +59,7 @@ def yelp_files(tmp_path_factory):
   return d
 
 
+@pytest.mark.slow  # trains through the frozen MiniLM: minutes on 2 CPU cores
 def test_minilm_autoencoder_trains_with_the_encoder_frozen(tmp_path, yelp_files, minilm):
   cfg = load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test,encoder=minilm,steps=8")
   cfg.data.path = str(yelp_files / "sentiment.*")
@@ -236,6 +237,7 @@ def test_context_config_errors_name_the_field():
   assert rows[0].shape == (1, 8)
 
 
+@pytest.mark.slow  # two seq2seq trainings through the frozen MiniLM: minutes on 2 CPU cores
 def test_cached_latents_equal_on_the_fly_encoding_and_give_the_same_loss(tmp_path, e2e_csv, e2e_ae):
   cfg = _seq2seq_config(e2e_csv, e2e_ae)
   assert cfg.ld4lg.cache_latents  # the default
