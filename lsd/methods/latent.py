@@ -128,7 +128,7 @@ class LatentAutoencoderTask(Task):
 
   def make_data(self, workdir, *, process_index: int, process_count: int):
     self.check_encoder()
-    data = build_sentence_data(
+    data = self.sentence_data(
       self.config.data,
       workdir,
       seed=self.config.seed,
@@ -138,6 +138,11 @@ class LatentAutoencoderTask(Task):
     )
     self.tokenizer = data.tokenizer
     return data
+
+  def sentence_data(self, cfg, workdir, **kw):
+    """The training sentences (`build_sentence_data`'s `SentenceData`); a method whose texts are
+    cut into segments returns the segments as sentences."""
+    return build_sentence_data(cfg, workdir, **kw)
 
   def check_encoder(self, load: bool = True) -> None:
     """A frozen pretrained encoder (`model.encoder`, a registry name) reads its own tokenizer's

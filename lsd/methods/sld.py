@@ -91,18 +91,8 @@ class SLDAutoencoderTask(LatentAutoencoderTask):
         "sld.latent_noise_std (one fixed std); set model.latent_noise=0"
       )
 
-  def make_data(self, workdir, *, process_index: int, process_count: int):
-    self.check_encoder()
-    data = build_segment_data(
-      self.config.data,
-      workdir,
-      seed=self.config.seed,
-      process_index=process_index,
-      process_count=process_count,
-      tokenizer=self.data_tokenizer(),
-    )
-    self.tokenizer = data.tokenizer
-    return data.sentence_data()
+  def sentence_data(self, cfg, workdir, **kw):
+    return build_segment_data(cfg, workdir, **kw).sentence_data()  # every segment a sentence
 
   def encoder(self, model: LatentAutoencoder):
     """(tokens, valid, rngs) -> latents through the model's encoder or its frozen one."""
