@@ -770,3 +770,66 @@ def test_decoder_is_an_imported_gpt2_frozen_or_fine_tuned(tmp_path):
   both = _config("decoder", data, decoder_checkpoint=str(ckpt), decoder_init=str(tmp_path))
   with pytest.raises(ConfigError, match="starts from one of them"):
     get_task(both)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The AR baseline's control: FUDGE reweighting by a bag-of-tokens classifier (lsd.sampling.fudge)
+# ---------------------------------------------------------------------------------------------------
+def _fudge_lm():
+  from lsd.config import load_config_file
+  from lsd.data.tokenizer import train_bpe
+  from lsd.methods import get_task
+
+  cfg = load_config_file("configs/causal_lm.py:size=test,data=text")
+  task = get_task(cfg)
+  task.tokenizer = train_bpe(["the food was great .", "service was slow and rude ."] * 4, 300)
+  model = task.build_model(nnx.Rngs(0))
+  return model.cfg.vocab_size, *nnx.split(model)
+
+
+def test_fudge_log_probs_reweight_the_top_k_by_the_classifier():
+  from lsd.sampling.fudge import TokenClassifier, fudge_log_probs
+
+  lp = jax.nn.log_softmax(jnp.array([[2.0, 1.0, 0.5, -1.0, -3.0]]))
+  clf = TokenClassifier.from_linear(jnp.array([0.0, 0.0, 4.0, 0.0, 9.0]), jnp.array(-1.0))
+  assert clf.weight.shape == (2, 5) and clf.bias.tolist() == [0.0, -1.0]
+  state = jnp.array([[0.0, 0.5]])  # the prefix's class logits
+  out = np.asarray(fudge_log_probs(lp, state, clf, jnp.array([1]), strength=2.0, top_k=3))
+  # candidates 0, 1, 2; log p(1 | prefix + v) = log sigmoid(0.5 + w_v)
+  logsig = lambda x: -np.log1p(np.exp(-x))
+  s = np.asarray(lp[0, :3]) + 2.0 * logsig(np.array([0.5, 0.5, 4.5]))
+  np.testing.assert_allclose(out[0, :3], s - np.log(np.exp(s).sum()), rtol=1e-5)
+  assert np.isneginf(out[0, 3:]).all()
+  # strength 0: the LM's top-k renormalised
+  plain = np.asarray(fudge_log_probs(lp, state, clf, jnp.array([1]), strength=0.0, top_k=5))
+  np.testing.assert_allclose(plain, np.asarray(lp), rtol=1e-5)
+  with pytest.raises(ValueError, match="expected"):
+    TokenClassifier.from_linear(jnp.zeros((5,)), jnp.zeros((2,)))
+
+
+def test_fudge_generate_is_plain_decoding_at_strength_0_and_follows_a_strong_classifier():
+  from lsd.sampling.autoregressive import generate
+  from lsd.sampling.fudge import TokenClassifier, fudge_generate
+
+  vocab, graphdef, params = _fudge_lm()
+  prompt = jnp.array([[1, 5, 7], [1, 9, 4]], jnp.int32)
+  key = jax.random.key(0)
+  plain = generate(graphdef, params, key, prompt, max_new_tokens=6, top_p=0.0)
+  favoured = 17
+  w = jnp.zeros((vocab,)).at[favoured].set(50.0)
+  clf = TokenClassifier.from_linear(w, jnp.array(0.0))
+  kw = dict(max_new_tokens=6, top_k=vocab, top_p=0.0)
+  same = fudge_generate(graphdef, params, key, prompt, clf, jnp.array([1, 0]), strength=0.0, **kw)
+  np.testing.assert_array_equal(same, plain)
+  # target 1 (the favoured token's class) at a high strength: the favoured token first, after
+  # which the classifier is satisfied; target 0 never picks it.
+  out = fudge_generate(graphdef, params, key, prompt, clf, jnp.array([1, 0]), strength=30.0, **kw)
+  out = np.asarray(out)
+  assert out[0, 0] == favoured
+  assert favoured not in out[1].tolist()
+  # sampled (top_p 0.9, top_k 5): every token is one of the LM's 5 most likely at its step
+  sampled = fudge_generate(
+    graphdef, params, key, prompt, clf, jnp.array([1, 1]), strength=1.0, max_new_tokens=6,
+    top_k=5, top_p=0.9,
+  )  # fmt: skip
+  assert sampled.shape == (2, 6) and int(sampled.max()) < vocab
