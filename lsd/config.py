@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import numbers
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -159,8 +160,11 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
     ) from e
 
 
-def from_json_file(path: Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(Path(path).read_text()))
+def from_json_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """A run's config.json (local, or remote: gs://, ...; lsd.fileio.as_path makes such paths)."""
+  from etils import epath
+
+  return ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
 
 
 # Field annotations whose values dataclass_from_config checks: (test, what is accepted).
