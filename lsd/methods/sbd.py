@@ -173,7 +173,9 @@ class SBDTask(Task):
 
 def default_sample_config() -> ml_collections.ConfigDict:
   """Sampler settings. stages: [block_size (0 = L, global), gamma, steps, score] per revision stage;
-  score in {snapshot, posthoc, random}; [] = draft only (BD3-LM)."""
+  score in {snapshot, posthoc, random}; [] = draft only (BD3-LM). draft.order: which masked
+  positions a draft step unmasks, in {random, confidence, margin, entropy, threshold};
+  draft.threshold: the probability above which order=threshold commits a position, in (0, 1]."""
   return ml_collections.ConfigDict(
     {
       "draft": {
@@ -183,6 +185,8 @@ def default_sample_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "use_cache": True,
         "confidence": "filtered",
+        "order": "random",
+        "threshold": 0.9,
       },
       "stages": [[0, 0.25, 32, "snapshot"]],
     }
@@ -210,6 +214,9 @@ def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerCon
       temperature=num(float, "draft.temperature", d.temperature),
       use_cache=bool(d.use_cache),
       confidence=str(d.confidence),
+      # Configs saved before these fields existed sample with the random order.
+      order=d.get("order", "random"),
+      threshold=num(float, "draft.threshold", d.get("threshold", 0.9)),
     )
     stages = []
     if not isinstance(cfg.stages, list | tuple):

@@ -16,6 +16,20 @@ Two exact implementations of the same distribution (tests check identical tokens
   hidden, earlier blocks see only themselves and their past, exactly what the cache holds).
 Randomness is `fold_in(fold_in(key, block), step)`, so both paths consume identical noise.
 
+Unmasking order (`DraftConfig.order`; the draft only, revision stages keep the random order):
+- "random" (default): the ancestral coin flips above.
+- "confidence" / "margin" / "entropy": step i of S unmasks k = ceil(m / (S - i)) of the m
+  still-masked positions of each row (the expected count of the random rule made deterministic, as
+  in LLaDA: B = 4, S = 3 gives 2, 1, 1; the last step unmasks the rest), the k with the highest
+  score: the largest probability, the top-1 minus top-2 probability, or the lowest entropy of the
+  distribution the token is drawn from (after temperature and top-p). Ties go to the lower position.
+- "threshold": every masked position whose largest probability exceeds `threshold` (strictly),
+  and at least the single most confident one, so a block may finish in fewer than S steps; the last
+  step unmasks the rest.
+Tokens are sampled as in the random order (not argmax), with the same key per step; only which
+positions are unmasked differs. Ordered steps run only while some row of the batch still has masks
+(a `lax.cond` skips the forward once none has).
+
 NFE counts, per sequence, the forwards made while the block still had masked positions (BD3-LM
 counts forwards that can change the sequence); commit forwards are reported separately.
 """
@@ -25,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Literal
 
 import flax.struct
 import jax
@@ -34,7 +49,10 @@ from jaxtyping import Array, Float, Int
 
 from lsd.models.masked_lm import MaskedLM
 from lsd.nn import KVCache, block_causal_mask
-from lsd.sampling.categorical import Confidence, sample_categorical
+from lsd.sampling.categorical import Confidence, nucleus_log_probs, sample_categorical
+
+Order = Literal["random", "confidence", "margin", "entropy", "threshold"]
+ORDERS: tuple[str, ...] = ("random", "confidence", "margin", "entropy", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +66,9 @@ class DraftConfig:
   caches grow geometrically (ending at L/2^(k-1), ..., L/2, L slots; segments under `MIN_SEGMENT`
   slots are merged into the next), so a block attends over at most about twice its prefix instead
   of the whole L-slot cache. 1 = one scan over a fixed L-slot cache. Same tokens either way.
+  order: which masked positions a step unmasks (see the module docstring; "random" is the
+  ancestral rule). threshold: the probability a position's top token must exceed for
+  order="threshold" to commit it, in (0, 1]; ignored by the other orders.
   """
 
   block_size: int = 4
@@ -57,6 +78,8 @@ class DraftConfig:
   use_cache: bool = True
   confidence: Confidence = "filtered"
   cache_segments: int = 4
+  order: Order = "random"
+  threshold: float = 0.9
 
   def validate(self, length: int, prefix_len: int = 0) -> None:
     if self.block_size < 1 or length % self.block_size:
@@ -76,6 +99,10 @@ class DraftConfig:
       raise ValueError(f"draft.cache_segments={self.cache_segments} must be >= 1")
     if self.confidence not in ("filtered", "raw"):
       raise ValueError(f"draft.confidence={self.confidence!r} must be 'filtered' or 'raw'")
+    if self.order not in ORDERS:
+      raise ValueError(f"draft.order={self.order!r} is not supported; accepted: {list(ORDERS)}")
+    if not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"draft.threshold={self.threshold} must be a probability in (0, 1]")
 
 
 @flax.struct.dataclass
@@ -145,6 +172,64 @@ def _sample_unmasking(
   return jax.lax.cond(fits, sparse, dense, None)
 
 
+def sampling_log_probs(
+  log_probs: Float[Array, "... V"], top_p: float, temperature: float
+) -> Float[Array, "... V"]:
+  """The log-probs `sample_categorical` draws from: temperature, then the nucleus (same ops, so a
+  draw from these with top_p = temperature = 1 is the draw `sample_categorical` makes)."""
+  logp = log_probs.astype(jnp.float32)
+  if temperature != 1.0:
+    logp = jax.nn.log_softmax(logp / temperature, axis=-1)
+  if top_p < 1.0:
+    logp = nucleus_log_probs(logp, top_p)
+  return logp
+
+
+def order_scores(logp: Float[Array, "N B V"], order: str) -> Float[Array, "N B"]:
+  """Unmasking priority of each position (higher first) from normalised log-probs: the largest
+  probability ("confidence", "threshold"), top-1 minus top-2 probability ("margin"), or minus the
+  entropy in nats ("entropy")."""
+  if order in ("confidence", "threshold"):
+    return jnp.exp(jnp.max(logp, axis=-1))
+  p = jnp.exp(logp)
+  if order == "margin":
+    top2, _ = jax.lax.top_k(p, 2)
+    return top2[..., 0] - top2[..., 1]
+  if order == "entropy":
+    return jnp.sum(jnp.where(p > 0.0, p * logp, 0.0), axis=-1)
+  raise ValueError(
+    f"order={order!r} has no score; accepted: {[o for o in ORDERS if o != 'random']}"
+  )
+
+
+def ordered_unmask(
+  scores: Float[Array, "N B"],
+  masked: Array,
+  i: Array | int,
+  steps: int,
+  order: str,
+  threshold: float,
+) -> Array:
+  """Positions step i of `steps` unmasks under an ordered rule (bool [N, B], a subset of `masked`).
+
+  Masked positions are ranked by descending score with one `lax.top_k` over the block (ties: the
+  lower position first). Ranked orders take the first k = ceil(m / (steps - i)) of the m masked
+  positions of each row; "threshold" takes every masked position with score > threshold plus the
+  first-ranked one; at the last step (i = steps - 1) both take every masked position.
+  """
+  n, b = masked.shape
+  s = jnp.where(masked, scores.astype(jnp.float32), -jnp.inf)
+  s = jnp.where(s == 0.0, 0.0, s)  # top_k orders -0.0 below +0.0; make signed zeros tie
+  _, idx = jax.lax.top_k(s, b)
+  rank = jnp.zeros((n, b), jnp.int32).at[jnp.arange(n)[:, None], idx].set(jnp.arange(b))
+  if order == "threshold":
+    pick = (scores > threshold) | (rank == 0) | (i == steps - 1)
+  else:
+    m = jnp.sum(masked, axis=-1, keepdims=True, dtype=jnp.int32)
+    pick = rank < -(-m // (steps - i))  # ceil(m / (steps - i)); steps - i = 1 at the last step
+  return masked & pick
+
+
 def denoise_block(
   logp_fn: Callable[[Int[Array, "N B"]], Float[Array, "N B V"]],
   key: Array,
@@ -156,14 +241,22 @@ def denoise_block(
   top_p: float,
   temperature: float,
   confidence: Confidence,
+  order: Order = "random",
+  threshold: float = 0.9,
 ) -> BlockState:
-  """`steps` ancestral steps over the masked positions of one block (a `lax.scan`).
+  """`steps` denoising steps over the masked positions of one block (a `lax.scan`).
 
   `logp_fn(block_tokens [N, B]) -> log-probs [N, B, V]` is the model's view of the block (cached
   peek, or the block's rows of a full-canvas forward). Step i uses `fold_in(key, i)`, split into
   the unmask coin flips and the token draws. `unmask_step` records `step_offset + i`. Shared by
-  the draft and every revision stage, so all of them follow one rule.
+  the draft and every revision stage, so all of them follow one rule. `order` / `threshold`: see
+  the module docstring; any order but "random" scores positions with `order_scores` under the
+  sampling distribution and picks them with `ordered_unmask` (the coin key is then unused), and
+  its step is skipped by a `lax.cond` once no row has masks (NFE is unchanged by the skip: it
+  counts, per row, steps where the row still had masks).
   """
+  cap = _unmask_cap(state.tokens.shape[-1], steps)
+  sampling = dict(top_p=top_p, temperature=temperature, confidence=confidence)
 
   def step(s: BlockState, i: Array) -> tuple[BlockState, None]:
     coin_key, token_key = jax.random.split(jax.random.fold_in(key, i))
@@ -171,15 +264,7 @@ def denoise_block(
     # Drawn flat for compile time (see `exponential_log_noise`); u * (S - i) < 1 is u < 1 / (S - i).
     coins = jax.random.uniform(coin_key, (masked.size,)).reshape(masked.shape)
     unmask = masked & (coins * (steps - i) < 1.0)
-    tok, prob = _sample_unmasking(
-      token_key,
-      logp_fn(s.tokens),
-      unmask,
-      _unmask_cap(masked.shape[-1], steps),
-      top_p=top_p,
-      temperature=temperature,
-      confidence=confidence,
-    )
+    tok, prob = _sample_unmasking(token_key, logp_fn(s.tokens), unmask, cap, **sampling)
     return BlockState(
       tokens=jnp.where(unmask, tok, s.tokens),
       conf=jnp.where(unmask, prob, s.conf),
@@ -187,7 +272,29 @@ def denoise_block(
       nfe=s.nfe + jnp.any(masked, axis=-1).astype(jnp.int32),
     ), None
 
-  state, _ = jax.lax.scan(step, state, jnp.arange(steps, dtype=jnp.int32))
+  def ordered_step(s: BlockState, i: Array) -> tuple[BlockState, None]:
+    masked = s.tokens == mask_id
+
+    def run(_) -> BlockState:
+      _, token_key = jax.random.split(jax.random.fold_in(key, i))
+      raw = logp_fn(s.tokens).astype(jnp.float32)
+      logp = sampling_log_probs(raw, top_p, temperature)
+      unmask = ordered_unmask(order_scores(logp, order), masked, i, steps, order, threshold)
+      # Drawn from `logp` itself, so the draw is the one `sample_categorical` makes from `raw`.
+      tok, prob = _sample_unmasking(token_key, logp, unmask, cap, top_p=1.0, temperature=1.0)
+      if confidence == "raw":
+        prob = jnp.exp(jnp.take_along_axis(raw, tok[..., None], axis=-1)[..., 0])
+      return BlockState(
+        tokens=jnp.where(unmask, tok, s.tokens),
+        conf=jnp.where(unmask, prob, s.conf),
+        unmask_step=jnp.where(unmask, step_offset + i, s.unmask_step),
+        nfe=s.nfe + jnp.any(masked, axis=-1).astype(jnp.int32),
+      )
+
+    return jax.lax.cond(jnp.any(masked), run, lambda _: s, None), None
+
+  body = step if order == "random" else ordered_step
+  state, _ = jax.lax.scan(body, state, jnp.arange(steps, dtype=jnp.int32))
   return state
 
 
@@ -266,6 +373,8 @@ def draft_blocks(
       top_p=cfg.top_p,
       temperature=cfg.temperature,
       confidence=cfg.confidence,
+      order=cfg.order,
+      threshold=cfg.threshold,
     )
     cache = c.cache
     if cfg.use_cache:
