@@ -14,7 +14,7 @@ Segment-level runs (SLD) also regenerate one segment of texts: regenerate_segmen
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import jax
 
@@ -36,16 +36,17 @@ __all__ = [
 ]
 
 
-def load(workdir: str | Path, *, step: int | None = None, use_ema: bool = True) -> LoadedRun:
-  """Restores the latest (or `step`) checkpoint of a training run directory
+def load(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True) -> LoadedRun:
+  """Restores the latest (or `step`) checkpoint of a training run directory (a local path or a
+  remote URL such as gs://bucket/run)
   (`lsd.train.stages.load_run` with the method registry's tasks)."""
   from lsd.methods import get_task
 
   return load_run(workdir, get_task, step=step, use_ema=use_ema)
 
 
-def train(config, workdir: str | Path, **kwargs):
-  """Trains `config` in `workdir` (resuming if it holds a run): `lsd.train.trainer.train` with the
+def train(config, workdir: str | os.PathLike, **kwargs):
+  """Trains `config` in `workdir` (local or remote; resuming if it holds a run): `lsd.train.trainer.train` with the
   method's task from the registry (`lsd.methods.get_task`). `kwargs` go to the trainer."""
   from lsd.methods import get_task
   from lsd.train.trainer import train as run_trainer

@@ -15,9 +15,9 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 from lsd.config import ConfigError
+from lsd.fileio import as_path, one_line
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(.*)$", re.S)
 
@@ -179,10 +179,14 @@ def _train(args, overrides) -> None:
     import jax
 
     jax.distributed.initialize()
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)  # a local directory or a remote URL (gs://, ...)
+  try:
+    resumable = (workdir / "config.json").is_file()
+  except Exception as e:  # a remote store's client missing, or refusing (credentials)
+    raise ConfigError(f"--workdir {str(workdir)!r} cannot be read: {one_line(e)}") from e
   if args.config:
     config = load_config_file(args.config)
-  elif (workdir / "config.json").is_file():
+  elif resumable:
     config = from_json_file(workdir / "config.json")
   else:
     raise ConfigError("--config is required for a new run (no config.json in --workdir)")

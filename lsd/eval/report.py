@@ -10,41 +10,43 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from lsd.config import ConfigError
 from lsd.eval import metrics as text_metrics
+from lsd.fileio import as_path
 
 METRICS = ("entropy", "dist_n", "diversity", "rouge", "bleu", "attribute_accuracy")
 DEFAULT_METRICS = ("entropy", "dist_n", "diversity")
 DIST_NS = (1, 2, 3)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads one JSON object per non-blank line; errors name the file and line."""
   records = []
-  path = Path(path)
+  path = as_path(path)  # local or remote (gs://, ...)
   if not path.is_file():
     raise ConfigError(f"{str(path)!r} does not exist or is not a file")
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from e
-      if not isinstance(record, dict):
-        raise ConfigError(f"{path}:{line_no} holds a {type(record).__name__}; expected an object")
-      records.append(record)
+  text = path.read_bytes().decode("utf-8", errors="replace")
+  for line_no, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from e
+    if not isinstance(record, dict):
+      raise ConfigError(f"{path}:{line_no} holds a {type(record).__name__}; expected an object")
+    records.append(record)
   return records
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
+def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
   """A samples JSONL: at least one record, each with a string "text"."""
   samples = read_jsonl(path)
   if not samples:
@@ -66,12 +68,12 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
   return samples
 
 
-def load_references(path: str | Path, field: str = "text") -> list[str] | list[list[str]]:
+def load_references(path: str | os.PathLike, field: str = "text") -> list[str] | list[list[str]]:
   """References, one entry per sample, from .jsonl (`field` of each record) or .txt (one per line).
 
   In a .jsonl the field may hold a string or a list of strings (several references per sample).
   """
-  path = Path(path)
+  path = as_path(path)
   if path.suffix == ".txt":
     return path.read_text(encoding="utf-8").splitlines()
   if path.suffix != ".jsonl":
@@ -202,15 +204,15 @@ def _json_default(value: Any) -> Any:
 
 
 def write_report(
-  results: Mapping[str, Any], out_prefix: str | Path, *, digits: int = 3
-) -> tuple[Path, Path]:
+  results: Mapping[str, Any], out_prefix: str | os.PathLike, *, digits: int = 3
+) -> tuple[epath.Path, epath.Path]:
   """Writes `<out_prefix>.json` (full precision) and `<out_prefix>.md` (floats to `digits` places).
 
   `results` is either {metric: value} (one table row per metric) or {variant: {metric: value}}
   (one row per variant, one column per metric seen in any variant; "-" where a variant lacks it).
   Returns the (json, markdown) paths.
   """
-  prefix = Path(out_prefix)
+  prefix = as_path(out_prefix)
   prefix.parent.mkdir(parents=True, exist_ok=True)
   json_path = prefix.with_name(prefix.name + ".json")
   md_path = prefix.with_name(prefix.name + ".md")

@@ -7,23 +7,28 @@ On restore, a checkpoint that cannot be read (a truncated, zeroed or missing fil
 is told apart from one that does not fit the current config (other array shapes): the first is
 moved aside to `<checkpoints>.corrupt/<step>` with a warning and the next older checkpoint is
 tried; the second is a `CheckpointMismatch` naming the difference.
+
+The directory may be remote (gs://, ...): orbax takes an `epath.Path` and writes arrays through
+tensorstore, which reaches the store itself (on GCS a "rename" is not atomic; orbax then marks a
+finished step with a commit file instead).
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import shutil
+import os
 import time
 import warnings
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lsd.config import ConfigError
+from lsd.fileio import as_path, is_remote
 
 
 class CheckpointMismatch(ConfigError):
@@ -41,8 +46,11 @@ def _shapes(tree) -> collections.Counter:
 
 
 class Checkpointer:
-  def __init__(self, directory: Path, keep: int = 3, async_save: bool = True, create: bool = True):
-    self.directory = Path(directory).absolute()
+  def __init__(
+    self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, create: bool = True
+  ):
+    directory = as_path(directory)
+    self.directory = directory if is_remote(directory) else epath.Path(os.path.abspath(directory))
     self.restored_step: int | None = None
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -162,13 +170,13 @@ class Checkpointer:
         )
     return json.loads(mine.read_text())
 
-  def _set_aside(self, step: int) -> Path:
+  def _set_aside(self, step: int) -> epath.Path:
     """Moves an unreadable step directory out of the manager's view (it is kept for inspection,
     and a later save of the same step must not collide with it)."""
-    aside = Path(f"{self.directory}.corrupt")
+    aside = as_path(f"{self.directory}.corrupt")
     aside.mkdir(exist_ok=True)
     dest = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.move(str(self.directory / str(step)), dest)
+    (self.directory / str(step)).rename(dest)  # on an object store: a copy, then a delete
     self.manager.reload()
     return dest
 

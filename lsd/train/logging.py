@@ -1,35 +1,69 @@
-"""Metrics to JSONL and TensorBoard, a progress bar, and the loss-curve PNG."""
+"""Metrics to JSONL and TensorBoard, a progress bar, and the loss-curve PNG.
+
+The workdir may be remote (gs://, ...; see lsd.fileio). Object stores cannot append, so there
+metrics.jsonl is rewritten whole at each logged step (one upload of a few hundred bytes per row
+logged); TensorBoard events go through tensorboardX's own gs:// / s3:// writers, and a workdir they
+cannot reach keeps metrics.jsonl only, with a warning.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
+import os
 import time
-from pathlib import Path
+import warnings
 
 import numpy as np
+from etils import epath
+
+from lsd.fileio import as_path, is_remote, one_line, scheme
 
 
 class MetricWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: Path, enabled: bool = True):
-    self.path = Path(workdir) / "metrics.jsonl"
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    self.path = as_path(workdir) / "metrics.jsonl"
     self.enabled = enabled
+    self.remote = is_remote(self.path)
+    self._text: str | None = None  # remote: the file's text, uploaded whole on each write
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      logdir = str(self.path.parent / "tensorboard")
+      try:
+        if self.remote:
+          _check_tensorboard_client(logdir)
+        self._tb = SummaryWriter(logdir)
+      except Exception as e:
+        if not self.remote:
+          raise
+        warnings.warn(
+          f"{logdir}: no TensorBoard events ({one_line(e)}); metrics.jsonl has every logged value",
+          RuntimeWarning,
+          stacklevel=2,
+        )
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
     if not self.enabled:
       return
     record = {"step": int(step), "split": prefix, "time": time.time()}
     record.update({k: float(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in metrics.items():
-      self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+    line = json.dumps(record) + "\n"
+    if self.remote:
+      if self._text is None:
+        self._text = self.path.read_text() if self.path.exists() else ""
+      self._text += line
+      self.path.write_text(self._text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
 
   def truncate_after(self, step: int) -> None:
     """Drops the records of steps after `step` (a resumed run replays and logs them again), by an
@@ -43,10 +77,27 @@ class MetricWriter:
     keep = [line for line, s in zip(lines, steps, strict=True) if s is not None and s <= step]
     if len(keep) != len(lines):
       atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+    self._text = None
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+# tensorboardX writes remote event files itself, with these client libraries.
+_TENSORBOARD_CLIENTS = {"gs": "google.cloud.storage", "s3": "boto3"}
+
+
+def _check_tensorboard_client(logdir: str) -> None:
+  module = _TENSORBOARD_CLIENTS.get(scheme(logdir) or "")
+  if module is None:
+    raise ValueError(f"tensorboardX writes no {scheme(logdir)}:// event files")
+  try:
+    found = importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a parent package (google.cloud) is missing
+    found = False
+  if not found:
+    raise ModuleNotFoundError(f"tensorboardX needs {module} for {scheme(logdir)}:// event files")
 
 
 def _step_of(line: str) -> int | None:
@@ -57,15 +108,17 @@ def _step_of(line: str) -> int | None:
     return None
 
 
-def read_metrics(workdir: Path) -> list[dict]:
-  path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  path = as_path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if _step_of(line) is not None]
+  lines = path.read_text().splitlines()
+  return [json.loads(line) for line in lines if _step_of(line) is not None]
 
 
-def plot_loss_curve(workdir: Path, out: Path | None = None) -> Path | None:
+def plot_loss_curve(
+  workdir: str | os.PathLike, out: str | os.PathLike | None = None
+) -> epath.Path | None:
   """Writes `loss_curve.png` (train and eval loss against step); None if nothing was logged."""
   records = read_metrics(workdir)
   if not records:
@@ -75,7 +128,7 @@ def plot_loss_curve(workdir: Path, out: Path | None = None) -> Path | None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  out = Path(out or Path(workdir) / "loss_curve.png")
+  out = as_path(out or as_path(workdir) / "loss_curve.png")
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for split in ("train", "eval"):
     pts = [(r["step"], r["loss"]) for r in records if r.get("split") == split and "loss" in r]
@@ -88,8 +141,10 @@ def plot_loss_curve(workdir: Path, out: Path | None = None) -> Path | None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
   plt.close(fig)
+  out.write_bytes(png.getvalue())
   return out
 
 
@@ -140,9 +195,9 @@ class ProfileWindow:
   step `start` runs and ends once step stop - 1 has finished) into `directory`, for TensorBoard's
   profile plugin or Perfetto; a no-op for `steps` = () or a window the run does not reach."""
 
-  def __init__(self, directory: Path, steps):
+  def __init__(self, directory: str | os.PathLike, steps):
     steps = tuple(int(s) for s in steps)
-    self.directory, self.window, self.active = Path(directory), steps, False
+    self.directory, self.window, self.active = as_path(directory), steps, False
 
   def before(self, step: int) -> None:
     if self.window and step == self.window[0] and not self.active:

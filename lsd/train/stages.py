@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import ml_collections
 from flax import nnx, traverse_util
 
 from lsd.config import ConfigError, from_json_file
+from lsd.fileio import as_path, is_remote, one_line
 
 TaskFactory = Callable[[ml_collections.ConfigDict], Any]  # config -> lsd.train.task.Task
 
@@ -44,9 +45,14 @@ class LoadedRun:
 
 
 def load_run(
-  workdir: str | Path, make_task: TaskFactory, *, step: int | None = None, use_ema: bool = True
+  workdir: str | os.PathLike,
+  make_task: TaskFactory,
+  *,
+  step: int | None = None,
+  use_ema: bool = True,
 ) -> LoadedRun:
-  """Restores the latest (or `step`) checkpoint of a training run directory; `make_task` builds
+  """Restores the latest (or `step`) checkpoint of a training run directory (local, or remote:
+  gs://, ...; see lsd.fileio); `make_task` builds
   its task from the stored config (`lsd.methods.get_task`). EMA params when the run has them and
   `use_ema`."""
   from lsd.data.tokenizer import Tokenizer
@@ -54,8 +60,12 @@ def load_run(
   from lsd.train.checkpoint import Checkpointer
   from lsd.train.state import init_state, make_optimizer
 
-  workdir = Path(workdir)
-  if not (workdir / "config.json").is_file():
+  workdir = as_path(workdir)
+  try:
+    found = (workdir / "config.json").is_file()
+  except Exception as e:  # a remote store's client missing, or refusing (credentials)
+    raise ConfigError(f"workdir={str(workdir)!r} cannot be read: {one_line(e)}") from e
+  if not found:
     raise ConfigError(f"workdir={str(workdir)!r} holds no config.json: is it a training run?")
   try:
     config = from_json_file(workdir / "config.json")
@@ -102,7 +112,7 @@ def load_stage_run(
       f"{field} is empty; it must be the workdir of a finished {want} run {hint}".rstrip()
       + f": pass --config.{field}=<dir>"
     )
-  config = Path(path) / "config.json"
+  config = as_path(path) / "config.json"
   if not config.is_file():
     raise ConfigError(f"{field}={path!r} holds no config.json: is it a training run?")
   try:
@@ -119,8 +129,15 @@ def load_stage_run(
 def check_same_run(field_a: str, a: str, field_b: str, b: str, why: str) -> None:
   """Raises unless workdirs `a` (config field `field_a`) and `b` are one directory; `why` says
   what requires it."""
-  if Path(a).resolve() != Path(b).resolve():
+  if _where(a) != _where(b):
     raise ConfigError(f"{field_a}={a!r} and {field_b}={b!r} differ: {why}")
+
+
+def _where(path: str) -> str:
+  """A workdir's location, for comparing two spellings of it (a remote URL is compared as text)."""
+  if is_remote(path):
+    return os.fspath(path).rstrip("/")
+  return str(as_path(path).resolve())
 
 
 def _fields(config: Any) -> dict[str, Any]:

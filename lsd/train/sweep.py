@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ml_collections
 import numpy as np
+
+from lsd.fileio import as_path, atomic_write
 
 TrainFn = Callable[[ml_collections.ConfigDict, Path], object]
 
@@ -49,9 +50,9 @@ def finished_step(run: Path) -> int | None:
   """The newest checkpoint step of run directory `run` (None: no checkpoint)."""
   from lsd.train.checkpoint import Checkpointer
 
-  if not (Path(run) / "checkpoints").is_dir():
+  if not (as_path(run) / "checkpoints").is_dir():
     return None
-  ckpt = Checkpointer(Path(run) / "checkpoints", async_save=False, create=False)
+  ckpt = Checkpointer(as_path(run) / "checkpoints", async_save=False, create=False)
   try:
     return ckpt.latest_step()
   finally:
@@ -73,13 +74,14 @@ def train_once(
   `tokenizer`: a tokenizer.json the run starts with (copied in; its folder's name joins the
   digest, so runs on different tokenizers never share a directory)."""
   salt = Path(tokenizer).parent.name if tokenizer else ""
-  run = Path(root) / f"{name}-{config_digest(config, salt, path_fields)}"
+  run = as_path(root) / f"{name}-{config_digest(config, salt, path_fields)}"
   if finished_step(run) == int(config.train.steps):
     log(f"{run.name}: reusing the finished {config.train.steps}-step run")
     return run
   run.mkdir(parents=True, exist_ok=True)
   if tokenizer is not None and not (run / "tokenizer.json").exists():
-    shutil.copy(tokenizer, run / "tokenizer.json")
+    data = as_path(tokenizer).read_bytes()
+    atomic_write(run / "tokenizer.json", lambda tmp: Path(tmp).write_bytes(data))
   log(f"training {run.name} ({config.train.steps} steps)")
   train(config, run)
   return run
@@ -101,7 +103,7 @@ def quiet(config: ml_collections.ConfigDict, steps: int, log_every: int = 100):
 def steady_steps_per_s(run: Path) -> float:
   """The median training speed of a run's logged intervals after the first (which holds the
   compilation), from its metrics.jsonl."""
-  recs = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+  recs = [json.loads(x) for x in (as_path(run) / "metrics.jsonl").read_text().splitlines()]
   speeds = [r["steps_per_s"] for r in recs if r.get("split") == "train"][1:]
   if not speeds:
     raise ValueError(f"{run}: fewer than two logged training intervals to time")

@@ -14,15 +14,15 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from lsd.config import ConfigError, to_json
-from lsd.fileio import atomic_write_text
+from lsd.fileio import as_path, atomic_write_text, is_remote, one_line
 from lsd.parallel import batch_sharding, make_mesh, replicated, rules_from_config, sharded_init
 from lsd.train.checkpoint import Checkpointer
 from lsd.train.logging import (
@@ -56,7 +56,7 @@ class CheckpointWriteError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-  workdir: Path
+  workdir: epath.Path
   final_step: int
   losses: dict[int, float]  # step -> train loss, for every step that was executed in this call
   eval_loss: float | None
@@ -86,7 +86,7 @@ def to_global(batch: dict, mesh, rules) -> dict:
 
 def train(
   config: ml_collections.ConfigDict,
-  workdir: str | Path,
+  workdir: str | os.PathLike,
   *,
   task: Task,
   stop_after: int | None = None,
@@ -99,16 +99,17 @@ def train(
   checkpoint is written as on a normal exit). `record_every_step` fetches every step's loss (tests).
   """
   # ---------------------------------------------------------------- setup
-  workdir = Path(workdir)
+  workdir = as_path(workdir)  # a local directory or a remote URL (gs://, s3://, ...)
   validate_train_config(config.train)
   task.validate()  # everything checkable before data loading: model, sampler, eval settings
   tcfg = config.train
   is_main = jax.process_index() == 0
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir {str(workdir)!r} cannot be created: {e.strerror}") from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
+  except Exception as e:  # OSError; on a remote store also a missing client or no credentials
+    why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+    raise ConfigError(f"--workdir {str(workdir)!r} cannot be created: {why}") from e
+  if not is_remote(workdir) and not os.access(workdir, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir {str(workdir)!r} is not writable by this user")
   # One writer per workdir (process 0 of a multi-host run stands for all of them).
   lock = WorkdirLock(workdir) if is_main else None

@@ -3,7 +3,9 @@
 The lock is an `flock` on `<workdir>/.lock`, whose text names the holder (PID and host). The kernel
 releases an flock when its process dies, however it dies, so a lock left by a crash never blocks
 a rerun: the next launch takes it over and reports the dead holder. File systems without flock
-support (some network mounts) get a warning and no lock.
+support (some network mounts) get a warning and no lock. A remote workdir (gs://, s3://, ...: object
+stores have no locks) gets a one-line warning and an advisory `.lock` object naming the holder:
+two runs sharing it are not detected.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import signal
 import socket
 import threading
 import warnings
-from pathlib import Path
 
 from lsd.config import ConfigError
+from lsd.fileio import as_path, is_remote, one_line
 
 
 class WorkdirBusy(ConfigError):
@@ -37,9 +39,11 @@ class WorkdirLock:
   """`with WorkdirLock(workdir) as lock:`; `lock.stale` names a crashed holder it took over."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.path = Path(workdir) / ".lock"
+    self.path = as_path(workdir) / ".lock"
+    self.remote = is_remote(self.path)
     self.stale: str | None = None
     self._fd: int | None = None
+    self._advisory = False
 
   def __enter__(self) -> WorkdirLock:
     self.acquire()
@@ -49,6 +53,9 @@ class WorkdirLock:
     self.release()
 
   def acquire(self) -> None:
+    if self.remote:
+      self._acquire_remote()
+      return
     import fcntl
 
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +86,23 @@ class WorkdirLock:
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     self._fd = fd
 
+  def _acquire_remote(self) -> None:
+    """No lock on an object store: a warning, and the holder's name written to `.lock` (which
+    also proves the workdir writable before any work is done)."""
+    warnings.warn(
+      f"{self.path.parent}: a remote workdir has no lock; two runs sharing it would not be "
+      "detected",
+      RuntimeWarning,
+      stacklevel=3,
+    )
+    try:
+      self.path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    except Exception as e:  # a missing client library, no credentials, no permission
+      raise ConfigError(
+        f"--workdir {str(self.path.parent)!r} is not writable: {one_line(e)}"
+      ) from e
+    self._advisory = True
+
   @staticmethod
   def _stale_holder(text: str) -> str | None:
     """The text of a lock left by a process that is gone (its flock was released on death)."""
@@ -91,6 +115,10 @@ class WorkdirLock:
     return text
 
   def release(self) -> None:
+    if self._advisory:
+      self._advisory = False
+      self.path.write_text("")  # an empty lock file names no holder: a clean exit
+      return
     if self._fd is None:
       return
     import fcntl
