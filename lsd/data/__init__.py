@@ -14,7 +14,6 @@ import codecs
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -213,7 +212,7 @@ def build_data(
   docs = load_documents(cfg)
   train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
   train_texts = [d["text"] for d in train_docs]
-  tokenizer = build_tokenizer(cfg.tokenizer, train_texts, save_dir=Path(workdir))
+  tokenizer = build_tokenizer(cfg.tokenizer, train_texts, save_dir=workdir)
   return DataBundle(
     tokenizer=tokenizer,
     train_docs=train_docs,

@@ -48,6 +48,7 @@ from lsd.data.sentences import (
   split_into_sentences,
 )
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
+from lsd.fileio import as_path
 
 SEGMENT_MODES = ("sentences", "utterances")
 JOIN = {"sentences": " ", "utterances": "\n"}  # how a mode's segments are put back together
@@ -326,7 +327,7 @@ def build_segment_data(
     texts = [s for d in train for s in d["segments"]]
     tokenizer = build_tokenizer(cfg.tokenizer, texts, save_dir=workdir)
   else:
-    tokenizer.save(Path(workdir) / TOKENIZER_FILE)
+    tokenizer.save(as_path(workdir) / TOKENIZER_FILE)
   report.truncated_segments = encode_segments(
     [d["segments"] for d in train], tokenizer, cfg.max_segments, cfg.max_len
   )[3]

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -47,6 +45,7 @@ import numpy as np
 from lsd.config import ConfigError, check_positive
 from lsd.data import check_data_config, default_data_config, load_documents, split_documents
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
+from lsd.fileio import as_path, glob_files
 
 Batch = dict[str, np.ndarray]
 
@@ -106,13 +105,13 @@ def load_sentences(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   if cfg.label_per_file:
     if cfg.source != "text":
       raise ConfigError(f"data.label_per_file=True needs data.source='text', not {cfg.source!r}")
-    files = sorted(f for f in glob.glob(os.path.expanduser(cfg.path)) if Path(f).is_file())
+    files = glob_files(cfg.path)  # local or remote (gs://, ...)
     if not files:
       raise ConfigError(f"data.path={cfg.path!r} matches no files")
     docs = []
     for label, file in enumerate(files):
       one = copy.deepcopy(full)
-      one.path = file
+      one.path = str(file)
       docs += [{"text": d["text"], "label": label} for d in load_documents(one)]
   else:
     docs = load_documents(full)
@@ -383,7 +382,7 @@ def build_sentence_data(
   if tokenizer is None:
     tokenizer = build_tokenizer(cfg.tokenizer, [d["text"] for d in train_docs], save_dir=workdir)
   else:
-    tokenizer.save(Path(workdir) / TOKENIZER_FILE)
+    tokenizer.save(as_path(workdir) / TOKENIZER_FILE)
   return SentenceData(
     tokenizer=tokenizer,
     train_docs=train_docs,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import glob
 import io
 import itertools
 import json
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from lsd import assets
 from lsd.config import ConfigError, check_choice
+from lsd.fileio import as_path, glob_files, one_line
 
 SOURCES = ("bbc", "text", "jsonl", "csv", "tfds")
 TEXT_SPLITS = ("line", "paragraph", "file")
@@ -38,7 +39,7 @@ Document = dict[str, Any]
 DEFAULT_ENCODING = "utf-8"
 
 
-def _read_text(path: Path, encoding: str = DEFAULT_ENCODING) -> str:
+def _read_text(path: epath.Path, encoding: str = DEFAULT_ENCODING) -> str:
   """The text of `path` decoded with `encoding` (the `data.encoding` field). Undecodable bytes
   become U+FFFD and are counted in one warning naming the file: one bad byte must not silently
   turn a whole UTF-8 file into Latin-1 mojibake."""
@@ -118,16 +119,24 @@ def _field_names(spec: str, field: str) -> list[str]:
   return names
 
 
-def _resolve_files(cfg) -> list[Path]:
-  """`data.path` as a sorted list of files: one file or a glob (`**` recurses)."""
+def _resolve_files(cfg) -> list[epath.Path]:
+  """`data.path` as a sorted list of files: one file or a glob, local or remote (gs://, ...;
+  `**` recurses on local disk only)."""
   if not cfg.path:
     raise ConfigError(f"data.path is empty; data.source={cfg.source!r} needs a file path or a glob")
-  path = Path(cfg.path).expanduser()
-  if path.is_file():
-    return [path]
-  if path.is_dir():
-    raise ConfigError(f"data.path={cfg.path!r} is a directory; give a file or a glob ('dir/*.txt')")
-  files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+  path = as_path(cfg.path)
+  try:
+    if path.is_file():
+      return [path]
+    if path.is_dir():
+      raise ConfigError(
+        f"data.path={cfg.path!r} is a directory; give a file or a glob ('dir/*.txt')"
+      )
+    files = glob_files(cfg.path)
+  except ConfigError:
+    raise
+  except Exception as e:  # a remote store's client missing, or refusing (credentials)
+    raise ConfigError(f"data.path={cfg.path!r} cannot be listed: {one_line(e)}") from e
   if not files:
     raise ConfigError(f"data.path={cfg.path!r} matches no files")
   return files
@@ -219,7 +228,9 @@ def _jsonl_documents(cfg) -> Iterator[Document]:
   return _record_documents(records(), cfg)
 
 
-def _csv_column(name: str, field: str, value: str, header: list[str] | None, file: Path) -> int:
+def _csv_column(
+  name: str, field: str, value: str, header: list[str] | None, file: epath.Path
+) -> int:
   """Index of column `name` (a header name, or a 0-based index when the file has no header)."""
   if header is None:
     if not name.isdigit():

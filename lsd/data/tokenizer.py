@@ -30,7 +30,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from lsd import assets
 from lsd.config import ConfigError
 from lsd.convert.encoder_specs import describe, encoder_spec, is_encoder_name
-from lsd.fileio import atomic_write
+from lsd.fileio import as_path, atomic_write, is_remote
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
 # Plus the names of frozen pretrained encoders (`is_encoder_kind`): their own tokenizers.
@@ -112,14 +112,17 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Tokenizer:
-    """Reads a `tokenizer.json` written by `save` (or any `tokenizers` JSON file)."""
-    path = Path(path)
+    """Reads a `tokenizer.json` written by `save` (or any `tokenizers` JSON file), local or
+    remote (gs://, ...)."""
+    path = as_path(path)
     if not path.is_file():
       raise ConfigError(
         f"tokenizer file {str(path)!r} does not exist (a run directory holds its tokenizer.json; "
         "`lsd train` on the run rebuilds it from the data)"
       )
     try:
+      if is_remote(path):
+        return cls(tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8")))
       return cls(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # the tokenizers library raises a bare Exception
       raise ConfigError(f"tokenizer file {str(path)!r} cannot be read: {e}") from e
@@ -258,7 +261,7 @@ def check_tokenizer_config(cfg, prefix: str = "data.tokenizer") -> None:
   if cfg.kind in ("file", "hub") and not cfg.path:
     what = "a tokenizer.json file" if cfg.kind == "file" else "a Hugging Face model id"
     raise ConfigError(f"{prefix}.path is empty; kind={cfg.kind!r} needs {what}")
-  if cfg.kind == "file" and not Path(cfg.path).expanduser().is_file():
+  if cfg.kind == "file" and not as_path(cfg.path).is_file():
     raise ConfigError(f"{prefix}.path={cfg.path!r} is not a file; kind='file' needs tokenizer.json")
 
 
@@ -274,7 +277,7 @@ def build_tokenizer(
     save_dir: if given, the tokenizer is saved to `save_dir/tokenizer.json`; if that file already
       exists (a resumed run) it is loaded instead, so a run never changes tokenizer midway.
   """
-  saved = Path(save_dir) / TOKENIZER_FILE if save_dir is not None else None
+  saved = as_path(save_dir) / TOKENIZER_FILE if save_dir is not None else None
   if saved is not None and saved.is_file():
     return Tokenizer.load(saved)
   check_tokenizer_config(cfg)
@@ -285,7 +288,7 @@ def build_tokenizer(
   elif cfg.kind == "gpt2":
     tok = _gpt2_from_registry()
   elif cfg.kind == "file":
-    tok = Tokenizer.load(Path(cfg.path).expanduser())
+    tok = Tokenizer.load(cfg.path)
   elif is_encoder_kind(cfg.kind):
     tok = encoder_tokenizer(cfg.kind)
   else:
