@@ -10,14 +10,15 @@
 #    tpus queued-resources create; SPOT=1 for spot capacity) and waits until it is ACTIVE. One that
 #    was preempted (SUSPENDED) or FAILED is deleted and queued again.
 # 2. Install, once per COMMIT: every host clones REPO_URL into ~/lsd, checks out COMMIT and
-#    pip-installs '.[tpu]' into ~/lsd/.venv; skipped on hosts whose ~/lsd/.installed names COMMIT.
+#    pip-installs '.[tpu,gcs]' into ~/lsd/.venv; skipped on hosts whose ~/lsd/.installed names COMMIT.
 # 3. Train: every host starts `lsd train --distributed` under nohup (log: ~/lsd_logs/RUN.HOST.log)
 #    and the script returns; a host where this run (RUN, default: WORKDIR's name) is still going
 #    is left alone.
 # Rerun the same command after a preemption: the slice is queued again, the install skipped, and
 # training resumes from the latest checkpoint in WORKDIR (SIGTERM makes lsd save one and exit).
-# WORKDIR and the data must be on storage every host mounts at the same path (Filestore, gcsfuse):
-# gs:// paths are not read yet. Check the fit first: lsd compile --config CONFIG --topology v5e-16.
+# WORKDIR and the data must be storage every host reaches at the same path: a gs:// URL (read and
+# written through etils.epath and gcsfs, see docs/scale.md "Remote storage") or a shared mount
+# (Filestore, gcsfuse). Check the fit first: lsd compile --config CONFIG --topology v5e-16.
 # --dry-run (or DRY_RUN=1): query the slice's state, print every command that would change
 # something, run none of them.
 set -euo pipefail
@@ -30,15 +31,8 @@ CONFIG=${1:?usage: launch/tpu_pod.sh [--dry-run] CONFIG[:ARG] [--config.field=va
 shift
 : "${REPO_URL:?set REPO_URL (the git URL every host clones)}"
 : "${COMMIT:?set COMMIT (the commit or tag to install: runs must be reproducible)}"
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR (a shared mount path)}"
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR (gs:// or a shared mount)}"
 : "${ACCELERATOR_TYPE:=v5litepod-16}" "${RUNTIME_VERSION:=v2-alpha-tpuv5-lite}"
-case "$WORKDIR" in
-  gs://*)
-    echo "tpu_pod.sh: WORKDIR=$WORKDIR: gs:// is not supported yet; mount the bucket (gcsfuse)" \
-      "at the same path on every host and give that path" >&2
-    exit 2
-    ;;
-esac
 RUN=${RUN:-$(basename "$WORKDIR")}
 POLL_SECONDS=${POLL_SECONDS:-30}
 WAIT_MINUTES=${WAIT_MINUTES:-120}
@@ -93,7 +87,7 @@ if [ \"\$(cat ~/lsd/.installed 2>/dev/null)\" = $(q "$COMMIT") ]; then
 fi
 [ -d ~/lsd/.git ] || git clone --quiet $(q "$REPO_URL") ~/lsd
 cd ~/lsd && git fetch --quiet origin && git checkout --quiet --detach $(q "$COMMIT")
-python3 -m venv .venv && .venv/bin/pip install --quiet -e '.[tpu]'
+python3 -m venv .venv && .venv/bin/pip install --quiet -e '.[tpu,gcs]'
 echo $(q "$COMMIT") > .installed"
 run "${SSH[@]}" --command "$install"
 

@@ -108,7 +108,7 @@ def _check_remote_commands(install: str, start: str):
     and "git clone --quiet https://example.org/lsd.git ~/lsd" in (install)
   )
   assert "git checkout --quiet --detach abc123" in install and "echo abc123 > .installed" in install
-  assert ".venv/bin/pip install --quiet -e '.[tpu]'" in install
+  assert ".venv/bin/pip install --quiet -e '.[tpu,gcs]'" in install
   # The training command, its arguments quoted for the remote shell, under nohup, one log per host.
   line = next(x for x in start.splitlines() if x.startswith("nohup "))
   words = shlex.split(line)
@@ -156,8 +156,13 @@ def test_tpu_pod_requires_a_repository_and_a_commit(stubs, missing):
   env = {k: v for k, v in TPU_ENV.items() if k != missing}
   proc, calls = stubs("tpu_pod.sh", ARGS, ["ACTIVE"], **env)
   assert proc.returncode != 0 and missing in proc.stderr and calls == []
+
+
+def test_tpu_pod_passes_a_gs_workdir_through(stubs):
   proc, calls = stubs("tpu_pod.sh", ARGS, ["ACTIVE"], **{**TPU_ENV, "WORKDIR": "gs://b/run"})
-  assert proc.returncode == 2 and "gcsfuse" in proc.stderr and calls == []
+  assert proc.returncode == 0, proc.stderr
+  assert [c[:10] for c in calls] == [DESCRIBE, SSH, SSH]
+  assert "--workdir gs://b/run " in calls[2][10] and "lsd_logs/run." in calls[2][10]
 
 
 def test_slurm_installs_once_then_submits_and_trains_with_srun(stubs, tmp_path):
