@@ -967,6 +967,8 @@ def main():
     args.kills, args.corruptions, args.fuzz = 3, 1, [20, 10, 2, 2]
   with tempfile.TemporaryDirectory(prefix="lsd-faults-") as tmp:
     metrics = run_all(args.kills, args.corruptions, tuple(args.fuzz), args.seed, Path(tmp))
+    # Error messages quote the temporary run files; the result names them relative to it.
+    metrics = json.loads(re.sub(re.escape(tmp) + r"/[^/\s\"']+/?", "<tmp>/", json.dumps(metrics)))
   from common import write_result
 
   config = {
