@@ -12,6 +12,10 @@ Protocol (issue "Structural Block Diffusion end to end", item 5):
   sampling tokens/s. No degenerate-sample filter is applied.
 - The four revised variants all revise the same sbd drafts (same key) with one global stage of the
   same NFE; only the remask rule differs.
+- Draft unmasking orders (issue 28): `draft_<order>` is the sbd draft with `DraftConfig.order` =
+  confidence, margin, entropy or threshold (`--draft_threshold`, default 0.9) instead of the random
+  ancestral order, and `draft_<order>_revised` revises it with the snapshot stage of
+  `sbd_snapshot_g25`; compare with `sbd_draft` and `sbd_snapshot_g25` (random order).
 
 Each stage is resumable: trainings resume from their checkpoints, finished sample files are reused,
 and partial results are written after every variant.
@@ -20,6 +24,7 @@ and partial results are written after every variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -80,6 +85,9 @@ VARIANTS = {
   "sbd_posthoc": "sbd",
   "sbd_random": "sbd",
 }
+ORDERS = ("confidence", "margin", "entropy", "threshold")
+for _order in ORDERS:
+  VARIANTS[f"draft_{_order}"] = VARIANTS[f"draft_{_order}_revised"] = "sbd"
 
 
 def train_all(workdir: Path, steps: int, models: list[str]) -> None:
@@ -152,19 +160,23 @@ def sample_variants(
       lambda b: mdlm_sample(m.graphdef, m.params, key, b, L, L, top_p=draft_cfg.top_p), n
     )
     save("mdlm", {"rows": decode_output(res, tok), "seconds": dt})
-  stages = {
-    "bd3_draft": ("bd3", ()),
-    "sbd_draft": ("sbd", ()),
-    "sbd_snapshot_g25": ("sbd", (StageConfig(L, 0.25, revise_steps, "snapshot"),)),
-    "sbd_snapshot_g50": ("sbd", (StageConfig(L, 0.50, revise_steps, "snapshot"),)),
-    "sbd_posthoc": ("sbd", (StageConfig(L, 0.25, revise_steps, "posthoc"),)),
-    "sbd_random": ("sbd", (StageConfig(L, 0.25, revise_steps, "random"),)),
+  snapshot = (StageConfig(L, 0.25, revise_steps, "snapshot"),)
+  stages = {  # name: (model, revision stages, draft order)
+    "bd3_draft": ("bd3", (), "random"),
+    "sbd_draft": ("sbd", (), "random"),
+    "sbd_snapshot_g25": ("sbd", snapshot, "random"),
+    "sbd_snapshot_g50": ("sbd", (StageConfig(L, 0.50, revise_steps, "snapshot"),), "random"),
+    "sbd_posthoc": ("sbd", (StageConfig(L, 0.25, revise_steps, "posthoc"),), "random"),
+    "sbd_random": ("sbd", (StageConfig(L, 0.25, revise_steps, "random"),), "random"),
   }
-  for name, (model, st) in stages.items():
+  for order in ORDERS:
+    stages[f"draft_{order}"] = ("sbd", (), order)
+    stages[f"draft_{order}_revised"] = ("sbd", snapshot, order)
+  for name, (model, st, order) in stages.items():
     if name not in only:
       continue
     r = runs[model]
-    cfg = SBDSamplerConfig(draft=draft_cfg, stages=st)
+    cfg = SBDSamplerConfig(draft=dataclasses.replace(draft_cfg, order=order), stages=st)
     res, dt = timed(
       lambda b, r=r, cfg=cfg: draft_then_revise(r.graphdef, r.params, key, b, L, cfg), n
     )
@@ -204,6 +216,7 @@ def main():
   p.add_argument("--steps_per_block", type=int, default=4)
   p.add_argument("--revise_steps", type=int, default=32)
   p.add_argument("--top_p", type=float, default=0.9)
+  p.add_argument("--draft_threshold", type=float, default=0.9, help="for draft_threshold*")
   p.add_argument(
     "--only",
     default="",
@@ -217,7 +230,11 @@ def main():
   models = [m for m in MODELS if m in {VARIANTS[v] for v in only}]
   train_all(workdir, args.steps, models)
   draft_cfg = DraftConfig(
-    block_size=4, steps_per_block=args.steps_per_block, top_p=args.top_p, use_cache=True
+    block_size=4,
+    steps_per_block=args.steps_per_block,
+    top_p=args.top_p,
+    use_cache=True,
+    threshold=args.draft_threshold,
   )
   cache = workdir / f"n{args.samples}"
   cache.mkdir(exist_ok=True)
@@ -262,6 +279,12 @@ def main():
       "train_seconds": seconds,
       "samples_per_variant": args.samples,
       "draft": {"block_size": 4, "steps_per_block": args.steps_per_block, "top_p": args.top_p},
+      "draft_orders": {
+        "orders": list(ORDERS),
+        "threshold": args.draft_threshold,
+        "revision": "the sbd_snapshot_g25 stage",
+        "nfe": "draft: steps while the block still had masks (threshold may finish early)",
+      },
       "revision": {"block_size": L, "steps": args.revise_steps, "posthoc_random_gamma": 0.25},
       "judge": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), per-sample mean PPL, retokenised "
       f"text truncated to {L} judge tokens",
