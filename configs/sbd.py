@@ -16,6 +16,8 @@ Arguments (`:key=value,...`): size in {test, tiny, small, base}; data in {bbc, r
 text}; steps (0 = size default); lam (mix-scale lambda, -1 = 0.1); variant in {sbd, bd3, mdlm}
 (bd3 = lambda 0, mdlm = one global block; same model and sampler code); pod in {v5e-16, v4-32,
 v5p-128} (the memory levers with which size=base fits that TPU slice; docs/scale.md).
+Draft unmasking order (docs/sbd.md): --config.sample.draft.order in {random, confidence, margin,
+entropy, threshold}, and --config.sample.draft.threshold for threshold.
 """
 
 import ml_collections
