@@ -148,13 +148,26 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_exactly(corpus, 
   # A constant learning rate after warmup: the schedule does not depend on train.steps, so an
   # uninterrupted run of another length is the reference for the resumed one.
   config = tiny_config(corpus, steps=100_000, ckpt_every=100_000, log_every=1, lr_decay="constant")
-  # SIGTERM arrives from another thread while the loop runs (as a preemption notice would).
-  timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
-  timer.start()
+  # SIGTERM arrives from another thread while the loop runs (as a preemption notice would): once
+  # the trainer's handler is installed and a step is logged, however slow the machine (a signal
+  # before the handler would kill the test process).
+  done = threading.Event()
+
+  def preempt():
+    while not done.is_set():
+      logged = (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()
+      if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL and logged:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  sender = threading.Thread(target=preempt, daemon=True)
+  sender.start()
   try:
     res = train(config, run, record_every_step=True)
   finally:
-    timer.cancel()
+    done.set()
+    sender.join()
   assert res.stopped_by == "SIGTERM"
   assert 0 < res.final_step < 100_000 and _steps(run) == [res.final_step]
   assert f"SIGTERM received: stopped at step {res.final_step}" in capsys.readouterr().out
