@@ -189,10 +189,12 @@ def test_cli_sigterm_exits_0_with_one_line(corpus, tmp_path):
   argv = [sys.executable, "-m", "lsd.main", *_train_argv(corpus, tmp_path / "run")]
   argv += ["--config.train.steps=100000", "--config.train.ckpt_every=100000"]
   proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  for line in proc.stdout:
-    if "fresh run" in line:
-      break
-  time.sleep(3)
+  # Signalled once a step is logged: the handler is installed by then, however slow the machine
+  # (before it, SIGTERM would kill the run with -15, which is not what this test is about).
+  metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
+  while not (metrics.is_file() and metrics.read_text().strip()):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+    time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
