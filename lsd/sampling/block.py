@@ -30,6 +30,17 @@ Tokens are sampled as in the random order (not argmax), with the same key per st
 positions are unmasked differs. Ordered steps run only while some row of the batch still has masks
 (a `lax.cond` skips the forward once none has).
 
+Fixed positions (prompts, infilling, stopping): the draft only ever writes positions that hold the
+[MASK] token. A `canvas` [N, L] given to the draft is the starting sequence: its [MASK] positions are
+generated, every other position is fixed (a prompt of any length per row, left-aligned; an infill
+template's text on both sides of its spans) and conditions the model through the cache like any
+finished token. A block with no [MASK] in any row is skipped (a `lax.cond`; its commit forward still
+runs). With `DraftConfig.eos_id` set, a row whose drafted block contains EOS is finished: the
+positions it generated after its first EOS become `pad_id`, and every later [MASK] of the row is
+filled with `pad_id` before its block is drafted (fixed text of an infill template stays). The
+row's EOS and padding are frozen (`DraftOutput.fixed`), so revision leaves them alone. Rows finish
+independently.
+
 NFE counts, per sequence, the forwards made while the block still had masked positions (BD3-LM
 counts forwards that can change the sequence); commit forwards are reported separately.
 """
@@ -45,7 +56,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from lsd.models.masked_lm import MaskedLM
 from lsd.nn import KVCache, block_causal_mask
@@ -69,6 +80,8 @@ class DraftConfig:
   order: which masked positions a step unmasks (see the module docstring; "random" is the
   ancestral rule). threshold: the probability a position's top token must exceed for
   order="threshold" to commit it, in (0, 1]; ignored by the other orders.
+  eos_id, pad_id: EOS-aware stopping (see the module docstring); eos_id = -1 (default) drafts
+  every block whatever it holds.
   """
 
   block_size: int = 4
@@ -80,6 +93,8 @@ class DraftConfig:
   cache_segments: int = 4
   order: Order = "random"
   threshold: float = 0.9
+  eos_id: int = -1
+  pad_id: int = -1
 
   def validate(self, length: int, prefix_len: int = 0) -> None:
     if self.block_size < 1 or length % self.block_size:
@@ -103,19 +118,26 @@ class DraftConfig:
       raise ValueError(f"draft.order={self.order!r} is not supported; accepted: {list(ORDERS)}")
     if not 0.0 < self.threshold <= 1.0:
       raise ValueError(f"draft.threshold={self.threshold} must be a probability in (0, 1]")
+    if self.eos_id >= 0 and (self.pad_id < 0 or self.pad_id == self.eos_id):
+      raise ValueError(
+        f"draft.pad_id={self.pad_id} must be a token id >= 0 other than draft.eos_id={self.eos_id}"
+      )
 
 
 @flax.struct.dataclass
 class DraftOutput:
   """tokens: int32 [N, L] (prefix included); conf: fp32 [N, L] snapshot confidence, +inf where not
   drafted (the prefix); unmask_step: int32 [N, L] global step block * S + i at which the token was
-  unmasked, -1 if not drafted; nfe: int32 [N]; commit_forwards: int32 scalar (prefix + blocks)."""
+  unmasked, -1 if not drafted; nfe: int32 [N]; commit_forwards: int32 scalar (prefix + blocks);
+  fixed: bool [N, L] positions later stages must not change (the prefix or the canvas's non-[MASK]
+  positions, and with EOS stopping each finished row's first EOS and the padding after it)."""
 
   tokens: Int[Array, "N L"]
   conf: Float[Array, "N L"]
   unmask_step: Int[Array, "N L"]
   nfe: Int[Array, " N"]
   commit_forwards: Int[Array, ""]
+  fixed: Bool[Array, "N L"]
 
 
 @flax.struct.dataclass
@@ -317,6 +339,22 @@ class _DraftCarry:
   unmask_step: Int[Array, "N L"]
   nfe: Int[Array, " N"]
   cache: KVCache | None
+  fixed: Bool[Array, "N L"]
+  done: Bool[Array, " N"]
+
+
+def stop_at_eos(
+  tokens: Int[Array, "N B"], generated: Bool[Array, "N B"], eos_id: int, pad_id: int
+) -> tuple[Int[Array, "N B"], Bool[Array, "N B"], Bool[Array, "N B"], Bool[Array, " N"]]:
+  """A drafted block with EOS stopping: the generated positions after each row's first generated
+  EOS become `pad_id`. Returns (tokens, frozen: the first EOS and the generated positions after
+  it, padded: the generated positions after it, ended: whether the row generated an EOS here)."""
+  is_eos = generated & (tokens == eos_id)
+  count = jnp.cumsum(is_eos, axis=-1)
+  seen = count > 0  # at or after the first EOS
+  padded = seen & ~(is_eos & (count == 1)) & generated
+  tokens = jnp.where(padded, pad_id, tokens)
+  return tokens, seen & generated, padded, jnp.any(is_eos, axis=-1)
 
 
 def draft_blocks(
@@ -326,16 +364,26 @@ def draft_blocks(
   length: int,
   cfg: DraftConfig,
   prefix: Int[Array, "N P"] | None = None,
+  canvas: Int[Array, "N L"] | None = None,
 ) -> DraftOutput:
   """The draft as a traceable function of a merged model (call under jit; see `draft`)."""
   p = 0 if prefix is None else prefix.shape[1]
   cfg.validate(length, p)
   bs, mask_id = cfg.block_size, model.mask_id
-  tokens = jnp.full((batch, length), mask_id, jnp.int32)
+  if canvas is not None:
+    if prefix is not None:
+      raise ValueError("draft: give a prefix or a canvas, not both")
+    if canvas.shape != (batch, length):
+      raise ValueError(f"draft: canvas shape {canvas.shape} must be (batch, L) = {(batch, length)}")
+    tokens = canvas.astype(jnp.int32)
+  else:
+    tokens = jnp.full((batch, length), mask_id, jnp.int32)
   conf = jnp.full((batch, length), jnp.inf, jnp.float32)
   cache, commits = None, 0
   if prefix is not None:
     tokens = tokens.at[:, :p].set(prefix.astype(jnp.int32))
+  fixed = tokens != mask_id
+  stopping = cfg.eos_id >= 0
   first, n_blocks = p // bs, length // bs
   ends = segment_ends(first, n_blocks, bs, cfg.cache_segments) if cfg.use_cache else [n_blocks]
   if cfg.use_cache:
@@ -357,16 +405,22 @@ def draft_blocks(
       logp, _ = model(canvas, mask=canvas_mask)
       return jax.lax.dynamic_slice_in_dim(logp, start, bs, axis=1)
 
+    blk = jax.lax.dynamic_slice_in_dim(c.tokens, start, bs, axis=1)
+    blk_fixed = jax.lax.dynamic_slice_in_dim(c.fixed, start, bs, axis=1)
+    if stopping:  # a finished row's [MASK]s are padding, never drafted
+      pad = c.done[:, None] & (blk == mask_id)
+      blk, blk_fixed = jnp.where(pad, cfg.pad_id, blk), blk_fixed | pad
+    generated = blk == mask_id
     block = BlockState(
-      tokens=jax.lax.dynamic_slice_in_dim(c.tokens, start, bs, axis=1),
+      tokens=blk,
       conf=jax.lax.dynamic_slice_in_dim(c.conf, start, bs, axis=1),
       unmask_step=jnp.full((batch, bs), -1, jnp.int32),
       nfe=c.nfe,
     )
-    block = denoise_block(
+    denoise = functools.partial(
+      denoise_block,
       peek,
       jax.random.fold_in(key, b),
-      block,
       steps=cfg.steps_per_block,
       step_offset=b * cfg.steps_per_block,
       mask_id=mask_id,
@@ -376,6 +430,17 @@ def draft_blocks(
       order=cfg.order,
       threshold=cfg.threshold,
     )
+    # A block that is fixed in every row (a prompt's) needs no denoising steps.
+    block = jax.lax.cond(jnp.any(generated), denoise, lambda s: s, block)
+    done = c.done
+    if stopping:
+      tokens, frozen, padded, ended = stop_at_eos(block.tokens, generated, cfg.eos_id, cfg.pad_id)
+      block = block.replace(
+        tokens=tokens,
+        conf=jnp.where(padded, jnp.inf, block.conf),
+        unmask_step=jnp.where(padded, -1, block.unmask_step),
+      )
+      blk_fixed, done = blk_fixed | frozen, done | ended
     cache = c.cache
     if cfg.use_cache:
       _, cache = model(block.tokens, positions=positions, cache=cache)
@@ -385,6 +450,8 @@ def draft_blocks(
       unmask_step=jax.lax.dynamic_update_slice(c.unmask_step, block.unmask_step, (0, start)),
       nfe=block.nfe,
       cache=cache,
+      fixed=jax.lax.dynamic_update_slice(c.fixed, blk_fixed, (0, start)),
+      done=done,
     ), None
 
   carry = _DraftCarry(
@@ -393,6 +460,8 @@ def draft_blocks(
     unmask_step=jnp.full((batch, length), -1, jnp.int32),
     nfe=jnp.zeros((batch,), jnp.int32),
     cache=cache,
+    fixed=fixed,
+    done=jnp.zeros((batch,), bool),
   )
   start = first
   for end in ends:  # static: one scan per cache size
@@ -408,6 +477,7 @@ def draft_blocks(
     unmask_step=carry.unmask_step,
     nfe=carry.nfe,
     commit_forwards=jnp.asarray(commits, jnp.int32),
+    fixed=carry.fixed,
   )
 
 
@@ -420,6 +490,7 @@ def draft(
   length: int,
   cfg: DraftConfig,
   prefix: Int[Array, "N P"] | None = None,
+  canvas: Int[Array, "N L"] | None = None,
 ) -> DraftOutput:
   """Stage-1 draft of `batch` canvases of `length` tokens, one jitted call.
 
@@ -429,5 +500,7 @@ def draft(
     batch, length, cfg: static. L = `length` counts the prefix.
     prefix: optional int [N, P] tokens fixed at positions [0, P) (P a multiple of the block size),
       committed to the cache in one forward before drafting (not counted in NFE).
+    canvas: optional int [N, L] starting sequence instead of a prefix: its [MASK] positions are
+      drafted, the others are fixed (prompts of any length per row, infill templates).
   """
-  return draft_blocks(nnx.merge(graphdef, state), key, batch, length, cfg, prefix)
+  return draft_blocks(nnx.merge(graphdef, state), key, batch, length, cfg, prefix, canvas)

@@ -73,7 +73,8 @@ class SampleOutput:
   snapshot confidence of each final token (+inf for the prefix); nfe_per_stage: int32 [N, 1 + K]
   (column 0 the draft, then one per stage; a post-hoc stage counts its scoring forward);
   commit_forwards: int32 scalar (draft KV-cache appends); stage_tokens: int32 [K, N, L] the canvas
-  after each stage; remasked: bool [K, N, L] the positions each stage remasked."""
+  after each stage; remasked: bool [K, N, L] the positions each stage remasked; fixed: bool
+  [N, L] the positions no stage may change (prompt, infill text, EOS and the padding after it)."""
 
   draft_tokens: Int[Array, "N L"]
   tokens: Int[Array, "N L"]
@@ -82,6 +83,7 @@ class SampleOutput:
   commit_forwards: Int[Array, ""]
   stage_tokens: Int[Array, "K N L"]
   remasked: Bool[Array, "K N L"]
+  fixed: Bool[Array, "N L"]
 
 
 def remask(
@@ -197,7 +199,7 @@ def _run_stages(
   tokens: Int[Array, "N L"],
   conf: Float[Array, "N L"],
   stages: tuple[StageConfig, ...],
-  valid: Bool[Array, " L"],
+  valid: Bool[Array, "#N L"],
   sampling: dict,
 ) -> tuple[Array, list[Array], list[Array], list[Array]]:
   """Stage k: score -> remask -> revise_stage. A Python loop over the (static, few) stages only.
@@ -230,7 +232,7 @@ def _run_stages(
   return conf, outs, nfes, remasks
 
 
-def _output(draft_tokens, draft_nfe, commits, conf, outs, nfes, remasks) -> SampleOutput:
+def _output(draft_tokens, draft_nfe, commits, fixed, conf, outs, nfes, remasks) -> SampleOutput:
   def stack(xs, dtype):
     return jnp.stack(xs) if xs else jnp.zeros((0, *draft_tokens.shape), dtype)
 
@@ -242,6 +244,7 @@ def _output(draft_tokens, draft_nfe, commits, conf, outs, nfes, remasks) -> Samp
     commit_forwards=commits,
     stage_tokens=stack(outs, jnp.int32),
     remasked=stack(remasks, bool),
+    fixed=jnp.broadcast_to(fixed, draft_tokens.shape),
   )
 
 
@@ -254,6 +257,7 @@ def draft_then_revise(
   length: int,
   cfg: SBDSamplerConfig,
   prefix: Int[Array, "N P"] | None = None,
+  canvas: Int[Array, "N L"] | None = None,
 ) -> SampleOutput:
   """Stage-1 draft then `cfg.stages` revisions, one jitted call.
 
@@ -262,17 +266,20 @@ def draft_then_revise(
     key: PRNG key. batch, length (L, prefix included), cfg: static.
     prefix: optional int [N, P] prompt at positions [0, P) (P a multiple of the draft block size);
       it conditions every stage and is never remasked.
+    canvas: optional int [N, L] starting sequence instead of a prefix: [MASK] positions are
+      generated, every other position is fixed (prompts of any length, infill templates).
+  Every stage remasks only positions the draft generated and did not freeze (`SampleOutput.fixed`:
+  the prefix or canvas text, and with `cfg.draft.eos_id` each row's EOS and its padding).
   """
   p = 0 if prefix is None else prefix.shape[1]
   cfg.validate(length, p)
   model = nnx.merge(graphdef, state)
-  d = draft_blocks(model, jax.random.fold_in(key, 0), batch, length, cfg.draft, prefix)
-  valid = jnp.arange(length) >= p
+  d = draft_blocks(model, jax.random.fold_in(key, 0), batch, length, cfg.draft, prefix, canvas)
   sampling = dict(
     top_p=cfg.draft.top_p, temperature=cfg.draft.temperature, confidence=cfg.draft.confidence
   )
-  stages = _run_stages(model, key, d.tokens, d.conf, cfg.stages, valid, sampling)
-  return _output(d.tokens, d.nfe, d.commit_forwards, *stages)
+  stages = _run_stages(model, key, d.tokens, d.conf, cfg.stages, ~d.fixed, sampling)
+  return _output(d.tokens, d.nfe, d.commit_forwards, d.fixed, *stages)
 
 
 @functools.partial(
@@ -308,4 +315,4 @@ def mdlm_sample(
   valid = jnp.arange(length) >= p
   stages = _run_stages(model, key, tokens, conf, (stage,), valid, sampling)
   no_draft = jnp.zeros((batch,), jnp.int32)
-  return _output(tokens, no_draft, jnp.zeros((), jnp.int32), *stages)
+  return _output(tokens, no_draft, jnp.zeros((), jnp.int32), ~valid, *stages)
