@@ -328,6 +328,24 @@ def test_probe_folds_into_a_classifier_on_raw_embeddings():
     np.testing.assert_array_equal(probe.classes[lp.argmax(-1)], probe.predict(x))
 
 
+def test_near_constant_embedding_dimensions_get_no_weight():
+  from lsd.methods.dglm import fit_embedding_classifier
+
+  x = _unit_rows(jax.random.key(13), 200, 16).astype(np.float64)
+  y = (x[:, 0] > np.median(x[:, 0])).astype(int)
+  # a dimension that differs only by rounding, as some of all-MiniLM-L6-v2's do (std ~1e-33)
+  x[:, 5] = 0.01 + 1e-33 * np.random.default_rng(0).standard_normal(200)
+  clf, classes = fit_embedding_classifier(x, y, c=1000.0)
+  w = np.asarray(clf.weight)
+  assert classes.tolist() == [0, 1] and w[5] == 0.0
+  assert np.abs(w).max() < 1e4  # unfixed, the folded weight of dimension 5 is ~1e32
+  pred = np.asarray(clf.log_probs(x)).argmax(-1)
+  assert (pred == y).mean() > 0.95
+  # off the training rows (dimension 5 moved by 0.05) the log-probs stay finite and moderate
+  lp = np.asarray(clf.log_probs(x + 0.05 * np.eye(16)[5]))
+  assert np.isfinite(lp).all() and lp.min() > -1e3
+
+
 def test_sentiment_classifier_from_sst2_text(shared_data):
   import csv
 

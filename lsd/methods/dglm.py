@@ -427,15 +427,34 @@ def classifier_from_probe(probe) -> LinearClassifier:
   return LinearClassifier(w[0], b[0]) if w.shape[0] == 1 else LinearClassifier(w, b)
 
 
+CONSTANT_STD = 1e-6  # an embedding dimension with a smaller std over the texts carries nothing
+
+
+def fit_embedding_classifier(
+  embeddings: np.ndarray, labels, *, c: float = 1000.0
+) -> tuple[LinearClassifier, np.ndarray]:
+  """A logistic classifier on embeddings [N, E] (`LinearProbe`, folded by
+  `classifier_from_probe`): (classifier, its classes). Dimensions whose std over the rows is below
+  CONSTANT_STD are zeroed first, so they get weight 0: all-MiniLM-L6-v2 has dimensions whose
+  values differ only by rounding (std ~1e-33), which the probe's standardisation would blow up to
+  unit variance and the folded weights to ~1e32, wrecking the classifier (and its gradient) away
+  from the training rows."""
+  from lsd.eval.metrics import LinearProbe
+
+  x = np.array(embeddings, np.float64)
+  constant = x.std(axis=0) < CONSTANT_STD
+  x[:, constant] = 0.0  # exactly constant: std 0, so the probe leaves it unscaled, coefficient 0
+  probe = LinearProbe(c=c, max_iter=10_000).fit(x, labels)
+  return classifier_from_probe(probe), probe.classes
+
+
 def fit_attribute_classifier(
   enc, texts: list[str], labels, *, c: float = 1000.0, max_len: int = 64
 ) -> tuple[LinearClassifier, np.ndarray]:
   """A logistic classifier on the frozen encoder's unit embeddings of labelled `texts` (C = 1000,
-  the reference's inverse L2 strength): (classifier, its classes, index i = class classes[i])."""
-  from lsd.eval.metrics import LinearProbe
-
-  probe = LinearProbe(c=c, max_iter=10_000).fit(embed_texts(enc, texts, max_len), labels)
-  return classifier_from_probe(probe), probe.classes
+  the reference's inverse L2 strength; `fit_embedding_classifier`): (classifier, its classes,
+  index i = class classes[i])."""
+  return fit_embedding_classifier(embed_texts(enc, texts, max_len), labels, c=c)
 
 
 def save_attribute_classifier(
