@@ -2,7 +2,8 @@
 
 lsd train  --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]
 lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl] [--config.a.b=value ...]
-           [--inputs FILE.jsonl | --prompt TEXT ... | --source TEXT ... | --label N ...]
+           [--inputs FILE.jsonl | --prompt TEXT ... | --prompts FILE | --infill TEXT ...
+            | --source TEXT ... | --label N ...]
            [--attribute NAME=TARGET:SCALE ...]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
@@ -97,9 +98,22 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--out", default=None, help="also write the samples to this JSONL file")
   g = s.add_argument_group("conditional generation (Task.generate; each flag repeatable)")
   g.add_argument(
-    "--inputs", default=None, help="JSONL, one input per line: {prompt|source|label|text+segment}"
+    "--inputs",
+    default=None,
+    help="JSONL, one input per line: {prompt|infill|source|label|text+segment}",
   )
   g.add_argument("--prompt", action="append", default=[], help="a text to continue")
+  g.add_argument(
+    "--prompts", default=None, metavar="FILE", help="a text file, one prompt to continue per line"
+  )
+  g.add_argument(
+    "--infill",
+    action="append",
+    default=[],
+    metavar="TEMPLATE",
+    help="SBD runs: a text whose spans [MASK:n] (n tokens each) are filled, e.g. "
+    "'The [MASK:3] sat on the mat.'",
+  )
   g.add_argument("--source", action="append", default=[], help="a seq2seq source text")
   g.add_argument("--label", action="append", type=int, default=[], help="a class id")
   g.add_argument(
@@ -211,15 +225,31 @@ def print_samples(samples: list, header: str = "") -> None:
 
 
 def _sample_inputs(args) -> list[dict]:
-  """The inputs of `lsd sample`: --inputs lines, or the --prompt / --source / --label flags zipped
-  (equal counts), each repeated --num_samples times; [] = unconditional sampling."""
+  """The inputs of `lsd sample`: --inputs lines, or the --prompt (and --prompts lines) / --source /
+  --label flags zipped (equal counts) and one input per --infill, each repeated --num_samples
+  times; [] = unconditional sampling."""
+  if args.prompts:
+    try:
+      with open(args.prompts, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"--prompts {args.prompts!r} cannot be read: {one_line(e)}") from e
+    if not lines:
+      raise ConfigError(f"--prompts {args.prompts!r} holds no prompts (one text per line)")
+    args.prompt = [*args.prompt, *lines]
+  if args.infill:
+    from lsd.methods.sbd import parse_infill
+
+    for template in args.infill:  # syntax errors before the run is loaded
+      parse_infill(template, "--infill")
   flags = {
     k: getattr(args, k)
     for k in ("prompt", "source", "label", "text", "segment")
     if getattr(args, k)
   }
-  if args.inputs and flags:
-    raise ConfigError(f"--inputs and --{'/--'.join(flags)} exclude each other: give one")
+  if args.inputs and (flags or args.infill):
+    given = [*flags, *(["infill"] if args.infill else [])]
+    raise ConfigError(f"--inputs and --{'/--'.join(given)} exclude each other: give one")
   if args.inputs:
     from lsd.eval.report import read_jsonl  # one object per line; errors name the line
 
@@ -233,6 +263,7 @@ def _sample_inputs(args) -> list[dict]:
       raise ConfigError(f"{given}: give as many of each (input i takes the i-th of each)")
     n = counts.pop() if counts else 0
     inputs = [{k: v[i] for k, v in flags.items()} for i in range(n)]
+    inputs += [{"infill": t} for t in args.infill]  # each template is an input of its own
   return [x for x in inputs for _ in range(args.num_samples or 1)]
 
 

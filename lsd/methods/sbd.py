@@ -10,15 +10,20 @@ Config fields read here:
   sbd.antithetic     stratified block times (BD3-LM).
   sbd.ignore_bos     position 0 is never masked.
 The math lives in `lsd.diffusion.masked`; sampling (draft then revise) in `lsd.sampling.revise`.
+Conditional generation (`generate`): inputs {"prompt": text} continue a text, {"infill": "a [MASK:3]
+b"} fill the marked spans; both keep their given tokens fixed through draft and revision.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, check_divides, check_range
@@ -106,6 +111,9 @@ class SBDTask(Task):
     # The vocabulary comes from the tokenizer; any size checks the other model fields.
     TransformerConfig.from_config(self.config.model, vocab_size=8)
     self.sampler_config()
+    stop = self.config.sample.get("stop_at_eos", False)
+    if not isinstance(stop, bool):
+      raise ConfigError(f"sample.stop_at_eos={stop!r} must be true or false")
 
   def _require_tokenizer(self):
     if self.tokenizer is None:
@@ -167,15 +175,137 @@ class SBDTask(Task):
     tok = self._require_tokenizer()
     graphdef, state = nnx.split(model)
     length = self.config.data.seq_len
-    out = draft_then_revise(graphdef, state, key, num_samples, length, self.sampler_config(length))
+    out = draft_then_revise(graphdef, state, key, num_samples, length, self.stop_config(length))
     return decode_output(out, tok)
+
+  def stop_config(self, length: int, stop: bool | None = None) -> SBDSamplerConfig:
+    """The sampler config with EOS stopping set from `sample.stop_at_eos` (or `stop`)."""
+    cfg = self.sampler_config(length)
+    stop = self.config.sample.get("stop_at_eos", False) if stop is None else stop
+    if not isinstance(stop, bool):
+      raise ConfigError(f"sample.stop_at_eos={stop!r} must be true or false")
+    if not stop:
+      return cfg
+    tok = self._require_tokenizer()
+    draft = dataclasses.replace(cfg.draft, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return dataclasses.replace(cfg, draft=draft)
+
+  def generate(self, model: MaskedLM, key: jax.Array, inputs: list[dict], **options) -> list[dict]:
+    """Prompt continuation and infilling, all inputs in one batched call.
+
+    An input is {"prompt": text} (the canvas starts <bos> prompt, the rest is generated) or
+    {"infill": template} (<bos> template <eos>, then padding; each [MASK:n] of the template is n
+    generated tokens, see `parse_infill`). Rows are left-aligned: each row's given tokens are fixed
+    positions of its own canvas, so prompts of different lengths share one call. The fixed tokens
+    are never drafted or remasked. Option stop_at_eos (default `sample.stop_at_eos`): a row whose
+    drafted block holds EOS ends there (padding after it, left alone by revision). "text" is the
+    prompt and its continuation up to the first generated EOS, or the filled template; "tokens"
+    the canvas (cut at that EOS for prompts). A call with an infill input does not stop at EOS
+    (an EOS drafted in a span would otherwise pad the spans after it).
+    """
+    inputs = self.generation_inputs(inputs, ("prompt", "infill"))
+    unknown = sorted(set(options) - {"stop_at_eos"})
+    if unknown:
+      raise ConfigError(f"generate: options {unknown} are not read by sbd; accepted: stop_at_eos")
+    tok = self._require_tokenizer()
+    length = self.config.data.seq_len
+    stop = options.get("stop_at_eos")
+    if any("infill" in x for x in inputs):  # an EOS inside a span would pad the spans after it
+      stop = False
+    cfg = self.stop_config(length, stop)
+    canvas = np.stack([self.canvas_row(x, i, length) for i, x in enumerate(inputs)])
+    graphdef, state = nnx.split(model)
+    out = draft_then_revise(
+      graphdef, state, key, len(inputs), length, cfg, canvas=jnp.asarray(canvas, jnp.int32)
+    )
+    rows = decode_output(out, tok)
+    for x, row, start in zip(inputs, rows, canvas, strict=True):
+      given = int(np.sum(start != tok.mask_id)) if "prompt" in x else 0
+      if "prompt" in x:  # cut at the first EOS the sampler generated
+        gen = [j for j, t in enumerate(row["tokens"]) if j >= given and t == tok.eos_id]
+        if gen:
+          row["tokens"] = row["tokens"][: gen[0]]
+          row["text"] = tok.decode(row["tokens"])
+      else:  # the template: up to its closing <eos>
+        end = int(np.flatnonzero(start == tok.eos_id)[-1]) if tok.eos_id in start else length
+        row["tokens"] = row["tokens"][:end]
+        row["text"] = tok.decode(row["tokens"])
+    return [{**x, **row} for x, row in zip(inputs, rows, strict=True)]
+
+  def canvas_row(self, x: dict, i: int, length: int) -> np.ndarray:
+    """The starting canvas of one `generate` input: fixed tokens, [MASK] where to generate."""
+    tok = self._require_tokenizer()
+    if ("prompt" in x) == ("infill" in x):
+      raise ConfigError(
+        f"generate: input {i} {x!r} needs exactly one of 'prompt' (--prompt) or 'infill' (--infill)"
+      )
+    if "prompt" in x:
+      text = x["prompt"]
+      if not isinstance(text, str):
+        raise ConfigError(f"generate: input {i} prompt={text!r} must be a string (--prompt)")
+      ids = [tok.bos_id, *tok.encode(text)]
+      if len(ids) >= length:
+        raise ConfigError(
+          f"--prompt {text!r} (input {i}) is {len(ids)} tokens with <bos>; accepted: at most "
+          f"{length - 1} (data.seq_len={length} leaves at least one position to generate)"
+        )
+      ids += [tok.mask_id] * (length - len(ids))
+    else:
+      ids = [tok.bos_id]
+      for piece in parse_infill(x["infill"], "--infill"):
+        ids += [tok.mask_id] * piece if isinstance(piece, int) else tok.encode(piece)
+      if len(ids) > length:
+        raise ConfigError(
+          f"--infill {x['infill']!r} (input {i}) is {len(ids)} tokens with <bos> and its spans; "
+          f"accepted: at most data.seq_len={length}"
+        )
+      if len(ids) < length:
+        ids += [tok.eos_id] + [tok.pad_id] * (length - len(ids) - 1)
+    return np.asarray(ids, np.int32)
+
+
+_SPAN = re.compile(r"\[MASK(?::([^\]]*))?\]")
+
+
+def parse_infill(template: Any, flag: str = "infill") -> list[str | int]:
+  """An infill template -> its pieces: fixed text (str) and span lengths (int >= 1), in order.
+
+  "The [MASK:3] sat on the [MASK:2]." -> ["The ", 3, " sat on the ", 2, "."]. Raises a one-line
+  ConfigError naming `flag` and the template for a bad span ([MASK], [MASK:0], [MASK:x]), an
+  unclosed "[MASK", or a template without spans.
+  """
+  accepted = "text with spans [MASK:n], n an int >= 1, e.g. 'The [MASK:3] sat on the mat.'"
+  if not isinstance(template, str):
+    raise ConfigError(f"{flag} {template!r} must be a string; accepted: {accepted}")
+  pieces: list[str | int] = []
+  pos = 0
+  for m in _SPAN.finditer(template):
+    n = m.group(1)
+    if n is None or not n.strip().isdigit() or int(n) < 1:
+      raise ConfigError(
+        f"{flag} {template!r}: span {m.group(0)!r} is not valid; accepted: {accepted}"
+      )
+    if m.start() > pos:
+      pieces.append(template[pos : m.start()])
+    pieces.append(int(n))
+    pos = m.end()
+  rest = template[pos:]
+  if "[MASK" in rest:
+    raise ConfigError(f"{flag} {template!r}: unclosed '[MASK'; accepted: {accepted}")
+  if rest:
+    pieces.append(rest)
+  if not any(isinstance(p, int) for p in pieces):
+    raise ConfigError(f"{flag} {template!r} has no span to fill; accepted: {accepted}")
+  return pieces
 
 
 def default_sample_config() -> ml_collections.ConfigDict:
   """Sampler settings. stages: [block_size (0 = L, global), gamma, steps, score] per revision stage;
   score in {snapshot, posthoc, random}; [] = draft only (BD3-LM). draft.order: which masked
   positions a draft step unmasks, in {random, confidence, margin, entropy, threshold};
-  draft.threshold: the probability above which order=threshold commits a position, in (0, 1]."""
+  draft.threshold: the probability above which order=threshold commits a position, in (0, 1].
+  stop_at_eos: a row whose drafted block holds EOS ends there; the rest of its canvas is padding
+  that revision leaves alone."""
   return ml_collections.ConfigDict(
     {
       "draft": {
@@ -189,6 +319,7 @@ def default_sample_config() -> ml_collections.ConfigDict:
         "threshold": 0.9,
       },
       "stages": [[0, 0.25, 32, "snapshot"]],
+      "stop_at_eos": False,
     }
   )
 
