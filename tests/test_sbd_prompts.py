@@ -407,3 +407,24 @@ def test_cli_input_errors_come_before_the_run_is_loaded(tmp_path, capsys):
     assert main(["sample", "--workdir", missing, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("order", ["confidence", "threshold"])
+def test_ordered_drafts_keep_prompts_and_infill_text_and_stop_at_eos(split_model, order):
+  graphdef, state = split_model
+  key = jax.random.key(3)
+  cfg = dataclasses.replace(DRAFT, order=order, threshold=0.2)
+  ref = draft(graphdef, state, key, 4, L, cfg, canvas=MIXED)
+  tokens, canvas = np.asarray(ref.tokens), np.asarray(MIXED)
+  fixed = canvas != M
+  np.testing.assert_array_equal(tokens[fixed], canvas[fixed])
+  assert not np.any(tokens == M) and np.all(np.asarray(ref.unmask_step)[fixed] == -1)
+  # EOS stopping with the first token row 0 drafted as EOS: row 0 ends there, padding after it.
+  e = 4
+  t = int(tokens[0, e])
+  stop = dataclasses.replace(cfg, eos_id=t, pad_id=30)
+  out = draft(graphdef, state, key, 4, L, stop, canvas=MIXED)
+  got = np.asarray(out.tokens)
+  np.testing.assert_array_equal(got[0, : e + 1], tokens[0, : e + 1])
+  assert np.all(got[0, e + 1 :] == 30) and np.all(np.asarray(out.fixed)[0, e:])
+  np.testing.assert_array_equal(got[fixed], canvas[fixed])
