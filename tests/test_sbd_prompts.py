@@ -294,6 +294,9 @@ def test_generate_prompts_of_different_lengths_and_infill_in_one_call():
     given = [tok.bos_id, *tok.encode(x["prompt"])]
     assert r["tokens"][: len(given)] == given and r["draft_tokens"][: len(given)] == given
     assert r["text"].startswith(x["prompt"]) and tok.mask_id not in r["tokens"]
+    # Snapshot confidences: none for the given tokens (JSON-safe), a probability for the rest.
+    assert r["conf"][: len(given)] == [None] * len(given)
+    assert 0.0 < r["conf"][len(given)] <= 1.0
   fill = rows[2]["tokens"]
   assert len(fill) == 1 + 1 + 3 + 3 + 2 + 1  # <bos> the [3] sat on the [2] quickly
   assert fill[:2] == [tok.bos_id, 0] and fill[5:8] == [4, 6, 0] and fill[10] == 14

@@ -380,7 +380,8 @@ def decode_output(out: SampleOutput, tokenizer) -> list[dict]:
         "draft_text": tokenizer.decode(host.draft_tokens[i].tolist()),
         "tokens": host.tokens[i].tolist(),
         "draft_tokens": host.draft_tokens[i].tolist(),
-        "conf": [float(c) for c in host.conf[i]],
+        # None where nothing was generated (prompt, infill text, padding): JSON has no infinity.
+        "conf": [float(c) if np.isfinite(c) else None for c in host.conf[i]],
         "nfe_per_stage": host.nfe_per_stage[i].tolist(),
         "nfe": int(host.nfe_per_stage[i].sum()),
       }
