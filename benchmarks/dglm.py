@@ -53,7 +53,10 @@ Protocol (issue "DGLM", item 4):
 Every stage is resumable: runs train once in <workdir>/runs/<name>-<digest of the config>, the
 sample sets are cached in <workdir>/cache, judge features in <workdir>/judge_features, the
 classifiers in <workdir>/classifiers. The result file is written (atomically) after control and
-again after composition.
+again after composition. Not yet run at full size: 60 minutes of training plus probes, about 20
+sample sets of 500 continuations and their judge scoring; expect about two hours of a 2-core CPU.
+A smoke run (--steps 10 --test_prefixes 16) takes about 18 CPU minutes, most of it compilation,
+MiniLM embeddings of the classifier sets and judge features.
 """
 
 from __future__ import annotations
