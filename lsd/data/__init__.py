@@ -28,6 +28,7 @@ from lsd.data.pipeline import (
   local_eval_batches,
   tokenize_documents,
 )
+from lsd.data.prepared import PreparedData, load_prepared, prepare
 from lsd.data.sources import SOURCES, TEXT_SPLITS, load_documents, split_documents
 from lsd.data.tokenizer import (
   SPECIAL_TOKENS,
@@ -46,6 +47,7 @@ __all__ = [
   "TOKENIZER_FILE",
   "DataBundle",
   "PackIterDataset",
+  "PreparedData",
   "Tokenizer",
   "build_data",
   "build_tokenizer",
@@ -56,6 +58,7 @@ __all__ = [
   "lm_dataset",
   "load_documents",
   "local_eval_batches",
+  "prepare",
   "split_documents",
   "tokenize_documents",
   "train_bpe",
@@ -91,8 +94,9 @@ def default_data_config() -> ml_collections.ConfigDict:
 def check_data_config(cfg, process_count: int = 1) -> None:
   """Raises ConfigError naming the first unusable field of a data config."""
   check_choice("data.source", cfg.source, SOURCES)
-  if cfg.source in ("text", "jsonl", "csv") and not cfg.path:
-    raise ConfigError(f"data.path is empty; data.source={cfg.source!r} needs a file path or a glob")
+  if cfg.source in ("text", "jsonl", "csv", "prepared") and not cfg.path:
+    what = "a `lsd prepare` directory" if cfg.source == "prepared" else "a file path or a glob"
+    raise ConfigError(f"data.path is empty; data.source={cfg.source!r} needs {what}")
   if cfg.source == "text":
     check_choice("data.text_split", cfg.text_split, TEXT_SPLITS)
   if cfg.source in ("jsonl", "csv", "tfds") and not str(cfg.text_field).strip():
@@ -201,7 +205,7 @@ class DataBundle:
 
 def build_data(
   cfg, workdir: str | os.PathLike, *, seed: int, process_index: int = 0, process_count: int = 1
-) -> DataBundle:
+) -> DataBundle | PreparedData:
   """Validates `cfg` (a data config), loads and splits documents and builds the tokenizer.
 
   The tokenizer is trained on the training documents only and saved to `workdir/tokenizer.json`;
@@ -209,6 +213,10 @@ def build_data(
   split (it depends only on the documents, `eval_fraction` and `split_seed`).
   """
   check_data_config(cfg, process_count)
+  if cfg.source == "prepared":  # tokenised once by `lsd prepare`: read by record, never whole
+    return load_prepared(
+      cfg, workdir, seed=seed, process_index=process_index, process_count=process_count
+    )
   docs = load_documents(cfg)
   train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
   train_texts = [d["text"] for d in train_docs]

@@ -30,7 +30,7 @@ from lsd import assets
 from lsd.config import ConfigError, check_choice
 from lsd.fileio import as_path, glob_files, one_line
 
-SOURCES = ("bbc", "text", "jsonl", "csv", "tfds")
+SOURCES = ("bbc", "text", "jsonl", "csv", "tfds", "prepared")  # prepared: `lsd prepare` output
 TEXT_SPLITS = ("line", "paragraph", "file")
 
 Document = dict[str, Any]
@@ -350,6 +350,11 @@ def load_documents(cfg) -> list[Document]:
     A list of {"text": str, "label": int (when the source has labels), ...}.
   """
   check_choice("data.source", cfg.source, SOURCES)
+  if cfg.source == "prepared":
+    raise ConfigError(
+      "data.source='prepared' holds token ids, not texts: only the packed-canvas LM pipeline "
+      "reads it; accepted here: bbc, text, jsonl, csv, tfds"
+    )
   if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
     raise ConfigError(f"data.max_docs={cfg.max_docs!r} must be an int >= 0 (0 = all documents)")
   docs = (d for d in _LOADERS[cfg.source](cfg) if d["text"].strip())
