@@ -30,6 +30,7 @@ __all__ = [
   "generate_from_sources",
   "interpolate_texts",
   "load",
+  "prepare",
   "regenerate_segment",
   "sample",
   "train",
@@ -52,6 +53,15 @@ def train(config, workdir: str | os.PathLike, **kwargs):
   from lsd.train.trainer import train as run_trainer
 
   return run_trainer(config, workdir, task=kwargs.pop("task", None) or get_task(config), **kwargs)
+
+
+def prepare(config, out: str | os.PathLike, *, shards: int = 1) -> dict:
+  """Tokenises the corpus of `config.data` once into `shards` ArrayRecord files in `out` (local or
+  remote), with the tokenizer `lsd train` would build, and returns the manifest
+  (`lsd.data.prepared.prepare`). Train on it with data.source='prepared', data.path=out."""
+  from lsd.data import prepare as prepare_data
+
+  return prepare_data(config.data, out, shards=shards)
 
 
 def sample(run: LoadedRun, key: jax.Array, num_samples: int) -> list[dict]:

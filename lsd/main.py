@@ -7,6 +7,7 @@ lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl] [--conf
            [--attribute NAME=TARGET:SCALE ...]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
+lsd prepare --config FILE[:ARG] --out DIR [--shards N] [--config.a.b=value ...]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     description="Diffusion language models in JAX: train, sample, evaluate.",
     epilog="Run `lsd <verb> --help` for the options of each verb.",
   )
-  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval,compile}")
+  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval,compile,prepare}")
   t = verbs.add_parser(
     "train",
     help="train a model (resumes from --workdir automatically)",
@@ -155,7 +156,22 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--gen_ppl", action="store_true", help="also score with the judge LM")
   e.add_argument("--out", required=True, help="output prefix")
   _compile_parser(verbs)
+  _prepare_parser(verbs)
   return p
+
+
+def _prepare_parser(verbs) -> None:
+  r = verbs.add_parser(
+    "prepare",
+    help="tokenise a config's corpus once into ArrayRecord shards",
+    description="Read the corpus of a config's data section once, tokenise it with the run's "
+    "tokenizer (a BPE trained on the training split, as `lsd train` would) and write N "
+    "ArrayRecord shards, lengths.npy, tokenizer.json and manifest.json (last) to --out. Train on "
+    "it with --config.data.source=prepared --config.data.path=DIR.",
+  )
+  r.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/sbd.py:data=text")
+  r.add_argument("--out", required=True, help="the prepared directory (local or gs://, ...)")
+  r.add_argument("--shards", type=_positive_int, default=1, help="ArrayRecord files (default 1)")
 
 
 def _compile_parser(verbs) -> None:
@@ -344,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
   if args.verb is None:
     _parser().print_help()
     return 2
-  if overrides and args.verb not in ("train", "compile", "sample"):
-    print(f"lsd {args.verb}: --config.* overrides apply to train, sample, compile", file=sys.stderr)
+  if overrides and args.verb not in ("train", "compile", "sample", "prepare"):
+    print(
+      f"lsd {args.verb}: --config.* overrides apply to train, sample, compile, prepare",
+      file=sys.stderr,
+    )
     return 2
   try:
     if args.verb == "train":
@@ -354,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
       _sample(args, overrides)
     elif args.verb == "compile":
       return _compile(args, overrides)
+    elif args.verb == "prepare":
+      _prepare(args, overrides)
     else:
       _eval(args)
   except Exception as e:
@@ -367,6 +388,16 @@ def main(argv: list[str] | None = None) -> int:
       print("(set LSD_DEBUG=1 to see the traceback)", file=sys.stderr)
     return code
   return 0
+
+
+def _prepare(args, overrides) -> None:
+  from lsd.api import prepare
+  from lsd.config import apply_override, load_config_file
+
+  config = load_config_file(args.config)
+  for dotted, raw in overrides:
+    apply_override(config, dotted, raw)
+  prepare(config, args.out, shards=args.shards)
 
 
 def _compile(args, overrides) -> int:
