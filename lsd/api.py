@@ -30,6 +30,7 @@ __all__ = [
   "generate_from_sources",
   "interpolate_texts",
   "load",
+  "nelbo",
   "prepare",
   "regenerate_segment",
   "sample",
@@ -77,6 +78,31 @@ def generate(run: LoadedRun, key: jax.Array, inputs: list[dict], **options) -> l
   "label" (class-conditional: a class id), as the run's method reads them; `options` (e.g.
   guidance_scale, candidates) default to the run's `config.sample`."""
   return run.task.generate(run.model(), key, list(inputs), **options)
+
+
+def nelbo(
+  run: LoadedRun,
+  data: str | os.PathLike | list[str] | None = None,
+  *,
+  num_samples: int = 1,
+  block_size: int | None = None,
+  seed: int = 0,
+  batch_size: int | None = None,
+) -> dict:
+  """Held-out likelihood of a loaded run (`lsd.eval.likelihood`): masked / block diffusion (sbd)
+  runs give the NELBO bound, causal LM runs the exact NLL, as nats_per_token and ppl (exp), over
+  `data` (a .txt / .jsonl file, a list of texts, or None = the run's held-out split) packed into
+  canvases as in training. num_samples: draws of t per block; block_size: sbd runs only (default
+  sbd.block_small, 0 = one global block); seed: the noise key."""
+  from lsd.eval import likelihood
+
+  if data is None or isinstance(data, list):
+    docs = None if data is None else [{"text": t} for t in data]
+  else:
+    docs = likelihood.read_documents(data, run.config.data)
+  return likelihood.run_likelihood(
+    run, docs, num_samples=num_samples, block_size=block_size, seed=seed, batch_size=batch_size
+  )
 
 
 # ---------------------------------------------------------------------------------------------------

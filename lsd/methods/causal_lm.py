@@ -53,6 +53,18 @@ class CausalLMTask(Task):
     # The mean's weight: train.grad_accum combines microbatches by it (the whole batch's gradient).
     return loss, {"ppl": jnp.exp(loss), "loss_weight": jnp.sum(weights)}
 
+  def likelihood(self, *, num_samples: int = 1, block_size: int | None = None):
+    """Exact held-out NLL (`lsd.eval.likelihood.causal_nll_sums`); num_samples is not used (the
+    likelihood is exact) and block_size is refused."""
+    from lsd.eval.likelihood import causal_nll_sums
+
+    if block_size is not None:
+      raise ConfigError(
+        f"--block_size {block_size!r} applies to masked / block diffusion (sbd) runs; this "
+        "causal_lm run's likelihood is exact: leave --block_size out"
+      )
+    return causal_nll_sums, {"estimate": "exact nll"}
+
   def flops_per_token(self) -> float:
     cfg = self.model_config()
     model = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(0)))

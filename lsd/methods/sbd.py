@@ -143,6 +143,33 @@ class SBDTask(Task):
       noise=self.noise,
     )
 
+  def likelihood(self, *, num_samples: int = 1, block_size: int | None = None):
+    """The NELBO of held-out canvases (`lsd.eval.likelihood.nelbo_sums`) at `block_size` (default
+    sbd.block_small; 0 or data.seq_len = one global block, MDLM): each block given the clean blocks
+    before it, num_samples low-discrepancy draws of t per block on [1e-3, 1]."""
+    import functools
+
+    from lsd.eval.likelihood import EVAL_T_MAX, EVAL_T_MIN, nelbo_sums
+
+    length = self.config.data.seq_len
+    size = self.block_small if block_size is None else block_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or (size and length % size):
+      raise ConfigError(
+        f"--block_size {size!r} is not usable; accepted: an int >= 1 dividing data.seq_len="
+        f"{length} (0 = {length}, one global block)"
+      )
+    size = size or length
+    fn = functools.partial(
+      nelbo_sums, block_size=size, num_samples=num_samples, ignore_bos=self.noise.ignore_bos
+    )
+    info = {
+      "estimate": "nelbo (upper bound on -log p)",
+      "block_size": size,
+      "nelbo_samples": num_samples,
+      "t_interval": [EVAL_T_MIN, EVAL_T_MAX],
+    }
+    return fn, info
+
   def flops_per_token(self) -> float:
     """Training FLOPs per canvas token (the unit of `tokens_in`).
 

@@ -78,6 +78,15 @@ class Task(abc.ABC):
     Diffusion tasks keep their noise: it is part of the objective being estimated."""
     return self.loss(model, batch, key)[0]
 
+  def likelihood(self, *, num_samples: int = 1, block_size: int | None = None):
+    """Held-out likelihood (`lsd eval --nelbo`, `lsd.eval.likelihood`): returns (fn, info), fn(model,
+    batch, key) -> (per-canvas NLL or NELBO sums [B], scored tokens [B]) over batches {"tokens",
+    "valid", "row"}, info a dict describing the estimate. The default refuses, naming the method."""
+    raise ConfigError(
+      f"likelihood evaluation (--nelbo) is not supported for method "
+      f"{self.config.get('method', self.name)!r}; accepted: runs of method sbd or causal_lm"
+    )
+
   def tokens_in(self, batch: Batch) -> int:
     """Tokens the model consumed for this batch (for tokens/s); static from shapes."""
     tokens = batch["tokens"]
