@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -99,17 +100,26 @@ def prepare_spec(cfg) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------
 
 
-def _write_shard(path, records: Sequence[bytes]) -> None:
-  from array_record.python.array_record_module import ArrayRecordWriter
+_CHUNK = 4096  # documents tokenised at once
 
-  def write(tmp: str) -> None:
-    # group_size:1: every record its own chunk, as grain's random access wants.
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    for r in records:
-      writer.write(r)
-    writer.close()
 
-  atomic_write(path, write)
+class _TrainTexts:
+  """The training texts, re-read from the source on each iteration (a Sequence for the BPE
+  trainer: its length and one pass over the texts, never a list of them)."""
+
+  def __init__(self, cfg, is_train: np.ndarray):
+    self._cfg = cfg
+    self._is_train = is_train
+
+  def __len__(self) -> int:
+    return int(self._is_train.sum())
+
+  def __iter__(self) -> Iterator[str]:
+    from lsd.data.sources import iter_documents
+
+    for doc, keep in zip(iter_documents(self._cfg), self._is_train, strict=False):
+      if keep:
+        yield doc["text"]
 
 
 def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[str, Any]:
@@ -121,7 +131,7 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
   """
   from lsd.data import check_data_config
   from lsd.data.pipeline import tokenize_documents
-  from lsd.data.sources import load_documents, split_documents
+  from lsd.data.sources import iter_documents, split_documents
   from lsd.data.tokenizer import build_tokenizer
 
   if cfg.source == "prepared":
@@ -159,31 +169,49 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
       )
   out_path.mkdir(parents=True, exist_ok=True)
 
-  docs = load_documents(cfg)
-  train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.split_seed)
-  log(f"lsd prepare: {len(docs)} documents ({len(train_docs)} train, {len(eval_docs)} held out)")
+  # Streamed: the corpus is read a document at a time, three times (count, BPE, tokenise), so
+  # only the token ids of one chunk and the int32 lengths are ever held.
+  n = sum(1 for _ in iter_documents(cfg))
+  if not n:
+    raise ConfigError(f"data.source={cfg.source!r} (data.path={cfg.path!r}) yielded no documents")
+  # `split_documents` depends on the count, fraction and seed only: the raw pipeline's split.
+  train_ids, eval_ids = split_documents(list(range(n)), cfg.eval_fraction, cfg.split_seed)
+  is_train = np.zeros(n, bool)
+  is_train[train_ids] = True
+  log(f"lsd prepare: {n} documents ({len(train_ids)} train, {len(eval_ids)} held out)")
   (out_path / TOKENIZER_FILE).unlink(missing_ok=True)  # an unfinished prepare's is not trusted
-  tokenizer = build_tokenizer(cfg.tokenizer, [d["text"] for d in train_docs], save_dir=out_path)
+  texts = _TrainTexts(cfg, is_train)
+  tokenizer = build_tokenizer(cfg.tokenizer, texts, save_dir=out_path)
   log(f"lsd prepare: tokenizer {cfg.tokenizer.kind!r}, {tokenizer.vocab_size} ids")
-  del train_docs, eval_docs
 
-  bounds = np.linspace(0, len(docs), shards + 1).round().astype(int)
-  lengths = np.zeros(len(docs), np.int32)
+  bounds = np.linspace(0, n, shards + 1).round().astype(int)
+  lengths = np.zeros(n, np.int32)
   files = []
+  docs = iter_documents(cfg)
   for s in range(shards):
     lo, hi = int(bounds[s]), int(bounds[s + 1])
-    records = []
-    for start in range(lo, hi, 4096):  # tokenised in chunks: the Rust side batches each in parallel
-      chunk = tokenize_documents(docs[start : min(hi, start + 4096)], tokenizer)
-      lengths[start : start + len(chunk)] = [len(t) for t in chunk]
-      records.extend(encode_record(t) for t in chunk)
     name = shard_name(s, shards)
-    _write_shard(out_path / name, records)
+
+    def write(tmp: str, lo=lo, hi=hi) -> None:
+      from array_record.python.array_record_module import ArrayRecordWriter
+
+      # group_size:1: every record its own chunk, as grain's random access wants.
+      writer = ArrayRecordWriter(tmp, "group_size:1")
+      for start in range(lo, hi, _CHUNK):  # the Rust tokenizer encodes each chunk in parallel
+        chunk = list(itertools.islice(docs, min(hi, start + _CHUNK) - start))
+        for i, ids in enumerate(tokenize_documents(chunk, tokenizer)):
+          lengths[start + i] = len(ids)
+          writer.write(encode_record(ids))
+      writer.close()
+
+    atomic_write(out_path / name, write)
     files.append({"file": name, "records": hi - lo})
     log(
       f"lsd prepare: shard {s + 1}/{shards}: {hi - lo} documents, "
       f"{int(lengths[lo:hi].sum())} tokens -> {name}"
     )
+  if next(docs, None) is not None or (lengths == 0).any():
+    raise RuntimeError(f"data.source={cfg.source!r} gave other documents on a second reading")
 
   def write_lengths(tmp: str) -> None:
     with open(tmp, "wb") as f:
@@ -193,7 +221,7 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
   manifest = {
     "format": FORMAT,
     "version": VERSION,
-    "records": len(docs),
+    "records": n,
     "tokens": int(lengths.sum(dtype=np.int64)),
     "dtype": "int32",
     "framing": "[bos] ids [eos]",

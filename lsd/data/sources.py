@@ -339,6 +339,22 @@ def _int_labels(docs: list[Document], field: str) -> None:
     doc["label"] = label
 
 
+def iter_documents(cfg) -> Iterator[Document]:
+  """The documents of `load_documents`, lazily and with labels as the source gives them: a source
+  is read as far as the documents are consumed (a TFDS source example by example, by random
+  access), so a caller that streams them (`lsd prepare`) never holds the corpus."""
+  check_choice("data.source", cfg.source, SOURCES)
+  if cfg.source == "prepared":
+    raise ConfigError(
+      "data.source='prepared' holds token ids, not texts: only the packed-canvas LM pipeline "
+      "reads it; accepted here: bbc, text, jsonl, csv, tfds"
+    )
+  if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
+    raise ConfigError(f"data.max_docs={cfg.max_docs!r} must be an int >= 0 (0 = all documents)")
+  docs = (d for d in _LOADERS[cfg.source](cfg) if d["text"].strip())
+  return itertools.islice(docs, cfg.max_docs or None)
+
+
 def load_documents(cfg) -> list[Document]:
   """Loads the documents described by the data config `cfg`.
 
@@ -349,16 +365,7 @@ def load_documents(cfg) -> list[Document]:
   Returns:
     A list of {"text": str, "label": int (when the source has labels), ...}.
   """
-  check_choice("data.source", cfg.source, SOURCES)
-  if cfg.source == "prepared":
-    raise ConfigError(
-      "data.source='prepared' holds token ids, not texts: only the packed-canvas LM pipeline "
-      "reads it; accepted here: bbc, text, jsonl, csv, tfds"
-    )
-  if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
-    raise ConfigError(f"data.max_docs={cfg.max_docs!r} must be an int >= 0 (0 = all documents)")
-  docs = (d for d in _LOADERS[cfg.source](cfg) if d["text"].strip())
-  docs = list(itertools.islice(docs, cfg.max_docs or None))
+  docs = list(iter_documents(cfg))
   if not docs:
     raise ConfigError(f"data.source={cfg.source!r} (data.path={cfg.path!r}) yielded no documents")
   _int_labels(docs, "data.label_field")
