@@ -6,6 +6,7 @@ lsd sample --workdir DIR [--num_samples N] [--seed S] [--out FILE.jsonl] [--conf
             | --source TEXT ... | --label N ...]
            [--attribute NAME=TARGET:SCALE ...]
 lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] --out PREFIX
+lsd eval   --nelbo --workdir RUN [--data FILE] [--nelbo_samples K] [--block_size B] [--seed S]
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
 lsd prepare --config FILE[:ARG] --out DIR [--shards N] [--config.a.b=value ...]
 """
@@ -138,11 +139,12 @@ def _parser() -> argparse.ArgumentParser:
   )
   e = verbs.add_parser(
     "eval",
-    help="score a samples JSONL file",
+    help="score a samples JSONL file, or a run's held-out likelihood (--nelbo)",
     description="Compute metrics for a samples JSONL ({'text': ..., 'tokens'?: [...]} per line) "
-    "and write PREFIX.json and PREFIX.md.",
+    "and write PREFIX.json and PREFIX.md. With --nelbo: the held-out NELBO (sbd runs; exact NLL for "
+    "causal_lm runs) of --workdir in nats per token and its perplexity bound.",
   )
-  e.add_argument("--samples", required=True)
+  e.add_argument("--samples", default=None, help="samples JSONL (required without --nelbo)")
   e.add_argument("--references", default=None, help="references .jsonl/.txt (ROUGE, BLEU, MAUVE)")
   e.add_argument("--reference_field", default="text")
   e.add_argument(
@@ -154,7 +156,19 @@ def _parser() -> argparse.ArgumentParser:
   )
   e.add_argument("--classifier", default=None, help="LinearProbe .npz for --metrics classifier")
   e.add_argument("--gen_ppl", action="store_true", help="also score with the judge LM")
-  e.add_argument("--out", required=True, help="output prefix")
+  e.add_argument("--out", default=None, help="output prefix (--nelbo: default WORKDIR/nelbo)")
+  n = e.add_argument_group("likelihood (--nelbo)")
+  n.add_argument("--nelbo", action="store_true", help="held-out NELBO / NLL of a trained run")
+  n.add_argument("--workdir", default=None, help="the run (required with --nelbo)")
+  n.add_argument(
+    "--data",
+    default=None,
+    help=".txt (a document per line) or .jsonl; default: run's held-out split",
+  )
+  n.add_argument("--nelbo_samples", type=_positive_int, default=1, help="draws of t per block")
+  n.add_argument("--block_size", type=int, default=None, help="sbd runs (default sbd.block_small)")
+  n.add_argument("--seed", type=int, default=0, help="the noise key")
+  n.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   _compile_parser(verbs)
   _prepare_parser(verbs)
   return p
@@ -314,9 +328,35 @@ def _sample(args, overrides) -> None:
         f.write(json.dumps(s if isinstance(s, dict) else {"text": s}) + "\n")
 
 
+def _nelbo(args) -> None:
+  from lsd import api
+  from lsd.eval import report
+  from lsd.fileio import as_path
+
+  if not args.workdir:
+    raise ConfigError("--nelbo needs --workdir RUN (a trained sbd or causal_lm run)")
+  run = api.load(args.workdir, step=args.step)
+  result = api.nelbo(
+    run, args.data, num_samples=args.nelbo_samples, block_size=args.block_size, seed=args.seed
+  )
+  result = {"workdir": str(args.workdir), "data": args.data or "held-out split", **result}
+  out = args.out or str(as_path(args.workdir) / "nelbo")
+  report.write_report(result, out)
+  kind = "NELBO" if result["estimate"].startswith("nelbo") else "NLL"
+  bound = "<= " if kind == "NELBO" else ""
+  print(
+    f"{kind} {result['nats_per_token']:.4f} nats/token, PPL {bound}{result['ppl']:.3f} over "
+    f"{result['tokens']} tokens ({result['canvases']} canvases) -> {out}.json"
+  )
+
+
 def _eval(args) -> None:
   from lsd.eval import report
 
+  if args.nelbo:
+    return _nelbo(args)
+  if not args.samples or not args.out:
+    raise ConfigError("lsd eval needs --samples FILE.jsonl and --out PREFIX (or --nelbo --workdir)")
   samples = report.read_samples(args.samples)
   refs = report.load_references(args.references, args.reference_field) if args.references else None
   metrics = [m for m in args.metrics.split(",") if m]

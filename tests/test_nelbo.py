@@ -92,7 +92,9 @@ class PerfectModel:
 def test_perfect_model_has_zero_nelbo(batch):
   stub = PerfectModel(batch["tokens"])
   for block_size in (4, L):
-    nll, tokens = lk.nelbo_sums(stub, batch, jax.random.key(0), block_size=block_size, num_samples=3)
+    nll, tokens = lk.nelbo_sums(
+      stub, batch, jax.random.key(0), block_size=block_size, num_samples=3
+    )
     np.testing.assert_array_equal(np.asarray(nll), 0.0)
     assert float(jnp.sum(tokens)) == 43.0
 
@@ -139,3 +141,117 @@ def test_evaluate_does_not_depend_on_batching(model, batch):
   assert a["tokens"] == b["tokens"] == 43 and a["canvases"] == 3
   np.testing.assert_allclose(a["nats_per_token"], b["nats_per_token"], rtol=1e-6)
   np.testing.assert_allclose(a["ppl"], np.exp(a["nats_per_token"]), rtol=1e-12)
+
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
+
+
+def _corpus(path, n, seed):
+  rng = np.random.default_rng(seed)
+  lines = [" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) + "." for _ in range(n)]
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+  """A tiny sbd run and a tiny causal LM run on the same corpus (a few seconds each)."""
+  from lsd.main import main
+
+  root = tmp_path_factory.mktemp("nelbo")
+  corpus = _corpus(root / "corpus.txt", 300, 0)
+  runs = {}
+  for name, spec in (
+    ("sbd", "configs/sbd.py:size=test,data=text"),
+    ("ar", "configs/causal_lm.py:size=test,data=text"),
+  ):
+    runs[name] = root / name
+    rc = main(
+      [
+        "train",
+        "--config",
+        spec,
+        "--workdir",
+        str(runs[name]),
+        f"--config.data.path={corpus}",
+        "--config.data.tokenizer.vocab_size=300",
+        "--config.train.steps=30",
+        "--config.train.lr=3e-3",
+        "--config.train.progress=false",
+        "--config.train.num_samples=0",
+      ]
+    )
+    assert rc == 0
+  return root, runs
+
+
+@pytest.mark.slow  # two tiny trainings and five evaluations: about two minutes on 2 CPU cores
+def test_cli_nelbo_on_tiny_runs(tiny_runs, capsys):
+  from lsd.main import main
+
+  root, runs = tiny_runs
+  held_out = _corpus(root / "held_out.txt", 20, 1)
+  out = root / "report_sbd"
+  args = ["eval", "--nelbo", "--workdir", str(runs["sbd"]), "--data", str(held_out)]
+  assert main([*args, "--nelbo_samples", "4", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "NELBO" in printed and "nats/token" in printed and "PPL <=" in printed
+  rep = json.loads(out.with_name(out.name + ".json").read_text())
+  assert rep["method"] == "sbd" and rep["block_size"] == 4 and rep["nelbo_samples"] == 4
+  assert rep["tokens"] > 100 and 0 < rep["nats_per_token"] < np.log(300) * 3
+  np.testing.assert_allclose(rep["ppl"], np.exp(rep["nats_per_token"]), rtol=1e-12)
+  # The same seed gives the same estimate; the default report lands in the run directory.
+  assert main([*args, "--nelbo_samples", "4"]) == 0
+  again = json.loads((runs["sbd"] / "nelbo.json").read_text())
+  assert again["nats_per_token"] == rep["nats_per_token"]
+  # The global block (MDLM view) of the same model, and the run's own held-out split.
+  assert main([*args, "--block_size", "0", "--out", str(root / "global")]) == 0
+  glob = json.loads((root / "global.json").read_text())
+  assert glob["block_size"] == 32 and glob["tokens"] == rep["tokens"]
+  assert main(["eval", "--nelbo", "--workdir", str(runs["sbd"]), "--out", str(root / "h")]) == 0
+  assert json.loads((root / "h.json").read_text())["data"] == "held-out split"
+
+  ar_out = root / "report_ar"
+  ar_args = ["eval", "--nelbo", "--workdir", str(runs["ar"]), "--data", str(held_out)]
+  assert main([*ar_args, "--out", str(ar_out)]) == 0
+  assert "NLL" in capsys.readouterr().out
+  ar = json.loads(ar_out.with_name("report_ar.json").read_text())
+  assert ar["method"] == "causal_lm" and ar["estimate"] == "exact nll"
+  # The causal LM scores one token fewer per canvas (the first is given).
+  assert ar["tokens"] == rep["tokens"] - rep["canvases"]
+  assert 0 < ar["nats_per_token"] < np.log(300)
+
+
+@pytest.mark.slow  # shares the tiny runs of the test above
+def test_cli_nelbo_errors(tiny_runs, capsys):
+  from lsd.main import main
+
+  root, runs = tiny_runs
+  cases = [
+    (["--workdir", str(runs["sbd"]), "--data", str(root / "absent.txt")], "--data"),
+    (["--workdir", str(runs["sbd"]), "--data", str(root / "corpus.csv")], "--data"),
+    (["--workdir", str(runs["sbd"]), "--block_size", "5"], "--block_size 5"),
+    (["--workdir", str(runs["ar"]), "--block_size", "4"], "--block_size 4"),
+    (["--workdir", str(root / "nothing")], "holds no config.json"),
+    ([], "--nelbo needs --workdir"),
+  ]
+  (root / "corpus.csv").write_text("text\nhello\n")
+  for extra, needle in cases:
+    assert main(["eval", "--nelbo", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+  with pytest.raises(SystemExit) as e:
+    main(["eval", "--nelbo", "--workdir", str(runs["sbd"]), "--nelbo_samples", "0"])
+  assert e.value.code == 2
+  assert "--nelbo_samples" in capsys.readouterr().err
+
+
+def test_other_methods_refuse_likelihood():
+  from lsd.config import load_config_file
+  from lsd.methods import get_task
+
+  task = get_task(load_config_file("configs/sld.py"))
+  with pytest.raises(
+    ConfigError, match=r"not supported for method 'sld.*accepted: runs of method sbd"
+  ):
+    task.likelihood(num_samples=1)

@@ -133,7 +133,9 @@ def nelbo_sums(
   return total / num_samples, jnp.sum(valid, axis=1).astype(jnp.float32)
 
 
-def causal_nll_sums(model, batch: dict, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def causal_nll_sums(
+  model, batch: dict, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Exact -log p of each canvas's tokens 1..L-1 given their prefix (fp32 [B]) and the number of
   scored tokens (valid targets with a valid predecessor, fp32 [B]). `key` is unused."""
   from lsd.nn import causal_mask
@@ -262,7 +264,13 @@ def run_likelihood(
   tokens, valid = eval_canvases(docs, tok, int(run.config.data.seq_len))
   bs = batch_size or int(run.config.data.batch_size)
   out = evaluate(
-    fn, run.graphdef, run.params, tokens, valid, jax.random.key(seed), batch_size=bs,
+    fn,
+    run.graphdef,
+    run.params,
+    tokens,
+    valid,
+    jax.random.key(seed),
+    batch_size=bs,
     pad_id=tok.pad_id,
   )
   return {
