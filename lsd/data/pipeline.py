@@ -9,7 +9,8 @@ Training (`lm_dataset`):
 Design choices:
 - Every process builds the same global stream and keeps its rows of each global batch: a run's
   batches, and so its losses, do not depend on the process count, and its iterator state resumes
-  on another process count. The price is that every host tokenises and packs the whole corpus.
+  on another process count. The price is that every host tokenises and packs the whole corpus
+  (`lsd prepare`, `lsd.data.prepared`, tokenises it once; each process then reads its records).
 - Tokenisation happens once, up front (the Rust tokenizer batches it in parallel). lsd's corpora
   are small (~1M tokens for BBC News, i.e. a few MB of int32), so keeping token arrays in memory
   is cheaper than re-tokenising every document in every epoch.
