@@ -178,8 +178,9 @@ def _prepare_parser(verbs) -> None:
   r = verbs.add_parser(
     "prepare",
     help="tokenise a config's corpus once into ArrayRecord shards",
-    description="Read the corpus of a config's data section once, tokenise it with the run's "
-    "tokenizer (a BPE trained on the training split, as `lsd train` would) and write N "
+    description="Stream the corpus of a config's data section (three passes: count, tokenizer "
+    "texts, tokenise; never held whole), tokenise it once with the run's tokenizer (a BPE trained "
+    "on the training split, as `lsd train` would) and write N "
     "ArrayRecord shards, lengths.npy, tokenizer.json and manifest.json (last) to --out. Train on "
     "it with --config.data.source=prepared --config.data.path=DIR.",
   )

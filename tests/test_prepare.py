@@ -170,6 +170,8 @@ def test_refusals(prepared, corpus, tmp_path, capsys):
   (tmp_path / "foreign" / "notes.txt").write_text("mine")
   with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\)"):
     prepare(config.data, tmp_path / "foreign")
+  with pytest.raises(ConfigError, match=r"--shards=500 is more than the 299 documents"):
+    prepare(config.data, tmp_path / "many", shards=500)
   # The CLI: one line, exit code 2.
   code = main(
     [

@@ -175,6 +175,8 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
   if not n:
     raise ConfigError(f"data.source={cfg.source!r} (data.path={cfg.path!r}) yielded no documents")
   # `split_documents` depends on the count, fraction and seed only: the raw pipeline's split.
+  if shards > n:
+    raise ConfigError(f"--shards={shards} is more than the {n} documents; accepted: 1 to {n}")
   train_ids, eval_ids = split_documents(list(range(n)), cfg.eval_fraction, cfg.split_seed)
   is_train = np.zeros(n, bool)
   is_train[train_ids] = True
