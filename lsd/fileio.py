@@ -16,11 +16,12 @@ the finished bytes, and the last writer wins.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from etils import epath
@@ -123,6 +124,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+  """A local file path with `path`'s bytes, for readers that need one (safetensors' `load_file`,
+  `safe_open`): `path` itself when local, else a temporary copy, removed on exit."""
+  if not is_remote(path):
+    yield os.path.expanduser(os.fspath(path))
+    return
+  source = as_path(path)
+  with tempfile.TemporaryDirectory(prefix="lsd-") as tmpdir:
+    tmp = os.path.join(tmpdir, source.name)
+    Path(tmp).write_bytes(source.read_bytes())
+    yield tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float
 
 from lsd.diffusion.embedding import EmbeddingStats, from_tokens, unstandardize
 from lsd.diffusion.guidance import LogProbFn, classifier_guide
-from lsd.fileio import atomic_write
+from lsd.fileio import atomic_write, local_copy
 
 
 class LinearClassifier:
@@ -110,7 +110,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[LinearClassifier, list[str
   """(classifier, class names) from a file written by `save_classifier`."""
   from safetensors import safe_open
 
-  with safe_open(os.fspath(path), framework="numpy") as f:
+  with local_copy(path) as local, safe_open(local, framework="numpy") as f:
     meta, keys = f.metadata() or {}, set(f.keys())
     if keys != {"weight", "bias"} or "classes" not in meta:
       raise ValueError(f"{path}: not a classifier file (weight, bias and class names expected)")

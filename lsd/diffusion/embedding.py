@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from lsd.fileio import atomic_write
+from lsd.fileio import atomic_write, local_copy
 
 STATS_FILE = "embedding_stats.safetensors"
 
@@ -85,7 +85,8 @@ def load_stats(path: str | os.PathLike, width: int | None = None) -> EmbeddingSt
   have."""
   from safetensors.numpy import load_file
 
-  arrays = load_file(os.fspath(path))
+  with local_copy(path) as local:
+    arrays = load_file(local)
   missing = {"mean", "std"} - set(arrays)
   if missing:
     raise ValueError(f"{path}: missing {sorted(missing)}; not an embedding statistics file")

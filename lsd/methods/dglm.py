@@ -48,6 +48,7 @@ from lsd.diffusion.attribute_guidance import (
 )
 from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss
+from lsd.fileio import as_path
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling import latent as latent_sampling
 from lsd.sampling.text_latent import LatentSampleConfig
@@ -134,7 +135,7 @@ class DGLMTask(Task):
 
   def load_stats(self, workdir: str | Path) -> emb.EmbeddingStats:
     """The run's statistics from `workdir` (a loaded run reloads them itself)."""
-    path = Path(workdir) / emb.STATS_FILE
+    path = as_path(workdir) / emb.STATS_FILE
     if not path.is_file():
       raise ConfigError(f"workdir={str(workdir)!r} holds no {emb.STATS_FILE}: is it a DGLM run?")
     self.stats = emb.load_stats(path, self.encoder().width)
@@ -160,7 +161,7 @@ class DGLMTask(Task):
     of `reference_stats`, else computed on the first `dglm.stats_sentences` training
     continuations (the same on every process); saved in the workdir. With an earlier run, the two
     must match."""
-    path, ref = Path(workdir) / emb.STATS_FILE, self.reference_stats()
+    path, ref = as_path(workdir) / emb.STATS_FILE, self.reference_stats()
     if path.exists():
       self.load_stats(workdir)
     elif ref is not None:
@@ -233,7 +234,7 @@ class DGLMDiffusionTask(DGLMTask):
     train_docs, eval_docs = self.split_docs()
     self.setup_stats(workdir, train_docs, process_index)
     self.tokenizer = enc.tokenizer
-    self.tokenizer.save(Path(workdir) / "tokenizer.json")
+    self.tokenizer.save(as_path(workdir) / "tokenizer.json")
     self.eval_docs = eval_docs
     local = self._rows(train_docs[process_index::process_count])
     return ArrayData(

@@ -32,6 +32,7 @@ from lsd.data.tokenizer import (
 from lsd.diffusion import embedding as emb
 from lsd.diffusion.attribute_guidance import attribute_guide, load_classifier
 from lsd.diffusion.gaussian import COSINE, q_sample
+from lsd.fileio import as_path
 from lsd.methods import get_task
 from lsd.methods.dglm import (
   DGLMTask,
@@ -198,7 +199,7 @@ class DGLMDecoderTask(DGLMTask):
     else:
       texts = [f"{d['source']} {d['text']}" for d in train_docs]
       return build_tokenizer(self.config.data.tokenizer, texts, save_dir=workdir)
-    tok.save(Path(workdir) / TOKENIZER_FILE)
+    tok.save(as_path(workdir) / TOKENIZER_FILE)
     return tok
 
   def checkpoint_tokenizer(self):
@@ -216,7 +217,7 @@ class DGLMDecoderTask(DGLMTask):
     """The tokenizer the decoder's weights read (`decoder_tokenizer` without data: the causal_lm
     run's file, the checkpoint's, else `data.tokenizer`'s) and stand-in statistics."""
     if self.tokenizer is None and self.stage.decoder_init:
-      self.tokenizer = Tokenizer.load(Path(self.stage.decoder_init) / TOKENIZER_FILE)
+      self.tokenizer = Tokenizer.load(as_path(self.stage.decoder_init) / TOKENIZER_FILE)
     elif self.tokenizer is None and self.stage.decoder_checkpoint:
       self.tokenizer = self.checkpoint_tokenizer()
     super().prepare_abstract()
@@ -317,7 +318,7 @@ class DGLMDecoderTask(DGLMTask):
   def classifier(self, path: str):
     """(LinearClassifier, class names) of a classifier file, loaded once."""
     if path not in self._classifiers:
-      if not Path(path).is_file():
+      if not as_path(path).is_file():
         raise ConfigError(f"dglm.classifiers: {path!r} is not a file (save one: save_classifier)")
       self._classifiers[path] = load_classifier(path)
     return self._classifiers[path]
