@@ -84,7 +84,7 @@ def nelbo(
   run: LoadedRun,
   data: str | os.PathLike | list[str] | None = None,
   *,
-  num_samples: int = 1,
+  num_samples: int = 8,
   block_size: int | None = None,
   seed: int = 0,
   batch_size: int | None = None,

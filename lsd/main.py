@@ -165,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help=".txt (a document per line) or .jsonl; default: run's held-out split",
   )
-  n.add_argument("--nelbo_samples", type=_positive_int, default=1, help="draws of t per block")
+  n.add_argument(
+    "--nelbo_samples", type=_positive_int, default=8, help="draws of t per block (default 8)"
+  )
   n.add_argument("--block_size", type=int, default=None, help="sbd runs (default sbd.block_small)")
   n.add_argument("--seed", type=int, default=0, help="the noise key")
   n.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -244,7 +244,7 @@ def run_likelihood(
   run,
   documents: Sequence[dict] | None = None,
   *,
-  num_samples: int = 1,
+  num_samples: int = 8,
   block_size: int | None = None,
   seed: int = 0,
   batch_size: int | None = None,
