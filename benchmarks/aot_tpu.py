@@ -32,12 +32,12 @@ CONFIGS = {
   "sbd": "configs/sbd.py:size=base",
   "ld4lg_ae": "configs/ld4lg_yelp.py:stage=ae,size=base",
   "ld4lg_diffusion": "configs/ld4lg_yelp.py:stage=diffusion,size=base",
-  # Landed after the recorded run; not compiled yet (--only sld_ae,sld_diffusion,dglm_diffusion).
   "sld_ae": "configs/sld.py:stage=ae,size=base",
   "sld_diffusion": "configs/sld.py:stage=diffusion,size=base",
   "dglm_diffusion": "configs/dglm.py:size=base",
+  "dglm_decoder": "configs/dglm.py:size=base,stage=decoder",
 }
-MEASURED = ("sbd", "ld4lg_ae", "ld4lg_diffusion")
+MEASURED = tuple(CONFIGS)
 TOPOLOGIES = ("v5e-16", "v4-32", "v5p-128")
 # Tried in order until the step fits; each entry is a list of overrides.
 LEVERS = (
