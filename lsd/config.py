@@ -56,14 +56,39 @@ def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def shipped_configs_dir() -> Path | None:
+  """The folder of the configs installed with lsd: the top-level `configs` package beside `lsd`
+  (in a checkout, and in site-packages after `pip install`), or None when it is absent."""
+  here = Path(__file__).resolve().parent.parent / "configs"
+  return here if (here / "common.py").is_file() else None
+
+
+def shipped_config_names() -> list[str]:
+  folder = shipped_configs_dir()
+  names = sorted(p.stem for p in folder.glob("*.py")) if folder else []
+  return [n for n in names if n not in ("__init__", "common")]
+
+
+def resolve_config_path(path: str) -> Path:
+  """A config file: `path` itself when it is a file, else a shipped config's name (`sbd`, or
+  `sbd.py`), so that `--config sbd:size=tiny` works from any directory after `pip install`."""
+  file = Path(path).expanduser()
+  if file.is_file():
+    return file
+  folder, name = shipped_configs_dir(), path.removesuffix(".py")
+  if folder and "/" not in path and name in shipped_config_names():
+    return folder / f"{name}.py"
+  raise ConfigError(
+    f"config file {path!r} does not exist; give a path to a .py config file or the name of a "
+    f"config shipped with lsd: {shipped_config_names()}"
+  )
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` and calls its `get_config(arg)`."""
+  """Loads `path/to/config.py[:arg]` (or a shipped config by name, `sbd[:arg]`) and calls its
+  `get_config(arg)`."""
   path, _, arg = spec.partition(":")
-  file = Path(path)
-  if not file.is_file():
-    here = Path(__file__).resolve().parent.parent / "configs"
-    known = sorted(p.name for p in here.glob("*.py")) if here.is_dir() else []
-    raise ConfigError(f"config file {path!r} does not exist; configs shipped with lsd: {known}")
+  file = resolve_config_path(path)
   if file.suffix != ".py":
     raise ConfigError(
       f"--config {path!r} is not a Python config file: give a .py file defining get_config(arg), "

@@ -90,7 +90,9 @@ def test_config_overrides_and_errors():
     apply_override(c, "train.steps", "many")
   with pytest.raises(ConfigError, match=r"config argument key 'sise' is unknown"):
     load_config_file("configs/causal_lm.py:sise=tiny")
-  with pytest.raises(ConfigError, match=r"does not exist; configs shipped with lsd"):
+  with pytest.raises(
+    ConfigError, match=r"'configs/nope.py' does not exist; .* shipped with lsd: \['causal_lm'"
+  ):
     load_config_file("configs/nope.py")
 
 
