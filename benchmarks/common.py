@@ -16,7 +16,12 @@ import jax
 import numpy as np
 
 from lsd.fileio import atomic_write_text
-from lsd.train.sweep import quiet, steady_steps_per_s  # noqa: F401 (quiet: for the scripts)
+from lsd.train.sweep import (  # noqa: F401 (quiet, check_stopped: for the scripts)
+  check_stopped,
+  finished_step,
+  quiet,
+  steady_steps_per_s,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -94,10 +99,10 @@ def probe_steps(cfg, probe: Path, minutes: float, train) -> int:
   """Training steps of run config `cfg` that fit `minutes` on this machine, from the steady speed
   of an 80-step probe run in `probe` (`lsd.train.sweep.steady_steps_per_s`); `train(config,
   workdir)` trains (`lsd.api.train`). The probe is reused when it exists."""
-  if not (probe / "metrics.jsonl").exists():
+  if finished_step(probe) != 80:  # absent, or stopped part-way: (re)train it to the end
     c = quiet(cfg, 80, log_every=10)
     c.train.eval_batches = 1
-    train(c, probe)
+    check_stopped(train(c, probe), probe, 80)
   sps = steady_steps_per_s(probe)
   log(f"{probe.name}: {sps:.2f} steps/s -> {int(minutes * 60 * sps)} steps in {minutes} min")
   return int(minutes * 60 * sps)

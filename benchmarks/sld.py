@@ -57,6 +57,7 @@ import numpy as np
 from common import (
   RESULTS_DIR,
   cached_features,
+  check_stopped,
   log,
   probe_steps,
   quiet,
@@ -196,7 +197,8 @@ def train_run(cfg, workdir: Path, name: str, minutes: float, args) -> int:
   """Trains `name` for --steps or the steps that fit `minutes`; returns the steps."""
   steps = args.steps or probe_steps(cfg, workdir / f"probe_{name}", minutes, api.train)
   log(f"training {name} ({steps} steps)")
-  api.train(quiet(cfg, steps, log_every=max(1, min(100, steps // 4))), workdir / name)
+  result = api.train(quiet(cfg, steps, log_every=max(1, min(100, steps // 4))), workdir / name)
+  check_stopped(result, workdir / name, steps)  # a SIGTERM'd run must not be sampled
   return steps
 
 

@@ -1,5 +1,6 @@
 """lsd.train.sweep: runs keyed by their config, reused when finished, budgets in minutes."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,3 +67,18 @@ def test_quiet_copies_and_steps_per_s_skips_the_compiling_interval(config, tmp_p
   (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
   with pytest.raises(ValueError, match="fewer than two logged training intervals"):
     sweep.steady_steps_per_s(run)
+
+
+def test_a_stopped_run_stops_the_sweep(config, tmp_path):
+  """A run that SIGTERM stopped returns normally from train(); the sweep must not take it as
+  finished (a benchmark would go on to sample a half-trained model)."""
+
+  def stopped_train(c, workdir):
+    result = train(sweep.quiet(c, 2, log_every=1), workdir)  # stops short of c.train.steps
+    return dataclasses.replace(result, stopped_by="SIGTERM")
+
+  with pytest.raises(sweep.RunStopped, match=r"stopped by SIGTERM at step 2 of 3; rerun"):
+    sweep.train_once(stopped_train, config, tmp_path / "runs", "lm", log=lambda m: None)
+  # The rerun resumes the stopped run and finishes it.
+  run = sweep.train_once(train, config, tmp_path / "runs", "lm", log=lambda m: None)
+  assert sweep.finished_step(run) == 3

@@ -24,6 +24,21 @@ from lsd.fileio import as_path, atomic_write
 TrainFn = Callable[[ml_collections.ConfigDict, Path], object]
 
 
+class RunStopped(RuntimeError):
+  """A sweep's run stopped before its last step (SIGTERM / SIGINT / preemption, which save a
+  checkpoint and return): the sweep must stop too, not go on with a half-trained run."""
+
+
+def check_stopped(result: object, run: str | Path, steps: int) -> None:
+  """Raises RunStopped when `result` (what `lsd.api.train` returns) says the run was stopped."""
+  stopped = getattr(result, "stopped_by", None)
+  if stopped:
+    step = getattr(result, "final_step", "?")
+    raise RunStopped(
+      f"{run}: stopped by {stopped} at step {step} of {steps}; rerun the same command to resume"
+    )
+
+
 def digest(*parts) -> str:
   """12 hex digits of JSON-able parts."""
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
@@ -83,7 +98,7 @@ def train_once(
     data = as_path(tokenizer).read_bytes()
     atomic_write(run / "tokenizer.json", lambda tmp: Path(tmp).write_bytes(data))
   log(f"training {run.name} ({config.train.steps} steps)")
-  train(config, run)
+  check_stopped(train(config, run), run, int(config.train.steps))
   return run
 
 
