@@ -58,13 +58,17 @@ def test_causal_lm_continues_each_prompt_in_input_order(lm):
 
 
 def test_a_method_without_conditional_generation_refuses_naming_it():
-  task = get_task(load_config_file("configs/sbd.py:size=test"))
-  with pytest.raises(ConfigError, match=r"method 'sbd' has no conditional generation"):
+  # An autoencoder stage: it encodes and decodes, it does not generate from inputs.
+  task = get_task(load_config_file("configs/ld4lg_yelp.py:stage=ae,size=test"))
+  with pytest.raises(ConfigError, match=r"method 'ld4lg_ae' has no conditional generation"):
     task.generate(None, jax.random.key(0), [{"prompt": "x"}])
 
 
 def _args(**kw):
-  base = dict(inputs=None, prompt=[], source=[], label=[], text=[], segment=[], num_samples=None)
+  base = dict(
+    inputs=None, prompt=[], prompts=None, infill=[], source=[], label=[], text=[], segment=[],
+    num_samples=None,
+  )  # fmt: skip
   return argparse.Namespace(**{**base, **kw})
 
 
