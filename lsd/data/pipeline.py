@@ -226,3 +226,30 @@ def local_eval_batches(
     rows = slice(b * global_batch_size + lo, b * global_batch_size + lo + local_batch)
     out.append({"tokens": tokens[rows], "valid": valid[rows]})
   return out
+
+
+class FixedEvalBatches:
+  """`eval_batches` for a data object that has `_eval_canvases` (int32[N, L], bool[N, L]),
+  `_has_eval`, `batch_size` (global), `tokenizer`, `process_index` and `process_count`."""
+
+  def eval_batches(self, num_batches: int = 0) -> list[Batch]:
+    """This process's rows of the first `num_batches` fixed eval batches (0 = all canvases); an
+    empty list when nothing is held out.
+
+    Every batch is {"tokens": int32[B, L], "valid": bool[B, L]} with the training shapes; rows added
+    to fill the last global batch are all-invalid, so metrics weighted by `valid` are exact.
+    """
+    if not self._has_eval:
+      return []
+    tokens, valid = self._eval_canvases
+    if num_batches:
+      n = num_batches * self.batch_size
+      tokens, valid = tokens[:n], valid[:n]
+    return local_eval_batches(
+      tokens,
+      valid,
+      pad_id=self.tokenizer.pad_id,
+      global_batch_size=self.batch_size,
+      process_index=self.process_index,
+      process_count=self.process_count,
+    )

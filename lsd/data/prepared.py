@@ -35,7 +35,7 @@ import grain
 import numpy as np
 
 from lsd.config import ConfigError
-from lsd.data.pipeline import PackIterDataset, _check_sharding, local_eval_batches
+from lsd.data.pipeline import FixedEvalBatches, PackIterDataset, _check_sharding
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from lsd.fileio import as_path, atomic_write, atomic_write_text
 
@@ -129,7 +129,7 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
   as `out/tokenizer.json`. Returns the manifest. A finished directory of the same spec is kept as it
   is; one of another spec is refused (ConfigError), as is a directory holding other files.
   """
-  from lsd.data import check_data_config
+  from lsd.data.config import check_data_config
   from lsd.data.pipeline import tokenize_documents
   from lsd.data.sources import iter_documents, split_documents
   from lsd.data.tokenizer import build_tokenizer
@@ -417,7 +417,7 @@ class _PlannedPackDataset(grain.IterDataset):
 
 
 @dataclasses.dataclass
-class PreparedData:
+class PreparedData(FixedEvalBatches):
   """The trainer's data object (`Task.make_data`) over a prepared directory: the interface of
   `lsd.data.DataBundle` (tokenizer, train_iter, eval_batches) without documents in memory."""
 
@@ -454,22 +454,9 @@ class PreparedData:
     )
     return np.stack([c["tokens"] for c in canvases]), np.stack([c["valid"] for c in canvases])
 
-  def eval_batches(self, num_batches: int = 0) -> list[dict[str, Any]]:
-    """As `DataBundle.eval_batches`: this process's rows of the fixed eval batches."""
-    if not len(self.eval_ids):
-      return []
-    tokens, valid = self._eval_canvases
-    if num_batches:
-      n = num_batches * self.batch_size
-      tokens, valid = tokens[:n], valid[:n]
-    return local_eval_batches(
-      tokens,
-      valid,
-      pad_id=self.tokenizer.pad_id,
-      global_batch_size=self.batch_size,
-      process_index=self.process_index,
-      process_count=self.process_count,
-    )
+  @property
+  def _has_eval(self) -> bool:
+    return bool(len(self.eval_ids))
 
   def documents(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
     """The token arrays of records `ids` (for inspection and tests)."""

@@ -38,8 +38,8 @@ import ml_collections
 import numpy as np
 
 from lsd.config import ConfigError, check_choice, dataclass_from_config
-from lsd.data import check_data_config, load_documents, split_documents
 from lsd.data.arrays import ArrayData
+from lsd.data.config import check_data_config
 from lsd.data.latent_cache import encode_in_chunks
 from lsd.data.sentences import (
   SentenceData,
@@ -47,6 +47,7 @@ from lsd.data.sentences import (
   encode_sentences,
   split_into_sentences,
 )
+from lsd.data.sources import load_documents, split_documents
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from lsd.fileio import as_path
 

@@ -43,7 +43,8 @@ import ml_collections
 import numpy as np
 
 from lsd.config import ConfigError, check_positive
-from lsd.data import check_data_config, default_data_config, load_documents, split_documents
+from lsd.data.config import check_data_config, default_data_config
+from lsd.data.sources import load_documents, split_documents
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from lsd.fileio import as_path, glob_files
 
