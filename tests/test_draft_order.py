@@ -9,12 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
+from tiny import split_tiny_masked_lm
 
 from lsd.config import ConfigError, apply_override, load_config_file
 from lsd.methods.sbd import sampler_config
-from lsd.models.masked_lm import MaskedLM
-from lsd.nn import TransformerConfig
 from lsd.sampling import DraftConfig, SBDSamplerConfig, StageConfig, draft, draft_then_revise
 from lsd.sampling.block import BlockState, denoise_block
 
@@ -282,10 +280,7 @@ VOCAB, MASK, L, B, N = 32, 31, 16, 4, 3
 
 @pytest.fixture(scope="module")
 def split_model():
-  cfg = TransformerConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2)
-  build = lambda: MaskedLM(cfg, MASK, rngs=nnx.Rngs(0))  # noqa: E731
-  graphdef, _ = nnx.split(nnx.eval_shape(build))
-  return graphdef, jax.jit(lambda: nnx.state(build()))()
+  return split_tiny_masked_lm(VOCAB, MASK)
 
 
 def test_random_draft_is_bit_identical_to_the_recorded_sampler(split_model):

@@ -12,21 +12,21 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_masked_lm
 
 from lsd.config import ConfigError
 from lsd.diffusion import masked as md
 from lsd.diffusion.schedules import ClippedInterval, LogLinear
 from lsd.methods.sbd import SBDTask, default_sbd_config, sbd_model_from_config
 from lsd.models.masked_lm import MaskedLM
-from lsd.nn import TransformerConfig, block_causal_mask
+from lsd.nn import block_causal_mask
 
 VOCAB, MASK, L = 11, 10, 16
 
 
 @pytest.fixture(scope="module")
 def model() -> MaskedLM:
-  cfg = TransformerConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2)
-  return MaskedLM(cfg, MASK, rngs=nnx.Rngs(0))
+  return tiny_masked_lm(VOCAB, MASK)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_masked_lm
 
 from lsd.config import ConfigError
 from lsd.eval import likelihood as lk
@@ -20,8 +21,7 @@ VOCAB, MASK, L = 11, 10, 16
 
 @pytest.fixture(scope="module")
 def model() -> MaskedLM:
-  cfg = TransformerConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2)
-  return MaskedLM(cfg, MASK, rngs=nnx.Rngs(0))
+  return tiny_masked_lm(VOCAB, MASK)
 
 
 @pytest.fixture(scope="module")

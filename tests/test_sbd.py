@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_sbd_task
 
 from lsd.config import ConfigError, apply_override, load_config_file
 from lsd.methods import get_task
@@ -22,11 +23,7 @@ class Tok:
 
 
 def tiny_task(**sample):
-  c = load_config_file("configs/sbd.py:size=test")
-  c.sample.update(sample)
-  task = get_task(c)
-  task.tokenizer = Tok()
-  return task, task.build_model(nnx.Rngs(0))
+  return tiny_sbd_task(Tok(), **sample)
 
 
 def test_sample_text_returns_draft_and_revision_with_nfe():

@@ -7,11 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from tiny import split_tiny_masked_lm, tiny_sbd_task
 
 from lsd.config import ConfigError
-from lsd.models.masked_lm import MaskedLM
-from lsd.nn import TransformerConfig
 from lsd.sampling import DraftConfig, SBDSamplerConfig, StageConfig, draft, draft_then_revise
 
 VOCAB, MASK, L, B = 32, 31, 16, 4
@@ -28,10 +26,7 @@ M = MASK
 
 @pytest.fixture(scope="module")
 def split_model():
-  cfg = TransformerConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2)
-  build = lambda: MaskedLM(cfg, MASK, rngs=nnx.Rngs(0))  # noqa: E731
-  graphdef, _ = nnx.split(nnx.eval_shape(build))
-  return graphdef, jax.jit(lambda: nnx.state(build()))()
+  return split_tiny_masked_lm(VOCAB, MASK)
 
 
 def canvas_of(rows):
@@ -268,14 +263,7 @@ class Tok:
 
 
 def tiny_task(**sample):
-  from lsd.config import load_config_file
-  from lsd.methods import get_task
-
-  c = load_config_file("configs/sbd.py:size=test")
-  c.sample.update(sample)
-  task = get_task(c)
-  task.tokenizer = Tok()
-  return task, task.build_model(nnx.Rngs(0))
+  return tiny_sbd_task(Tok(), **sample)
 
 
 def test_generate_prompts_of_different_lengths_and_infill_in_one_call():
