@@ -120,3 +120,13 @@ def cached_features(judge, folder: Path, texts: list[str]) -> np.ndarray:
   np.save(f.with_suffix(".tmp.npy"), x)
   f.with_suffix(".tmp.npy").replace(f)  # atomic: a killed run never leaves a truncated file
   return x
+
+
+def cached(path: Path, make) -> dict:
+  """The record in JSON file `path`, or `make()` (a dict with "texts" and "seconds"), saved there."""
+  if path.exists():
+    return json.loads(path.read_text())
+  rec = make()
+  atomic_write_text(path, json.dumps(rec))
+  log(f"{path.stem}: {len(rec['texts'])} texts in {rec['seconds']:.0f} s, e.g. {rec['texts'][:2]}")
+  return rec

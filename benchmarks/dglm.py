@@ -73,7 +73,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import cached_features, log, train_seconds, write_result
+from common import cached, cached_features, log, train_seconds, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -325,15 +325,6 @@ def ar_sample(run, key, items: list[dict], chunk: int, max_new: int, fudge=None)
     for i, row in zip(part, np.asarray(jax.device_get(toks)).tolist(), strict=False):
       out[i] = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
   return {"texts": [tok.decode(r) for r in out], "tokens": out, "seconds": time.perf_counter() - t0}
-
-
-def cached(path: Path, make) -> dict:
-  if path.exists():
-    return json.loads(path.read_text())
-  rec = make()
-  atomic_write_text(path, json.dumps(rec))
-  log(f"{path.stem}: {len(rec['texts'])} texts in {rec['seconds']:.0f} s, e.g. {rec['texts'][:2]}")
-  return rec
 
 
 # --------------------------------------------------------------------------------------- scoring

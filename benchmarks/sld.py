@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import (
   RESULTS_DIR,
+  cached,
   cached_features,
   check_stopped,
   log,
@@ -75,7 +76,6 @@ from lsd.config import load_config_file  # noqa: E402
 from lsd.data.segments import split_segments  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, dist_n, mauve, paired_bootstrap, rouge_per_sample  # noqa: E402
-from lsd.fileio import atomic_write_text  # noqa: E402
 from lsd.methods import get_task  # noqa: E402
 from lsd.nn.layers import normalize_to_sphere  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
@@ -255,15 +255,6 @@ def sample_ar(run_dir: Path, prompts: list[str], max_new: int, args, bucket: int
       for i, row in zip(part, np.asarray(jax.device_get(toks)).tolist(), strict=True):
         out[i] = tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row)
   return {"texts": out, "seconds": time.perf_counter() - t0, "nfe": max_new}
-
-
-def cached(path: Path, make) -> dict:
-  if path.exists():
-    return json.loads(path.read_text())
-  rec = make()
-  atomic_write_text(path, json.dumps(rec))
-  log(f"{path.name}: {len(rec['texts'])} texts in {rec['seconds']:.0f} s, e.g. {rec['texts'][:1]}")
-  return rec
 
 
 # ------------------------------------------------------------------------------------- scoring
