@@ -130,6 +130,16 @@ def test_training_on_prepared_data_gives_the_raw_losses(prepared, corpus, tmp_pa
   assert sorted(ours.losses) == [1, 2, 3, 4]
   for step in range(1, 5):
     assert ours.losses[step] == raw.losses[step], step  # exact, fp32 on CPU
+  # The held-out NELBO of the prepared run reads its records: the raw run's value on its texts.
+  from lsd.api import load
+  from lsd.eval.likelihood import run_likelihood
+
+  nelbo = {k: run_likelihood(load(tmp_path / k), num_samples=2) for k in ("raw", "prep")}
+  assert nelbo["prep"]["documents"] == nelbo["raw"]["documents"] > 0
+  assert nelbo["prep"]["tokens"] == nelbo["raw"]["tokens"]
+  np.testing.assert_allclose(
+    nelbo["prep"]["nats_per_token"], nelbo["raw"]["nats_per_token"], rtol=1e-6
+  )
 
 
 def test_refusals(prepared, corpus, tmp_path, capsys):

@@ -232,6 +232,11 @@ class FixedEvalBatches:
   """`eval_batches` for a data object that has `_eval_canvases` (int32[N, L], bool[N, L]),
   `_has_eval`, `batch_size` (global), `tokenizer`, `process_index` and `process_count`."""
 
+  @property
+  def held_out_canvases(self) -> tuple[np.ndarray, np.ndarray]:
+    """All held-out canvases (int32[N, L] tokens, bool[N, L] valid), every process's rows."""
+    return self._eval_canvases
+
   def eval_batches(self, num_batches: int = 0) -> list[Batch]:
     """This process's rows of the first `num_batches` fixed eval batches (0 = all canvases); an
     empty list when nothing is held out.

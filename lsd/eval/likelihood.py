@@ -192,6 +192,20 @@ def held_out_documents(data_config) -> list[dict]:
   return held_out
 
 
+def held_out_prepared(data_config) -> tuple[np.ndarray, np.ndarray, int]:
+  """The held-out canvases of a run trained on a `lsd prepare` directory, read from its records
+  (the texts are not there): (tokens, valid, number of held-out documents)."""
+  from lsd.data import load_prepared
+
+  data = load_prepared(data_config, None, seed=0)
+  if not len(data.eval_ids):
+    raise ConfigError(
+      "the run holds out no documents (data.eval_fraction=0); pass --data FILE with held-out text"
+    )
+  tokens, valid = data.held_out_canvases
+  return tokens, valid, len(data.eval_ids)
+
+
 def evaluate(
   fn: LikelihoodFn,
   graphdef: nnx.GraphDef,
@@ -257,11 +271,15 @@ def run_likelihood(
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise ConfigError(f"--nelbo_samples {num_samples!r} must be an int >= 1")
   fn, info = run.task.likelihood(num_samples=num_samples, block_size=block_size)
-  docs = held_out_documents(run.config.data) if documents is None else list(documents)
-  if not docs:
-    raise ConfigError("no documents to evaluate")
   tok = run.tokenizer
-  tokens, valid = eval_canvases(docs, tok, int(run.config.data.seq_len))
+  if documents is None and run.config.data.source == "prepared":
+    tokens, valid, n_docs = held_out_prepared(run.config.data)
+  else:
+    docs = held_out_documents(run.config.data) if documents is None else list(documents)
+    if not docs:
+      raise ConfigError("no documents to evaluate")
+    tokens, valid = eval_canvases(docs, tok, int(run.config.data.seq_len))
+    n_docs = len(docs)
   bs = batch_size or int(run.config.data.batch_size)
   out = evaluate(
     fn,
@@ -277,7 +295,7 @@ def run_likelihood(
     "method": run.config.get("method", run.task.name),
     **info,
     **out,
-    "documents": len(docs),
+    "documents": n_docs,
     "seq_len": int(run.config.data.seq_len),
     "seed": seed,
     "step": run.step,
