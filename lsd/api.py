@@ -26,6 +26,7 @@ __all__ = [
   "decode_latents",
   "edit_text",
   "encode_texts",
+  "export",
   "generate",
   "generate_from_sources",
   "interpolate_texts",
@@ -40,11 +41,25 @@ __all__ = [
 
 def load(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True) -> LoadedRun:
   """Restores the latest (or `step`) checkpoint of a training run directory (a local path or a
-  remote URL such as gs://bucket/run)
+  remote URL such as gs://bucket/run), or loads an exported model directory (`export`), local,
+  remote or on the Hugging Face hub as hf:org/name
   (`lsd.train.stages.load_run` with the method registry's tasks)."""
   from lsd.methods import get_task
+  from lsd.train.export import HUB_PREFIX, resolve_hub
 
+  if isinstance(workdir, str) and workdir.startswith(HUB_PREFIX) and "://" not in workdir:
+    workdir = resolve_hub(workdir)
   return load_run(workdir, get_task, step=step, use_ema=use_ema)
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None):
+  """Writes the latest (or `step`) checkpoint of a training run as a self-contained model
+  directory `out` (config.json, tokenizer.json, model.safetensors with the EMA under ema/, a
+  README.md model card) that `load` reads (`lsd.train.export.export_run`); returns its path."""
+  from lsd.methods import get_task
+  from lsd.train.export import export_run
+
+  return export_run(workdir, out, get_task, step=step)
 
 
 def train(config, workdir: str | os.PathLike, **kwargs):

@@ -9,6 +9,7 @@ lsd eval   --samples FILE.jsonl [--references FILE] [--metrics a,b] [--gen_ppl] 
 lsd eval   --nelbo --workdir RUN [--data FILE] [--nelbo_samples K] [--block_size B] [--seed S]
 lsd compile --config FILE[:ARG] --topology v5e-16|v5e:4x4|local [--mesh D,F,T] [--sampler]
 lsd prepare --config FILE[:ARG] --out DIR [--shards N] [--config.a.b=value ...]
+lsd export --workdir RUN --out DIR [--step N]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     description="Diffusion language models in JAX: train, sample, evaluate.",
     epilog="Run `lsd <verb> --help` for the options of each verb.",
   )
-  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval,compile,prepare}")
+  verbs = p.add_subparsers(dest="verb", metavar="{train,sample,eval,compile,prepare,export}")
   t = verbs.add_parser(
     "train",
     help="train a model (resumes from --workdir automatically)",
@@ -173,7 +174,23 @@ def _parser() -> argparse.ArgumentParser:
   n.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   _compile_parser(verbs)
   _prepare_parser(verbs)
+  _export_parser(verbs)
   return p
+
+
+def _export_parser(verbs) -> None:
+  x = verbs.add_parser(
+    "export",
+    help="write a run as a self-contained model directory (for a model hub)",
+    description="Write the latest (or --step) checkpoint of a training run to --out (a new or "
+    "empty directory): config.json, tokenizer.json, model.safetensors (the params, and the EMA "
+    "under ema/ when the run has one) and a README.md model card with the training config and "
+    "the metrics the run recorded. `lsd sample --workdir DIR` and lsd.api.load(DIR) read it; "
+    "uploaded to the Hugging Face hub, lsd.api.load('hf:org/name') does.",
+  )
+  x.add_argument("--workdir", required=True, help="the training run to export")
+  x.add_argument("--out", required=True, help="the model directory to write (local or gs://, ...)")
+  x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
 def _prepare_parser(verbs) -> None:
@@ -418,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
       return _compile(args, overrides)
     elif args.verb == "prepare":
       _prepare(args, overrides)
+    elif args.verb == "export":
+      _export(args)
     else:
       _eval(args)
   except Exception as e:
@@ -441,6 +460,13 @@ def _prepare(args, overrides) -> None:
   for dotted, raw in overrides:
     apply_override(config, dotted, raw)
   prepare(config, args.out, shards=args.shards)
+
+
+def _export(args) -> None:
+  from lsd.api import export
+
+  out = export(args.workdir, args.out, step=args.step)
+  print(f"exported {args.workdir} -> {out}")
 
 
 def _compile(args, overrides) -> int:

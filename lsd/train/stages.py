@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from flax import nnx, traverse_util
 
 from lsd.config import ConfigError, from_json_file
@@ -54,19 +55,27 @@ def load_run(
   """Restores the latest (or `step`) checkpoint of a training run directory (local, or remote:
   gs://, ...; see lsd.fileio); `make_task` builds
   its task from the stored config (`lsd.methods.get_task`). EMA params when the run has them and
-  `use_ema`."""
-  from lsd.data.tokenizer import Tokenizer
-  from lsd.parallel import make_mesh, rules_from_config, sharded_init
-  from lsd.train.checkpoint import Checkpointer
-  from lsd.train.state import init_state, make_optimizer
+  `use_ema`. An exported model directory (`lsd export`: model.safetensors, no checkpoints/) loads
+  the same way (`lsd.train.export.load_exported`)."""
+  from lsd.train import export
 
-  workdir = as_path(workdir)
+  if export.is_exported(as_path(workdir)):
+    return export.load_exported(workdir, make_task, step=step, use_ema=use_ema)
+  config, task, graphdef, state = restore_run(workdir, make_task, step=step)
+  params = state.ema if (use_ema and state.ema is not None) else state.params
+  return LoadedRun(config, task, graphdef, params, int(state.step))
+
+
+def open_run(workdir: epath.Path, make_task: TaskFactory, *, what: str = "a training run"):
+  """(config, task with its tokenizer) of the run directory `workdir`, its config validated."""
+  from lsd.data.tokenizer import Tokenizer
+
   try:
     found = (workdir / "config.json").is_file()
   except Exception as e:  # a remote store's client missing, or refusing (credentials)
     raise ConfigError(f"workdir={str(workdir)!r} cannot be read: {one_line(e)}") from e
   if not found:
-    raise ConfigError(f"workdir={str(workdir)!r} holds no config.json: is it a training run?")
+    raise ConfigError(f"workdir={str(workdir)!r} holds no config.json: is it {what}?")
   try:
     config = from_json_file(workdir / "config.json")
   except ValueError as e:
@@ -74,12 +83,13 @@ def load_run(
   task = make_task(config)
   task.validate()  # a hand-edited config.json fails here, with the field, not in a trace
   task.tokenizer = Tokenizer.load(workdir / "tokenizer.json")
-  if not (workdir / "checkpoints").is_dir():
-    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
-  ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
-  if ckpt.latest_step() is None:
-    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
-  task.load_run_files(workdir)
+  return config, task
+
+
+def init_run_params(config: ml_collections.ConfigDict, task) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, freshly initialised params) of a run's model, sharded over the devices there are."""
+  from lsd.parallel import make_mesh, rules_from_config, sharded_init
+
   try:
     mesh = make_mesh(config.mesh)
   except ConfigError as e:  # a run trained on another slice: load on the devices there are
@@ -91,12 +101,29 @@ def load_run(
     )
   rules = rules_from_config(config.mesh)
   graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
+  return graphdef, params
+
+
+def restore_run(workdir: str | os.PathLike, make_task: TaskFactory, *, step: int | None = None):
+  """(config, task, graphdef, TrainState) of the latest (or `step`) checkpoint of a training run:
+  `load_run` without the choice between EMA and raw params."""
+  from lsd.train.checkpoint import Checkpointer
+  from lsd.train.state import init_state, make_optimizer
+
+  workdir = as_path(workdir)
+  config, task = open_run(workdir, make_task)
+  if not (workdir / "checkpoints").is_dir():
+    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
+  if ckpt.latest_step() is None:
+    raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
+  task.load_run_files(workdir)
+  graphdef, params = init_run_params(config, task)
   tx = make_optimizer(config.train)
   state = jax.jit(lambda p: init_state(p, tx, ema=config.train.ema_decay > 0))(params)
   state = ckpt.restore(state, step=step, set_aside=False)
   ckpt.close()
-  params = state.ema if (use_ema and state.ema is not None) else state.params
-  return LoadedRun(config, task, graphdef, params, int(state.step))
+  return config, task, graphdef, state
 
 
 def load_stage_run(
