@@ -140,6 +140,30 @@ def local_copy(path: str | os.PathLike) -> Iterator[str]:
     yield tmp
 
 
+def move_tree(source: str | os.PathLike, dest: str | os.PathLike) -> None:
+  """Moves directory `source` to `dest` (which must not exist). Locally one rename; on an object
+  store, where a "directory" is a prefix and renaming one is not supported everywhere, every
+  object is copied under `dest`, then `source` is deleted (a crash between leaves both whole)."""
+  src, dst = as_path(source), as_path(dest)
+  if not is_remote(source) and not is_remote(dest):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)
+    return
+  if dst.exists():
+    raise FileExistsError(f"{dst} exists")
+
+  def copy(folder, to) -> None:  # one listing per prefix (recursive globs are refused on GCS)
+    for child in sorted(folder.iterdir()):
+      if child.is_dir():
+        copy(child, to / child.name)
+      else:
+        (to / child.name).parent.mkdir(parents=True, exist_ok=True)
+        (to / child.name).write_bytes(child.read_bytes())
+
+  copy(src, dst)
+  src.rmtree()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:

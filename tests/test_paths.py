@@ -31,7 +31,7 @@ from lsd.data import default_data_config
 from lsd.data.sources import load_documents
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from lsd.eval.report import read_jsonl
-from lsd.fileio import as_path, atomic_write_text, glob_files, is_remote
+from lsd.fileio import as_path, atomic_write_text, glob_files, is_remote, move_tree
 from lsd.train.logging import MetricWriter, read_metrics
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
@@ -89,6 +89,17 @@ def test_paths_are_local_or_remote(root):
   assert is_remote(root) == root.startswith("gs://")
   assert str(path / "config.json") == root + "/config.json"
   assert not (path / "config.json").exists()
+
+
+def test_move_tree_moves_every_file_and_removes_the_source(root):
+  src, dest = as_path(root) / "ckpt" / "7", as_path(root) / "ckpt.corrupt" / "7-x"
+  files = {"_METADATA": "{}", "d/a.bin": "aa", "d/sub/b.bin": "bbb"}
+  for name, text in files.items():
+    atomic_write_text(src / name, text)
+  move_tree(src, dest)
+  assert {name: (dest / name).read_text() for name in files} == files
+  assert sorted(p.name for p in dest.iterdir()) == ["_METADATA", "d"]
+  assert not src.exists() and not list(src.parent.glob("7*"))
 
 
 def test_data_glob_matches_files_at_one_level(root):

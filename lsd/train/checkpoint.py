@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lsd.config import ConfigError
-from lsd.fileio import as_path, is_remote
+from lsd.fileio import as_path, is_remote, move_tree
 
 
 class CheckpointMismatch(ConfigError):
@@ -176,7 +176,7 @@ class Checkpointer:
     aside = as_path(f"{self.directory}.corrupt")
     aside.mkdir(exist_ok=True)
     dest = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (self.directory / str(step)).rename(dest)  # on an object store: a copy, then a delete
+    move_tree(self.directory / str(step), dest)  # on an object store: a copy, then a delete
     self.manager.reload()
     return dest
 
