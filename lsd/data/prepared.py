@@ -213,7 +213,11 @@ def prepare(cfg, out: str | os.PathLike, *, shards: int = 1, log=print) -> dict[
       f"{int(lengths[lo:hi].sum())} tokens -> {name}"
     )
   if next(docs, None) is not None or (lengths == 0).any():
-    raise RuntimeError(f"data.source={cfg.source!r} gave other documents on a second reading")
+    raise ConfigError(
+      f"data.source={cfg.source!r} (data.path={cfg.path!r}) gave other documents on a second "
+      "reading; lsd prepare reads the corpus three times. Accepted: a source whose files do not "
+      "change while it runs"
+    )
 
   def write_lengths(tmp: str) -> None:
     with open(tmp, "wb") as f:

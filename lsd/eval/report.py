@@ -19,7 +19,7 @@ from etils import epath
 
 from lsd.config import ConfigError
 from lsd.eval import metrics as text_metrics
-from lsd.fileio import as_path
+from lsd.fileio import as_path, atomic_write_text
 
 METRICS = ("entropy", "dist_n", "diversity", "rouge", "bleu", "attribute_accuracy")
 DEFAULT_METRICS = ("entropy", "dist_n", "diversity")
@@ -217,6 +217,6 @@ def write_report(
   json_path = prefix.with_name(prefix.name + ".json")
   md_path = prefix.with_name(prefix.name + ".md")
   text = json.dumps(results, indent=2, default=_json_default) + "\n"
-  json_path.write_text(text, encoding="utf-8")
-  md_path.write_text(_markdown(results, digits), encoding="utf-8")
+  atomic_write_text(json_path, text)  # a kill leaves the old report or the new one, never half
+  atomic_write_text(md_path, _markdown(results, digits))
   return json_path, md_path

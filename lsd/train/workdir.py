@@ -117,7 +117,10 @@ class WorkdirLock:
   def release(self) -> None:
     if self._advisory:
       self._advisory = False
-      self.path.write_text("")  # an empty lock file names no holder: a clean exit
+      try:
+        self.path.write_text("")  # an empty lock file names no holder: a clean exit
+      except OSError as e:  # a failed network write must not hide the error ending the run
+        warnings.warn(f"could not clear the lock {self.path}: {e}", stacklevel=2)
       return
     if self._fd is None:
       return
