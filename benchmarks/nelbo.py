@@ -21,7 +21,6 @@ Expected time with trained runs: a few minutes (about 430 held-out canvases per 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from common import train_seconds, write_result
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sbd_quality import MODELS, L, model_config  # noqa: E402
+from sbd_quality import MODELS, L, model_config, train_all  # noqa: E402
 
 from lsd import api  # noqa: E402
 
@@ -81,15 +80,7 @@ def ensure_runs(workdir: Path, cfgs: dict, train: bool, smoke: bool) -> None:
       f"`python benchmarks/sbd_quality.py --workdir {workdir}` or "
       f"`python benchmarks/nelbo.py --workdir {workdir} --train` (about 70 min on 2 CPU cores)"
     )
-  tokenizer = workdir / "tokenizer.json"
-  for name in cfgs:
-    run = workdir / name
-    run.mkdir(parents=True, exist_ok=True)
-    if tokenizer.exists() and not (run / "tokenizer.json").exists():
-      shutil.copy(tokenizer, run / "tokenizer.json")
-    api.train(cfgs[name], run)
-    if not tokenizer.exists():
-      shutil.copy(run / "tokenizer.json", tokenizer)
+  train_all(workdir, cfgs)
 
 
 def main():

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import train_seconds, write_result
+from common import check_stopped, train_seconds, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,6 +43,7 @@ from lsd.api import train  # noqa: E402
 from lsd.config import load_config_file  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import unigram_entropy  # noqa: E402
+from lsd.fileio import atomic_write_text  # noqa: E402
 from lsd.methods.sbd import decode_output  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
 from lsd.sampling.block import DraftConfig  # noqa: E402
@@ -90,19 +90,19 @@ for _order in ORDERS:
   VARIANTS[f"draft_{_order}"] = VARIANTS[f"draft_{_order}_revised"] = "sbd"
 
 
-def train_all(workdir: Path, steps: int, models: list[str]) -> None:
-  """Trains (or resumes) each model; training time is read back from its logs (`train_seconds`)."""
+def train_all(workdir: Path, cfgs: dict) -> None:
+  """Trains (or resumes) each run of {name: config} under `workdir`, all with one tokenizer (the
+  first run's); a stopped run raises `RunStopped`. Training time is read back from the logs."""
   tokenizer = workdir / "tokenizer.json"
-  for name in models:
-    spec = MODELS[name]
+  for name, cfg in cfgs.items():
     run = workdir / name
     run.mkdir(parents=True, exist_ok=True)
     if tokenizer.exists() and not (run / "tokenizer.json").exists():
-      shutil.copy(tokenizer, run / "tokenizer.json")  # one tokenizer for every model
-    train(model_config(spec, steps), run)
+      atomic_write_text(run / "tokenizer.json", tokenizer.read_text())
+    check_stopped(train(cfg, run), run, cfg.train.steps)  # a SIGTERM'd run must not be scored
     print(f"{name}: trained in {train_seconds(run):.0f} s of training steps", flush=True)
     if not tokenizer.exists():
-      shutil.copy(run / "tokenizer.json", tokenizer)
+      atomic_write_text(tokenizer, (run / "tokenizer.json").read_text())
 
 
 TIMED_BATCH = 32
@@ -228,7 +228,7 @@ def main():
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   models = [m for m in MODELS if m in {VARIANTS[v] for v in only}]
-  train_all(workdir, args.steps, models)
+  train_all(workdir, {n: model_config(MODELS[n], args.steps) for n in models})
   draft_cfg = DraftConfig(
     block_size=4,
     steps_per_block=args.steps_per_block,
