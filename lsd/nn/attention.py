@@ -98,6 +98,21 @@ class KVCache:
     pad[3] = (0, size - cur)
     return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad), self.length)
 
+  def drop_oldest(self, n: int) -> KVCache:
+    """Drops the `n` (static) oldest committed slots: every slot moves `n` to the left, the last `n`
+    slots become zeros and length shrinks by `n` (not below 0). The shape is unchanged, so a
+    sliding-window loop compiles once ("commit and shift": append a block, then drop the oldest)."""
+    if n <= 0:
+      return self
+    pad = [(0, 0)] * self.k.ndim
+    pad[3] = (0, min(n, self.size))
+    keep = slice(min(n, self.size), None)
+    return KVCache(
+      jnp.pad(self.k[:, :, :, keep], pad),
+      jnp.pad(self.v[:, :, :, keep], pad),
+      jnp.maximum(self.length - n, 0),
+    )
+
   def layer(self, i: int) -> LayerCache:
     return LayerCache(self.k[i], self.v[i], self.length)
 

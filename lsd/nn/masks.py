@@ -36,10 +36,18 @@ def padding_mask(
   return valid_k[:, None, None, :]
 
 
-def block_causal_mask(length: int, block_size: int | Array) -> Bool[Array, "L L"]:
-  """Query in block b sees every key in blocks <= b (bidirectional inside a block)."""
-  blk = jnp.arange(length) // block_size
-  return blk[None, :] <= blk[:, None]
+def block_causal_mask(length: int, block_size: int | Array, window: int = 0) -> Bool[Array, "L L"]:
+  """Query in block b sees every key in blocks <= b (bidirectional inside a block).
+
+  window: W > 0 (static) also hides keys before position b * block_size - W, so block b sees its
+  own block and the last W tokens before it (the keys a sliding-window KV cache holds).
+  """
+  pos = jnp.arange(length)
+  blk = pos // block_size
+  mask = blk[None, :] <= blk[:, None]
+  if window:
+    mask = mask & (pos[None, :] >= blk[:, None] * block_size - window)
+  return mask
 
 
 def bd3_training_mask(length: int, block_size: int | Array) -> Bool[Array, "2L 2L"]:
