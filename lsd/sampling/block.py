@@ -41,6 +41,19 @@ filled with `pad_id` before its block is drafted (fixed text of an infill templa
 row's EOS and padding are frozen (`DraftOutput.fixed`), so revision leaves them alone. Rows finish
 independently.
 
+Generating past the trained context (`DraftConfig.window` = W > 0, a multiple of B): block b
+attends to its own block and the last W tokens before it (blocks max(0, b - W/B) .. b-1), never
+to older ones, so the canvas may be any length. Cached: one scan over a fixed cache of W + B
+slots; a block is committed against the W tokens its peeks saw, then a cache holding more than W
+tokens drops its oldest block ("commit and shift", `KVCache.drop_oldest`), so the keys of every
+block are those the windowed full-canvas forward computes; a prefix goes through the scan block
+by block. Uncached: the
+full-canvas forward under `block_causal_mask(L, B, W)`. Keys are stored post-RoPE and positions
+stay absolute, so attention scores depend on relative distances < W + B only: with W + B at most
+the trained length every distance was seen in training. A model with learned absolute positions
+(`model.learned_pos`) cannot go past its table (`check_positions` raises). W >= L - B never drops
+a block and gives the unwindowed draft.
+
 NFE counts, per sequence, the forwards made while the block still had masked positions (BD3-LM
 counts forwards that can change the sequence); commit forwards are reported separately.
 """
@@ -82,6 +95,9 @@ class DraftConfig:
   order="threshold" to commit it, in (0, 1]; ignored by the other orders.
   eos_id, pad_id: EOS-aware stopping (see the module docstring); eos_id = -1 (default) drafts
   every block whatever it holds.
+  window: W, 0 (default) = block b attends to every block before it; W > 0 (a multiple of
+  block_size) = only to the last W tokens before it, for canvases longer than the trained context
+  (see the module docstring; cache_segments is then not used).
   """
 
   block_size: int = 4
@@ -95,6 +111,7 @@ class DraftConfig:
   threshold: float = 0.9
   eos_id: int = -1
   pad_id: int = -1
+  window: int = 0
 
   def validate(self, length: int, prefix_len: int = 0) -> None:
     if self.block_size < 1 or length % self.block_size:
@@ -118,6 +135,11 @@ class DraftConfig:
       raise ValueError(f"draft.order={self.order!r} is not supported; accepted: {list(ORDERS)}")
     if not 0.0 < self.threshold <= 1.0:
       raise ValueError(f"draft.threshold={self.threshold} must be a probability in (0, 1]")
+    if self.window < 0 or self.window % self.block_size:
+      raise ValueError(
+        f"draft.window={self.window} must be 0 (no window) or a positive multiple of "
+        f"draft.block_size={self.block_size}"
+      )
     if self.eos_id >= 0 and (self.pad_id < 0 or self.pad_id == self.eos_id):
       raise ValueError(
         f"draft.pad_id={self.pad_id} must be a token id >= 0 other than draft.eos_id={self.eos_id}"
@@ -332,6 +354,18 @@ def segment_ends(first: int, n_blocks: int, block_size: int, segments: int) -> l
   return sorted(ends)
 
 
+def check_positions(model: MaskedLM, length: int) -> None:
+  """Refuses a canvas longer than a learned absolute position table (`model.learned_pos`): past it
+  there are no position embeddings to look up. RoPE (or no positions) has no such limit."""
+  table = model.cfg.learned_pos
+  if table and length > table:
+    raise ValueError(
+      f"a canvas of {length} positions needs learned positions past the model's table "
+      f"(model.learned_pos={table}): a model with learned absolute positions cannot generate past "
+      f"{table} tokens, with or without draft.window; use a RoPE model (model.rope_base > 0)"
+    )
+
+
 @flax.struct.dataclass
 class _DraftCarry:
   tokens: Int[Array, "N L"]
@@ -369,7 +403,8 @@ def draft_blocks(
   """The draft as a traceable function of a merged model (call under jit; see `draft`)."""
   p = 0 if prefix is None else prefix.shape[1]
   cfg.validate(length, p)
-  bs, mask_id = cfg.block_size, model.mask_id
+  check_positions(model, length)
+  bs, mask_id, window = cfg.block_size, model.mask_id, cfg.window
   if canvas is not None:
     if prefix is not None:
       raise ValueError("draft: give a prefix or a canvas, not both")
@@ -384,14 +419,18 @@ def draft_blocks(
     tokens = tokens.at[:, :p].set(prefix.astype(jnp.int32))
   fixed = tokens != mask_id
   stopping = cfg.eos_id >= 0
-  first, n_blocks = p // bs, length // bs
-  ends = segment_ends(first, n_blocks, bs, cfg.cache_segments) if cfg.use_cache else [n_blocks]
+  # With a window the prefix goes through the block scan like any fixed block (skipped, then
+  # committed), so its keys are computed through the window as well.
+  first, n_blocks = (0 if window else p // bs), length // bs
+  ends = [n_blocks]
+  if cfg.use_cache and not window:
+    ends = segment_ends(first, n_blocks, bs, cfg.cache_segments)
   if cfg.use_cache:
-    cache = model.init_cache(batch, ends[0] * bs)
-    if p:
+    cache = model.init_cache(batch, min(window + bs, length) if window else ends[0] * bs)
+    if p and not window:
       _, cache = model(tokens[:, :p], mask=block_causal_mask(p, bs), cache=cache)
       commits = 1
-  canvas_mask = block_causal_mask(length, bs)
+  canvas_mask = block_causal_mask(length, bs, window)
 
   def one_block(c: _DraftCarry, b: Array) -> tuple[_DraftCarry, None]:
     start = b * bs
@@ -444,6 +483,9 @@ def draft_blocks(
     cache = c.cache
     if cfg.use_cache:
       _, cache = model(block.tokens, positions=positions, cache=cache)
+      if window:  # commit and shift: past W tokens the cache drops its oldest block
+        over = cache.length > window
+        cache = jax.lax.cond(over, lambda k: k.drop_oldest(bs), lambda k: k, cache)
     return _DraftCarry(
       tokens=jax.lax.dynamic_update_slice(c.tokens, block.tokens, (0, start)),
       conf=jax.lax.dynamic_update_slice(c.conf, block.conf, (0, start)),
@@ -465,7 +507,7 @@ def draft_blocks(
   )
   start = first
   for end in ends:  # static: one scan per cache size
-    if cfg.use_cache:
+    if cfg.use_cache and not window:
       carry = carry.replace(cache=carry.cache.resize(end * bs))
     carry, _ = jax.lax.scan(one_block, carry, jnp.arange(start, end, dtype=jnp.int32))
     start = end

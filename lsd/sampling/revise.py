@@ -9,6 +9,11 @@ After the stage-1 draft (`lsd.sampling.block`), each stage k
 Baselines are settings of the same code: no revision (`stages=()`), random or post-hoc
 remasking, and MDLM (`mdlm_sample`: an all-mask canvas, i.e. gamma = 1, revised by one block of L).
 
+With a draft window W (`DraftConfig.window`, generation past the trained context) every stage keeps
+it: a query in stage block b sees its block and the W tokens before it (`block_causal_mask(L, B_k,
+W)`), a post-hoc score is read under that same mask, and B_k must be at most W + B (the draft's
+block size), so no stage attends over more than the draft does.
+
 Keys: the draft uses fold_in(key, 0); stage k uses fold_in(key, k + 1), split by fold_in into
 0 (scores) and 1 (denoising), so `mdlm_sample` and a gamma = 1, B = L stage draw the same noise.
 """
@@ -63,8 +68,14 @@ class SBDSamplerConfig:
 
   def validate(self, length: int, prefix_len: int = 0) -> None:
     self.draft.validate(length, prefix_len)
+    span = self.draft.window + self.draft.block_size
     for k, stage in enumerate(self.stages):
       stage.validate(length, f"stages[{k}]")
+      if self.draft.window and stage.block_size > span:
+        raise ValueError(
+          f"stages[{k}].block_size={stage.block_size} must be <= draft.window + "
+          f"draft.block_size={span} with a draft window (a longer block attends past the window)"
+        )
 
 
 @flax.struct.dataclass
@@ -129,10 +140,13 @@ def remask(
   return jnp.where(remasked, jnp.asarray(mask_id, tokens.dtype), tokens), remasked
 
 
-def posthoc_scores(model: MaskedLM, tokens: Int[Array, "N L"]) -> Float[Array, "N L"]:
+def posthoc_scores(
+  model: MaskedLM, tokens: Int[Array, "N L"], mask: Bool[Array, "L L"] | None = None
+) -> Float[Array, "N L"]:
   """p(token_i | whole canvas) from one bidirectional forward with every token visible (subs off,
-  so the model's own belief is scored rather than the copy-through)."""
-  logp, _ = model(tokens, subs=False)
+  so the model's own belief is scored rather than the copy-through); `mask` restricts what each
+  token sees (a windowed stage's mask)."""
+  logp, _ = model(tokens, mask=mask, subs=False)
   return jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
 
 
@@ -147,17 +161,22 @@ def revise_stage(
   top_p: float = 1.0,
   temperature: float = 1.0,
   confidence: Confidence = "filtered",
+  window: int = 0,
 ) -> tuple[Int[Array, "N L"], Float[Array, "N L"], Int[Array, " N"]]:
   """Denoises every masked position of `tokens`, blocks of `block_size` left to right (traceable).
 
   Each step is one full-canvas forward under the block-causal mask (block b sees blocks <= b;
   block_size == L is a plain bidirectional forward); `steps` ancestral steps per block as in the
   draft. Newly unmasked tokens get fresh snapshot confidences in `conf` (+inf default), so stages
-  chain. Returns (tokens, conf, nfe [N]: forwards made while the current block had masks).
+  chain. `window` (static): W > 0 also hides keys more than W tokens before a query's block
+  (`block_causal_mask(L, block_size, W)`). Returns (tokens, conf, nfe [N]: forwards made while the
+  current block had masks).
   """
   n, length = tokens.shape
   conf = jnp.full((n, length), jnp.inf, jnp.float32) if conf is None else conf
-  attn_mask = None if block_size == length else block_causal_mask(length, block_size)
+  attn_mask = None
+  if block_size != length or window:
+    attn_mask = block_causal_mask(length, block_size, window)
 
   def one_block(carry, b):
     canvas, conf, nfe = carry
@@ -201,6 +220,7 @@ def _run_stages(
   stages: tuple[StageConfig, ...],
   valid: Bool[Array, "#N L"],
   sampling: dict,
+  window: int = 0,
 ) -> tuple[Array, list[Array], list[Array], list[Array]]:
   """Stage k: score -> remask -> revise_stage. A Python loop over the (static, few) stages only.
 
@@ -213,7 +233,8 @@ def _run_stages(
     if stage.score == "snapshot":
       scores = conf
     elif stage.score == "posthoc":
-      scores, extra = posthoc_scores(model, tokens), 1
+      mask = block_causal_mask(tokens.shape[1], stage.block_size, window) if window else None
+      scores, extra = posthoc_scores(model, tokens, mask), 1
     else:
       scores = jax.random.uniform(score_key, tokens.shape)
     tokens, remasked = remask(tokens, scores, stage.gamma, model.mask_id, valid)
@@ -224,6 +245,7 @@ def _run_stages(
       stage.block_size,
       stage.steps,
       conf=conf,
+      window=window,
       **sampling,
     )
     outs.append(tokens)
@@ -278,7 +300,9 @@ def draft_then_revise(
   sampling = dict(
     top_p=cfg.draft.top_p, temperature=cfg.draft.temperature, confidence=cfg.draft.confidence
   )
-  stages = _run_stages(model, key, d.tokens, d.conf, cfg.stages, ~d.fixed, sampling)
+  stages = _run_stages(
+    model, key, d.tokens, d.conf, cfg.stages, ~d.fixed, sampling, cfg.draft.window
+  )
   return _output(d.tokens, d.nfe, d.commit_forwards, d.fixed, *stages)
 
 
