@@ -12,6 +12,9 @@ Config fields read here:
 The math lives in `lsd.diffusion.masked`; sampling (draft then revise) in `lsd.sampling.revise`.
 Conditional generation (`generate`): inputs {"prompt": text} continue a text, {"infill": "a [MASK:3]
 b"} fill the marked spans; both keep their given tokens fixed through draft and revision.
+Length: sample.max_new_tokens (0 = fill the training canvas of data.seq_len) may exceed
+data.seq_len; a canvas longer than data.seq_len is drafted and revised through a sliding window of
+sample.window tokens (0 = auto: data.seq_len - draft.block_size), see `lsd.sampling.block`.
 """
 
 from __future__ import annotations
@@ -114,6 +117,29 @@ class SBDTask(Task):
     stop = self.config.sample.get("stop_at_eos", False)
     if not isinstance(stop, bool):
       raise ConfigError(f"sample.stop_at_eos={stop!r} must be true or false")
+    n = self.max_new_tokens()
+    if n:
+      self.sampler_config(round_up(n, self.sampler_config().draft.block_size))
+
+  def max_new_tokens(self, value: Any = None, field: str = "sample.max_new_tokens") -> int:
+    """sample.max_new_tokens (or `value`), validated: 0 = fill the training canvas (data.seq_len);
+    n > 0 = n generated tokens, past data.seq_len through the window if need be."""
+    n = self.config.sample.get("max_new_tokens", 0) if value is None else value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ConfigError(
+        f"{field}={n!r} must be an int >= 0 (0 = fill data.seq_len={self.config.data.seq_len})"
+      )
+    return n
+
+  def check_length(self, model: MaskedLM, length: int) -> None:
+    """A canvas past a learned position table is refused, naming the length fields."""
+    table = model.cfg.learned_pos
+    if table and length > table:
+      raise ConfigError(
+        f"a canvas of {length} tokens (sample.max_new_tokens and the prompt) is longer than the "
+        f"model's learned positions (model.learned_pos={table}); accepted: at most {table} "
+        "tokens (a model with learned absolute positions cannot generate past its table)"
+      )
 
   def _require_tokenizer(self):
     if self.tokenizer is None:
@@ -188,7 +214,8 @@ class SBDTask(Task):
     return 2.0 * transformer_flops_per_token(cfg, 2 * self.config.data.seq_len, n_params)
 
   def sampler_config(self, length: int | None = None) -> SBDSamplerConfig:
-    return sampler_config(self.config.sample, length or self.config.data.seq_len)
+    seq_len = self.config.data.seq_len
+    return sampler_config(self.config.sample, length or seq_len, seq_len)
 
   def lower_sampler(self, graphdef, params, key, num_samples: int):
     """`draft_then_revise` (the whole draft-then-revise sampler, one jitted call), lowered."""
@@ -201,9 +228,12 @@ class SBDTask(Task):
     NFE per stage (column 0 = draft)."""
     tok = self._require_tokenizer()
     graphdef, state = nnx.split(model)
-    length = self.config.data.seq_len
+    n = self.max_new_tokens()
+    length = round_up(n, self.sampler_config().draft.block_size) if n else self.config.data.seq_len
+    self.check_length(model, length)
     out = draft_then_revise(graphdef, state, key, num_samples, length, self.stop_config(length))
-    return decode_output(out, tok)
+    rows = decode_output(out, tok)
+    return [cut_row(r, n, tok) for r in rows] if n and n < length else rows
 
   def stop_config(self, length: int, stop: bool | None = None) -> SBDSamplerConfig:
     """The sampler config with EOS stopping set from `sample.stop_at_eos` (or `stop`)."""
@@ -225,17 +255,30 @@ class SBDTask(Task):
     generated tokens, see `parse_infill`). Rows are left-aligned: each row's given tokens are fixed
     positions of its own canvas, so prompts of different lengths share one call. The fixed tokens
     are never drafted or remasked. Option stop_at_eos (default `sample.stop_at_eos`): a row whose
-    drafted block holds EOS ends there (padding after it, left alone by revision). "text" is the
-    prompt and its continuation up to the first generated EOS, or the filled template; "tokens"
-    the canvas (cut at that EOS for prompts). A call with an infill input does not stop at EOS
-    (an EOS drafted in a span would otherwise pad the spans after it).
+    drafted block holds EOS ends there (padding after it, left alone by revision). Option
+    max_new_tokens (default `sample.max_new_tokens`; 0 = the canvas is data.seq_len): each prompt
+    gets that many generated positions, the canvas being the longest row rounded up to the draft
+    block size, past data.seq_len through the draft window if need be. "text" is the prompt and
+    its continuation up to the first generated EOS, or the filled template; "tokens" the canvas
+    (cut at that EOS for prompts). A call with an infill input does not stop at EOS (an EOS
+    drafted in a span would otherwise pad the spans after it).
     """
     inputs = self.generation_inputs(inputs, ("prompt", "infill"))
-    unknown = sorted(set(options) - {"stop_at_eos"})
+    unknown = sorted(set(options) - {"stop_at_eos", "max_new_tokens"})
     if unknown:
-      raise ConfigError(f"generate: options {unknown} are not read by sbd; accepted: stop_at_eos")
+      raise ConfigError(
+        f"generate: options {unknown} are not read by sbd; accepted: max_new_tokens, stop_at_eos"
+      )
     tok = self._require_tokenizer()
     length = self.config.data.seq_len
+    n = self.max_new_tokens(options.get("max_new_tokens"), "generate: max_new_tokens")
+    if n:
+      # A prompt gets n positions; a template its own length and the closing <eos>.
+      longest = max(
+        len(self.given_ids(x, i)) + (n if "prompt" in x else 1) for i, x in enumerate(inputs)
+      )
+      length = round_up(longest, self.sampler_config().draft.block_size)
+    self.check_length(model, length)
     stop = options.get("stop_at_eos")
     if any("infill" in x for x in inputs):  # an EOS inside a span would pad the spans after it
       stop = False
@@ -246,8 +289,10 @@ class SBDTask(Task):
       graphdef, state, key, len(inputs), length, cfg, canvas=jnp.asarray(canvas, jnp.int32)
     )
     rows = decode_output(out, tok)
-    for x, row, start in zip(inputs, rows, canvas, strict=True):
+    for k, (x, row, start) in enumerate(zip(inputs, rows, canvas, strict=True)):
       given = int(np.sum(start != tok.mask_id)) if "prompt" in x else 0
+      if "prompt" in x and n and given + n < length:  # this row's max_new_tokens positions
+        rows[k] = row = cut_row(row, given + n, tok)
       if "prompt" in x:  # cut at the first EOS the sampler generated
         gen = [j for j, t in enumerate(row["tokens"]) if j >= given and t == tok.eos_id]
         if gen:
@@ -259,8 +304,9 @@ class SBDTask(Task):
         row["text"] = tok.decode(row["tokens"])
     return [{**x, **row} for x, row in zip(inputs, rows, strict=True)]
 
-  def canvas_row(self, x: dict, i: int, length: int) -> np.ndarray:
-    """The starting canvas of one `generate` input: fixed tokens, [MASK] where to generate."""
+  def given_ids(self, x: dict, i: int) -> list[int]:
+    """One `generate` input's tokens: <bos> and the prompt, or <bos> and the infill template with
+    [MASK] for each span position."""
     tok = self._require_tokenizer()
     if ("prompt" in x) == ("infill" in x):
       raise ConfigError(
@@ -270,7 +316,18 @@ class SBDTask(Task):
       text = x["prompt"]
       if not isinstance(text, str):
         raise ConfigError(f"generate: input {i} prompt={text!r} must be a string (--prompt)")
-      ids = [tok.bos_id, *tok.encode(text)]
+      return [tok.bos_id, *tok.encode(text)]
+    ids = [tok.bos_id]
+    for piece in parse_infill(x["infill"], "--infill"):
+      ids += [tok.mask_id] * piece if isinstance(piece, int) else tok.encode(piece)
+    return ids
+
+  def canvas_row(self, x: dict, i: int, length: int) -> np.ndarray:
+    """The starting canvas of one `generate` input: fixed tokens, [MASK] where to generate."""
+    tok = self._require_tokenizer()
+    ids = self.given_ids(x, i)
+    if "prompt" in x:
+      text = x["prompt"]
       if len(ids) >= length:
         raise ConfigError(
           f"--prompt {text!r} (input {i}) is {len(ids)} tokens with <bos>; accepted: at most "
@@ -278,9 +335,6 @@ class SBDTask(Task):
         )
       ids += [tok.mask_id] * (length - len(ids))
     else:
-      ids = [tok.bos_id]
-      for piece in parse_infill(x["infill"], "--infill"):
-        ids += [tok.mask_id] * piece if isinstance(piece, int) else tok.encode(piece)
       if len(ids) > length:
         raise ConfigError(
           f"--infill {x['infill']!r} (input {i}) is {len(ids)} tokens with <bos> and its spans; "
@@ -289,6 +343,18 @@ class SBDTask(Task):
       if len(ids) < length:
         ids += [tok.eos_id] + [tok.pad_id] * (length - len(ids) - 1)
     return np.asarray(ids, np.int32)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def cut_row(row: dict, n: int, tokenizer) -> dict:
+  """A `decode_output` row cut to its first `n` positions (texts decoded again)."""
+  row = {**row, **{k: row[k][:n] for k in ("tokens", "draft_tokens", "conf")}}
+  row["text"] = tokenizer.decode(row["tokens"])
+  row["draft_text"] = tokenizer.decode(row["draft_tokens"])
+  return row
 
 
 _SPAN = re.compile(r"\[MASK(?::([^\]]*))?\]")
@@ -332,7 +398,11 @@ def default_sample_config() -> ml_collections.ConfigDict:
   positions a draft step unmasks, in {random, confidence, margin, entropy, threshold};
   draft.threshold: the probability above which order=threshold commits a position, in (0, 1].
   stop_at_eos: a row whose drafted block holds EOS ends there; the rest of its canvas is padding
-  that revision leaves alone."""
+  that revision leaves alone. max_new_tokens: generated tokens per sample / prompt, 0 = fill
+  data.seq_len; may exceed data.seq_len. window: the draft and revision attend to the last `window`
+  tokens before a block (a multiple of draft.block_size, at most data.seq_len - draft.block_size);
+  0 = auto: no window while the canvas fits data.seq_len, data.seq_len - draft.block_size past it.
+  Past data.seq_len a stage block of 0 is the longest block that fits window + draft.block_size."""
   return ml_collections.ConfigDict(
     {
       "draft": {
@@ -347,13 +417,20 @@ def default_sample_config() -> ml_collections.ConfigDict:
       },
       "stages": [[0, 0.25, 32, "snapshot"]],
       "stop_at_eos": False,
+      "max_new_tokens": 0,
+      "window": 0,
     }
   )
 
 
-def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerConfig:
-  """`config.sample` -> the static sampler config; raises ConfigError naming the bad field."""
+def sampler_config(
+  cfg: ml_collections.ConfigDict, length: int, seq_len: int | None = None
+) -> SBDSamplerConfig:
+  """`config.sample` -> the static sampler config of a canvas of `length`; raises ConfigError naming
+  the bad field. seq_len: the trained length (data.seq_len, default `length`); a longer canvas gets
+  the draft window `sample.window` (0 = seq_len - draft.block_size)."""
   d = cfg.draft
+  seq_len = seq_len or length
 
   def num(kind, field, value):  # a ValueError naming the field for a value of the wrong type
     try:
@@ -365,8 +442,10 @@ def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerCon
       raise ValueError(msg) from None
 
   try:
+    block = num(int, "draft.block_size", d.block_size or min(length, seq_len))
+    window = _window(cfg.get("window", 0), block, length, seq_len)
     draft = DraftConfig(
-      block_size=num(int, "draft.block_size", d.block_size or length),
+      block_size=block,
       steps_per_block=num(int, "draft.steps_per_block", d.steps_per_block),
       top_p=num(float, "draft.top_p", d.top_p),
       temperature=num(float, "draft.temperature", d.temperature),
@@ -375,6 +454,7 @@ def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerCon
       # Configs saved before these fields existed sample with the random order.
       order=d.get("order", "random"),
       threshold=num(float, "draft.threshold", d.get("threshold", 0.9)),
+      window=window,
     )
     stages = []
     if not isinstance(cfg.stages, list | tuple):
@@ -389,12 +469,37 @@ def sampler_config(cfg: ml_collections.ConfigDict, length: int) -> SBDSamplerCon
         num(float, f"stages[{k}][1]", st[1]),
         num(int, f"stages[{k}][2]", st[2]),
       )
-      stages.append(StageConfig(block or length, gamma, steps, *st[3:]))
+      if not block:  # global: the canvas, or with a window the longest block that fits it
+        block = length if not window else _longest_block(length, window + draft.block_size)
+      stages.append(StageConfig(block, gamma, steps, *st[3:]))
     out = SBDSamplerConfig(draft=draft, stages=tuple(stages))
     out.validate(length)
   except ValueError as e:
     raise ConfigError(f"sample.{e}") from e
   return out
+
+
+def _window(w: Any, block: int, length: int, seq_len: int) -> int:
+  """sample.window resolved for a canvas of `length` (ValueError without the "sample." prefix)."""
+  most = seq_len - block
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0 or (w and (w % block or w > most)):
+    raise ValueError(
+      f"window={w!r} must be 0 (auto) or a positive multiple of draft.block_size={block} at most "
+      f"data.seq_len - draft.block_size={most}"
+    )
+  if w or length <= seq_len:
+    return w
+  if most < 1:
+    raise ValueError(
+      f"draft.block_size={block} leaves no window in data.seq_len={seq_len}: a canvas of {length} "
+      f"tokens (past data.seq_len) needs draft.block_size < data.seq_len"
+    )
+  return most
+
+
+def _longest_block(length: int, span: int) -> int:
+  """The largest divisor of `length` that is at most `span`."""
+  return max(b for b in range(1, min(span, length) + 1) if length % b == 0)
 
 
 def decode_output(out: SampleOutput, tokenizer) -> list[dict]:
