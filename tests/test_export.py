@@ -7,6 +7,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from lsd import api
 from lsd.config import ConfigError, load_config_file
@@ -29,6 +30,7 @@ def _train(spec, corpus, workdir, **train):
   c = load_config_file(spec)
   c.data.path = str(corpus)
   c.data.tokenizer.vocab_size = 300
+  c.sample.max_new_tokens = 8  # short samples: cheap to compile and draw
   c.train.update(
     {"steps": 3, "log_every": 1, "ckpt_every": 3, "warmup_steps": 1, "progress": False, **train}
   )
@@ -72,7 +74,7 @@ def test_export_writes_a_self_contained_directory(sbd_run, sbd_export):
   assert "last train record (step 3)" in card and '"method": "sbd"' in card
 
 
-def test_loading_the_export_reproduces_the_runs_samples(sbd_run, sbd_export, capsys):
+def test_loading_the_export_reproduces_the_runs_samples(sbd_run, sbd_export):
   run, exported = api.load(str(sbd_run)), api.load(str(sbd_export))
   assert exported.step == run.step == 3
   _assert_same_params(run.params, exported.params)
@@ -81,23 +83,21 @@ def test_loading_the_export_reproduces_the_runs_samples(sbd_run, sbd_export, cap
   for a, b in zip(_tokens(want), _tokens(got), strict=True):
     np.testing.assert_array_equal(a, b)
   assert [s["text"] for s in want] == [s["text"] for s in got]
-  # The EMA is the default; the raw params are there too.
-  raw, raw_exported = api.load(sbd_run, use_ema=False), api.load(sbd_export, use_ema=False)
-  _assert_same_params(raw.params, raw_exported.params)
-  leaves = zip(jax.tree.leaves(raw.params), jax.tree.leaves(run.params), strict=True)
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaves)
-  # The CLI samples an exported directory like a run.
-  out = sbd_export.parent / "s.jsonl"
-  args = ["sample", "--workdir", str(sbd_export), "--num_samples", "3", "--seed", "7"]
-  assert main([*args, "--out", str(out)]) == 0
-  lines = [json.loads(x) for x in out.read_text().splitlines()]
-  assert [x["tokens"] for x in lines] == [np.asarray(t).tolist() for t in _tokens(want)]
+  # The EMA is the default; the raw params are there too, under their own names.
+  raw = api.load(sbd_run, use_ema=False)
+  tensors = load_safetensors(sbd_export / "model.safetensors")
+  flat = traverse_util.flatten_dict(raw.params.to_pure_dict())
+  names = {".".join(map(str, k)): v for k, v in flat.items()}
+  for name, value in names.items():
+    np.testing.assert_array_equal(np.asarray(value), tensors[name])
+  assert any(not np.array_equal(tensors[n], tensors[f"ema/{n}"]) for n in names)
+  _assert_same_params(raw.params, api.load(sbd_export, use_ema=False).params)
   with pytest.raises(ConfigError, match="export of step 3"):
     api.load(sbd_export, step=2)
 
 
 def test_hub_reference_loads_through_snapshot_download(sbd_export, monkeypatch):
-  calls = []
+  calls, loaded = [], []
 
   def snapshot_download(repo_id, revision=None):
     calls.append((repo_id, revision))
@@ -106,26 +106,58 @@ def test_hub_reference_loads_through_snapshot_download(sbd_export, monkeypatch):
   monkeypatch.setitem(
     sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download)
   )
-  run = api.load("hf:org/name")
-  assert calls == [("org/name", None)] and run.step == 3 and run.config.method == "sbd"
-  with pytest.raises(ConfigError, match="hf:org/name"):
+  monkeypatch.setattr(api, "load_run", lambda path, *a, **k: loaded.append(str(path)) or path)
+  api.load("hf:org/name")
+  api.load("hf:org/name@v1")
+  assert calls == [("org/name", None), ("org/name", "v1")]
+  assert loaded == [str(sbd_export)] * 2  # then loaded as a local exported directory
+  with pytest.raises(ConfigError, match="hf:just-a-name"):
     api.load("hf:just-a-name")
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
   with pytest.raises(ConfigError, match="pip install huggingface_hub"):
     api.load("hf:org/name")
 
 
-def test_causal_lm_without_ema_round_trips(corpus, tmp_path):
+def _untrained_run(spec, corpus, workdir, tokenizer, step=3):
+  """A run directory as the trainer leaves it (config.json, tokenizer.json, a checkpoint at
+  `step`), its params the random init and no EMA: no train step to compile."""
+  from lsd.data.tokenizer import Tokenizer
+  from lsd.methods import get_task
+  from lsd.train.checkpoint import Checkpointer
+  from lsd.train.stages import init_run_params
+  from lsd.train.state import init_state, make_optimizer
+
+  c = load_config_file(spec)
+  c.data.path = str(corpus)
+  c.sample.max_new_tokens = 8
+  c.train.ema_decay = 0.0
+  workdir.mkdir()
+  (workdir / "config.json").write_text(c.to_json())
+  (workdir / "tokenizer.json").write_text(tokenizer.read_text())
+  task = get_task(c)
+  task.tokenizer = Tokenizer.load(tokenizer)
+  _, params = init_run_params(c, task)
+  state = init_state(params, make_optimizer(c.train), ema=False)
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  ckpt.save(step, state.replace(step=np.int32(step)), force=True)
+  ckpt.close()
+  return workdir
+
+
+def test_causal_lm_without_ema_round_trips(corpus, sbd_run, tmp_path):
   spec = "configs/causal_lm.py:size=test,data=text"
-  workdir = _train(spec, corpus, tmp_path / "ar", ema_decay=0.0)
+  workdir = _untrained_run(spec, corpus, tmp_path / "ar", sbd_run / "tokenizer.json")
   out = api.export(workdir, tmp_path / "ar_export")
   assert not any(k.startswith("ema/") for k in load_safetensors(out / "model.safetensors"))
   assert "EMA weights: no" in (out / "README.md").read_text()
-  run, exported = api.load(workdir), api.load(out)
-  key = jax.random.key(1)
-  want, got = _tokens(api.sample(run, key, 2)), _tokens(api.sample(exported, key, 2))
-  for a, b in zip(want, got, strict=True):
-    np.testing.assert_array_equal(a, b)
+  run = api.load(workdir)
+  want = _tokens(api.sample(run, jax.random.key(1), 2))
+  # The CLI samples an exported directory like a run.
+  samples = tmp_path / "s.jsonl"
+  args = ["sample", "--workdir", str(out), "--num_samples", "2", "--seed", "1"]
+  assert main([*args, "--out", str(samples)]) == 0
+  got = [json.loads(x)["tokens"] for x in samples.read_text().splitlines()]
+  assert got == [t.tolist() for t in want]
 
 
 def test_bad_inputs_are_one_line_errors(sbd_run, sbd_export, tmp_path, capsys):
