@@ -8,8 +8,8 @@ under `ema/`; its header metadata says `format=lsd`, the step and whether the EM
 method keeps beside its checkpoints (`*.safetensors` at the run's top level, e.g. DGLM's embedding
 statistics) are copied as they are.
 
-`lsd.train.stages.load_run` loads such a directory as it loads a run, to the same `LoadedRun` with
-the same params, so its samples equal the run's bit for bit. Runs that load other runs (a config
+`lsd.train.stages.load_run` loads such a directory as it loads a run (`load_exported`), to the
+same `LoadedRun` with the same params, so its samples equal the run's bit for bit. Runs that load other runs (a config
 field `*_workdir`, e.g. `ld4lg.autoencoder_workdir`) are refused: their exported directory would
 not be self-contained. A directory on the Hugging Face hub is `hf:org/name` (`resolve_hub`).
 """
@@ -29,27 +29,13 @@ from etils import epath
 from flax import traverse_util
 
 from lsd.config import ConfigError, from_json_file
-from lsd.convert.safetensors_io import load_safetensors, save_safetensors
-from lsd.fileio import as_path, atomic_write, atomic_write_text, local_copy, one_line
+from lsd.convert.safetensors_io import save_safetensors
+from lsd.fileio import as_path, atomic_write, atomic_write_text, one_line
+from lsd.train.stages import EMA_PREFIX, MODEL_FILE, is_exported, restore_run
 
-MODEL_FILE = "model.safetensors"
 CARD_FILE = "README.md"
-EMA_PREFIX = "ema/"
 HUB_PREFIX = "hf:"
 _SKIP = {"config.json", "tokenizer.json", MODEL_FILE, CARD_FILE}
-
-
-def is_exported(path: epath.Path) -> bool:
-  """Whether `path` is an exported model directory (model.safetensors + config.json, no
-  checkpoints/)."""
-  try:
-    return (
-      (path / MODEL_FILE).is_file()
-      and (path / "config.json").is_file()
-      and not (path / "checkpoints").exists()
-    )
-  except Exception:  # unreadable: load_run reports it
-    return False
 
 
 def stage_fields(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -65,12 +51,6 @@ def stage_fields(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   return list(walk(config.to_dict(), ""))
 
 
-def _names(params) -> dict[str, tuple]:
-  """Dotted tensor name -> nnx pure-dict path of every parameter."""
-  flat = traverse_util.flatten_dict(params.to_pure_dict())
-  return {".".join(map(str, k)): k for k in flat}
-
-
 def _flat(params) -> dict[str, np.ndarray]:
   flat = traverse_util.flatten_dict(params.to_pure_dict())
   return {".".join(map(str, k)): np.asarray(jax.device_get(v)) for k, v in flat.items()}
@@ -82,8 +62,6 @@ def export_run(
   """Writes the latest (or `step`) checkpoint of the training run `workdir` as an exported model
   directory `out` (new, or empty) and returns its path. `make_task` is the method registry's
   task factory (`lsd.methods.get_task`)."""
-  from lsd.train.stages import restore_run
-
   src, dst = as_path(workdir), as_path(out)
   try:
     exists = src.is_dir()
@@ -207,51 +185,6 @@ def model_card(config, workdir: epath.Path, step: int, n_params: int, state) -> 
       "",
     ]
   )
-
-
-def load_exported(
-  path: str | os.PathLike, make_task, *, step: int | None = None, use_ema: bool = True
-):
-  """The `LoadedRun` of an exported model directory (EMA params when it has them and `use_ema`)."""
-  from lsd.train.stages import LoadedRun, init_run_params, open_run
-
-  path = as_path(path)
-  config, task = open_run(path, make_task, what="an exported model directory")
-  with local_copy(path / MODEL_FILE) as local:
-    from safetensors import safe_open
-
-    with safe_open(local, "np") as f:
-      metadata = f.metadata() or {}
-    stored = {k: np.array(v) for k, v in load_safetensors(local).items()}
-  have = int(metadata.get("step", -1))
-  if step is not None and step != have:
-    raise ConfigError(f"step={step}: {str(path)!r} is an export of step {have} only")
-  task.load_run_files(path)
-  graphdef, params = init_run_params(config, task)
-  ema = any(k.startswith(EMA_PREFIX) for k in stored)
-  prefix = EMA_PREFIX if (use_ema and ema) else ""
-  chosen = {
-    k[len(prefix) :]: v for k, v in stored.items() if k.startswith(EMA_PREFIX) == bool(prefix)
-  }
-  names = _names(params)
-  missing, extra = sorted(set(names) - set(chosen)), sorted(set(chosen) - set(names))
-  if missing or extra:
-    raise ConfigError(
-      f"{path / MODEL_FILE} does not fit the model of its config.json: missing "
-      f"{missing[:5]}, unexpected {extra[:5]}"
-    )
-  current = traverse_util.flatten_dict(params.to_pure_dict())
-  new = {}
-  for name, key in names.items():
-    value, like = chosen[name], current[key]
-    if tuple(value.shape) != tuple(like.shape):
-      raise ConfigError(
-        f"{path / MODEL_FILE}: tensor {prefix}{name} has shape {tuple(value.shape)}, the model "
-        f"{tuple(like.shape)}"
-      )
-    new[key] = jax.device_put(value.astype(like.dtype), like.sharding)
-  params.replace_by_pure_dict(traverse_util.unflatten_dict(new))
-  return LoadedRun(config, task, graphdef, params, have)
 
 
 def resolve_hub(ref: str) -> str:

@@ -18,11 +18,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from etils import epath
 from flax import nnx, traverse_util
 
 from lsd.config import ConfigError, from_json_file
-from lsd.fileio import as_path, is_remote, one_line
+from lsd.fileio import as_path, is_remote, local_copy, one_line
+
+MODEL_FILE = "model.safetensors"  # an exported model directory's weights (`lsd.train.export`)
+EMA_PREFIX = "ema/"  # the EMA copy of each tensor in it
 
 TaskFactory = Callable[[ml_collections.ConfigDict], Any]  # config -> lsd.train.task.Task
 
@@ -56,11 +60,9 @@ def load_run(
   gs://, ...; see lsd.fileio); `make_task` builds
   its task from the stored config (`lsd.methods.get_task`). EMA params when the run has them and
   `use_ema`. An exported model directory (`lsd export`: model.safetensors, no checkpoints/) loads
-  the same way (`lsd.train.export.load_exported`)."""
-  from lsd.train import export
-
-  if export.is_exported(as_path(workdir)):
-    return export.load_exported(workdir, make_task, step=step, use_ema=use_ema)
+  the same way (`load_exported`)."""
+  if is_exported(as_path(workdir)):
+    return load_exported(workdir, make_task, step=step, use_ema=use_ema)
   config, task, graphdef, state = restore_run(workdir, make_task, step=step)
   params = state.ema if (use_ema and state.ema is not None) else state.params
   return LoadedRun(config, task, graphdef, params, int(state.step))
@@ -124,6 +126,64 @@ def restore_run(workdir: str | os.PathLike, make_task: TaskFactory, *, step: int
   state = ckpt.restore(state, step=step, set_aside=False)
   ckpt.close()
   return config, task, graphdef, state
+
+
+def is_exported(path: epath.Path) -> bool:
+  """Whether `path` is an exported model directory (model.safetensors + config.json, no
+  checkpoints/)."""
+  try:
+    return (
+      (path / MODEL_FILE).is_file()
+      and (path / "config.json").is_file()
+      and not (path / "checkpoints").exists()
+    )
+  except Exception:  # unreadable: load_run reports it
+    return False
+
+
+def load_exported(
+  path: str | os.PathLike, make_task: TaskFactory, *, step: int | None = None, use_ema: bool = True
+) -> LoadedRun:
+  """The `LoadedRun` of an exported model directory (EMA params when it has them and `use_ema`)."""
+  from safetensors import safe_open
+
+  from lsd.convert.safetensors_io import load_safetensors
+
+  path = as_path(path)
+  config, task = open_run(path, make_task, what="an exported model directory")
+  with local_copy(path / MODEL_FILE) as local:
+    with safe_open(local, "np") as f:
+      metadata = f.metadata() or {}
+    stored = {k: np.array(v) for k, v in load_safetensors(local).items()}
+  have = int(metadata.get("step", -1))
+  if step is not None and step != have:
+    raise ConfigError(f"step={step}: {str(path)!r} is an export of step {have} only")
+  task.load_run_files(path)
+  graphdef, params = init_run_params(config, task)
+  ema = any(k.startswith(EMA_PREFIX) for k in stored)
+  prefix = EMA_PREFIX if (use_ema and ema) else ""
+  chosen = {
+    k[len(prefix) :]: v for k, v in stored.items() if k.startswith(EMA_PREFIX) == bool(prefix)
+  }
+  names = {".".join(map(str, k)): k for k in traverse_util.flatten_dict(params.to_pure_dict())}
+  missing, extra = sorted(set(names) - set(chosen)), sorted(set(chosen) - set(names))
+  if missing or extra:
+    raise ConfigError(
+      f"{path / MODEL_FILE} does not fit the model of its config.json: missing "
+      f"{missing[:5]}, unexpected {extra[:5]}"
+    )
+  current = traverse_util.flatten_dict(params.to_pure_dict())
+  new = {}
+  for name, key in names.items():
+    value, like = chosen[name], current[key]
+    if tuple(value.shape) != tuple(like.shape):
+      raise ConfigError(
+        f"{path / MODEL_FILE}: tensor {prefix}{name} has shape {tuple(value.shape)}, the model "
+        f"{tuple(like.shape)}"
+      )
+    new[key] = jax.device_put(value.astype(like.dtype), like.sharding)
+  params.replace_by_pure_dict(traverse_util.unflatten_dict(new))
+  return LoadedRun(config, task, graphdef, params, have)
 
 
 def load_stage_run(
