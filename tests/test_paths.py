@@ -307,3 +307,20 @@ def test_unknown_scheme_is_a_config_error_not_a_local_folder(tmp_path, monkeypat
   assert "foo:// scheme is not supported" in message
   assert os.listdir(tmp_path) == ["c.txt"]
   assert fileio.scheme("gs://b/x") == "gs" and fileio.scheme("runs/x") is None
+
+
+def test_prepared_data_written_to_gs_is_refused_for_reading_in_one_line(corpus_at, root):
+  from lsd.data import load_prepared, prepare
+
+  cfg = tiny_config(corpus_at).data
+  out = f"{root}/prepared"
+  manifest = prepare(cfg, out, shards=2, log=lambda _: None)
+  assert (as_path(out) / "manifest.json").exists() and manifest["records"] == 300
+  read = cfg.copy_and_resolve_references()
+  read.source, read.path = "prepared", out
+  if not is_remote(root):
+    assert len(load_prepared(read, None, seed=0).train_ids) > 0
+    return
+  with pytest.raises(ConfigError, match=r"data.path='gs://.*opens local files only") as err:
+    load_prepared(read, None, seed=0)
+  assert "\n" not in str(err.value)

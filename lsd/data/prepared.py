@@ -37,7 +37,7 @@ import numpy as np
 from lsd.config import ConfigError
 from lsd.data.pipeline import FixedEvalBatches, PackIterDataset, _check_sharding
 from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from lsd.fileio import as_path, atomic_write, atomic_write_text
+from lsd.fileio import as_path, atomic_write, atomic_write_text, is_remote
 
 FORMAT = "lsd-prepared"
 VERSION = 1
@@ -316,6 +316,13 @@ class PreparedRecords:
   """
 
   def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
+    if is_remote(path):
+      # The open-source array_record opens local files only (its riegeli layer has no GCS
+      # reader), and given a gs:// name its reader blocks instead of failing: refuse up front.
+      raise ConfigError(
+        f"data.path={str(path)!r}: prepared shards are read with array_record, which opens local "
+        "files only; accepted: a local directory, or the bucket mounted as one (e.g. gcsfuse)"
+      )
     files = [str(as_path(path) / s["file"]) for s in manifest["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(files)
     if len(self._source) != manifest["records"]:
