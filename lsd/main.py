@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     help="SBD runs: a text whose spans [MASK:n] (n tokens each) are filled, e.g. "
     "'The [MASK:3] sat on the mat.'",
   )
+  s.add_argument(
+    "--max_new_tokens",
+    type=_positive_int,
+    default=None,
+    help="SBD runs: tokens to generate per sample or prompt; may exceed data.seq_len (a sliding "
+    "window of the last data.seq_len - block tokens is kept)",
+  )
   g.add_argument("--source", action="append", default=[], help="a seq2seq source text")
   g.add_argument("--label", action="append", type=int, default=[], help="a class id")
   g.add_argument(
@@ -336,6 +343,19 @@ def _sample(args, overrides) -> None:
     apply_override(run.config, dotted, raw)
   if overrides:
     run.task.validate()
+  if args.max_new_tokens:
+    if inputs:
+      options["max_new_tokens"] = args.max_new_tokens
+    elif "max_new_tokens" in run.config.sample or run.task.name == "sbd":
+      with run.config.unlocked():  # an sbd run saved before the field existed lacks it
+        run.config.sample.max_new_tokens = args.max_new_tokens
+      run.task.validate()
+    else:
+      raise ConfigError(
+        f"--max_new_tokens {args.max_new_tokens}: the run's method "
+        f"({run.config.get('method', '?')!r}) has no sample.max_new_tokens; accepted: an sbd "
+        "run, or --prompt / --inputs for methods whose generate takes it"
+      )
   key = jax.random.key(args.seed)
   if inputs:
     samples = api.generate(run, key, inputs, **options)

@@ -97,6 +97,14 @@ def test_tiny_sbd_trains_and_samples_through_the_cli(tmp_path, capsys):
   assert train_losses[-1] < train_losses[0]
   assert main(["sample", "--workdir", str(workdir), "--num_samples", "2"]) == 0
   assert capsys.readouterr().out.count("[revised]") == 2
+  # Past the trained canvas (data.seq_len 32): 4x as many tokens through the sliding window.
+  long = tmp_path / "long.jsonl"
+  argv = ["sample", "--workdir", str(workdir), "--num_samples", "2", "--max_new_tokens", "128"]
+  assert main([*argv, "--out", str(long)]) == 0
+  rows = [json.loads(x) for x in long.read_text().splitlines()]
+  assert [len(r["tokens"]) for r in rows] == [128, 128]
+  assert main([*argv[:3], "--prompt", "the cat", "--max_new_tokens", "40"]) == 0
+  capsys.readouterr()
 
 
 def test_global_only_variant_uses_l_forward_with_the_mix_scale_loss_value():
