@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lsd.convert.lm_specials import build_decoder, decoder_config
 from lsd.convert.safetensors_io import flatten, load_safetensors, save_safetensors, unflatten
 from lsd.models.bart import Bart, BartConfig
 from lsd.models.bert import BertConfig, BertEncoder
@@ -376,41 +377,14 @@ def gpt2_config(source: str | os.PathLike) -> GPT2Config:
 def gpt2_decoder_config(source: str | os.PathLike, tokenizer) -> TransformerConfig:
   """The causal `Transformer` config of a GPT-2 checkpoint read through `tokenizer`
   (`lsd.data.tokenizer.gpt2_with_lsd_specials`): the checkpoint's rows plus the special ids the
-  tokenizer appended (<pad>, <bos>, <mask>). Raises ValueError when any other id has no row."""
-  cfg = gpt2_config(source).transformer_config()
-  n = cfg.vocab_size
-  appended = {i for i in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.mask_id) if i >= n}
-  if tokenizer.vocab_size - len(appended) > n or tokenizer.eos_id >= n:
-    raise ValueError(
-      f"{source}: the tokenizer has {tokenizer.vocab_size} ids, the checkpoint {n} rows; only "
-      "<pad>, <bos> and <mask> may lie beyond them (is it this checkpoint's tokenizer?)"
-    )
-  return dataclasses.replace(cfg, vocab_size=max(n, tokenizer.vocab_size))
+  tokenizer appended (`lsd.convert.lm_specials.decoder_config`)."""
+  return decoder_config(gpt2_config(source).transformer_config(), tokenizer, source)
 
 
 def import_gpt2_decoder(source: str | os.PathLike, tokenizer) -> Transformer:
-  """A GPT-2 checkpoint as our causal `Transformer` (`gpt2_decoder_config`), fp32. Rows for ids
-  the checkpoint lacks: `<bos>` copies the `<eos>` row (GPT-2 starts a text after
-  `<|endoftext|>`), the others are the mean row, whose logit is the mean logit (with a separate
-  output head, its columns likewise)."""
-  lm, cfg = import_hf("gpt2", source)
+  """A GPT-2 checkpoint as our causal `Transformer` (`gpt2_decoder_config`), fp32, with rows for
+  the ids the checkpoint lacks (`lsd.convert.lm_specials.build_decoder`: `<bos>` copies the
+  `<eos>` row, GPT-2 starting a text after `<|endoftext|>`; the others are the mean row)."""
+  lm, _ = import_hf("gpt2", source)
   target = gpt2_decoder_config(source, tokenizer)
-  flat = flatten(nnx.state(lm.transformer, nnx.Param).to_pure_dict())
-  n, rows = cfg.vocab_size, target.vocab_size
-
-  def grow(x: np.ndarray) -> np.ndarray:  # [V, D] -> [rows, D]
-    x = np.asarray(x, np.float32)
-    extra = np.repeat(x.mean(0, keepdims=True), rows - n, axis=0)
-    out = np.concatenate([x, extra])
-    if tokenizer.bos_id >= n:
-      out[tokenizer.bos_id] = x[tokenizer.eos_id]
-    return out
-
-  if rows > n:
-    flat["embed.embedding"] = grow(flat["embed.embedding"])
-    if "head.kernel" in flat:
-      flat["head.kernel"] = grow(np.asarray(flat["head.kernel"]).T).T
-  abstract = nnx.eval_shape(lambda: Transformer(target, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  state.replace_by_pure_dict(unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
-  return nnx.merge(graphdef, state)
+  return build_decoder(target, nnx.state(lm.transformer, nnx.Param).to_pure_dict(), tokenizer)

