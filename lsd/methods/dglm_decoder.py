@@ -11,7 +11,6 @@ decoded after the prefix. See docs/dglm.md.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,15 +19,10 @@ import numpy as np
 from flax import nnx
 
 from lsd.config import ConfigError, check_positive, check_range, dataclass_from_config
-from lsd.convert import hf
+from lsd.convert import causal_decoder
 from lsd.convert.encoder_specs import encoder_spec
 from lsd.data.arrays import ArrayData, gather_rows
-from lsd.data.tokenizer import (
-  TOKENIZER_FILE,
-  Tokenizer,
-  build_tokenizer,
-  gpt2_with_lsd_specials,
-)
+from lsd.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from lsd.diffusion import embedding as emb
 from lsd.diffusion.attribute_guidance import attribute_guide, load_classifier
 from lsd.diffusion.gaussian import COSINE, q_sample
@@ -58,7 +52,8 @@ class DGLMDecoderStage:
   split_seed: int = 0  # the per-sentence prefix / continuation cut
   diffusion_workdir: str = ""  # the dglm_diffusion run: its statistics, and proposals at sampling
   decoder_init: str = ""  # a causal_lm run whose weights start the decoder; "" = random init
-  # a local Hugging Face GPT-2 checkpoint directory (safetensors) as the decoder, with its tokenizer
+  # an imported causal LM as the decoder, with its tokenizer (lsd.convert.causal_decoder): a local
+  # Hugging Face GPT-2 directory (safetensors), a llama GGUF file (*.gguf) or "smollm2"
   decoder_checkpoint: str = ""
   freeze_decoder: bool = False  # only the soft-prompt generator trains ("decoder" in train.freeze)
   classifiers: Any = ()  # [{name, path, target, scale}]: attribute guidance of the proposals
@@ -71,16 +66,17 @@ class DGLMDecoderStage:
         f"dglm.decoder_init={self.decoder_init!r} and dglm.decoder_checkpoint="
         f"{self.decoder_checkpoint!r}: the decoder starts from one of them; set the other to ''"
       )
-    if self.decoder_checkpoint and not Path(self.decoder_checkpoint).is_dir():
+    path = self.decoder_checkpoint
+    if path and causal_decoder.checkpoint_kind(path) is None:
       raise ConfigError(
-        f"dglm.decoder_checkpoint={self.decoder_checkpoint!r} is not a directory (accepted: a "
-        "local Hugging Face GPT-2 checkpoint: config.json, model.safetensors, tokenizer files)"
+        f"dglm.decoder_checkpoint={path!r} is not a directory, an existing .gguf file or "
+        f"{causal_decoder.SMOLLM2!r}; accepted: {causal_decoder.ACCEPTED}"
       )
     if self.freeze_decoder and not (self.decoder_init or self.decoder_checkpoint):
       raise ConfigError(
         "dglm.freeze_decoder=True needs dglm.decoder_init (a causal_lm run) or "
-        "dglm.decoder_checkpoint (a GPT-2 checkpoint): a frozen random decoder would never learn "
-        "to read the prompts' context"
+        "dglm.decoder_checkpoint (a GPT-2 or GGUF checkpoint): a frozen random decoder would never "
+        "learn to read the prompts' context"
       )
     classifier_specs(self.classifiers)
 
@@ -112,8 +108,9 @@ class DGLMDecoderTask(DGLMTask):
   given to the generator); the loss is `soft_prompt_lm_loss` over prefix and continuation.
 
   The decoder starts from random weights, from the causal_lm run `dglm.decoder_init` (whose
-  tokenizer it then uses) or is an imported GPT-2, `dglm.decoder_checkpoint` (its architecture,
-  weights and tokenizer through `lsd.convert.hf`; `model` gives only dtype, remat and dropout);
+  tokenizer it then uses) or is an imported causal LM, `dglm.decoder_checkpoint` — a GPT-2
+  safetensors directory, a llama GGUF file or `smollm2` — (its architecture, weights and tokenizer
+  through `lsd.convert.causal_decoder`; `model` gives only dtype, remat and dropout);
   `dglm.freeze_decoder` puts "decoder" into `train.freeze`, so only the generator trains. The
   statistics are those of the diffusion run `dglm.diffusion_workdir` when
   set (checked equal to the workdir's on resume), else computed as the diffusion stage does.
@@ -143,7 +140,7 @@ class DGLMDecoderTask(DGLMTask):
     if not self.stage.decoder_checkpoint:
       return TransformerConfig.from_config(self.config.model, vocab_size=self.tokenizer.vocab_size)
     run = TransformerConfig.from_config(self.config.model, vocab_size=8)
-    cfg = hf.gpt2_decoder_config(self.stage.decoder_checkpoint, self.tokenizer)
+    cfg = causal_decoder.decoder_config(self.stage.decoder_checkpoint, self.tokenizer)
     return dataclasses.replace(cfg, dtype=run.dtype, remat=run.remat, dropout=run.dropout)
 
   def validate(self) -> None:
@@ -152,11 +149,11 @@ class DGLMDecoderTask(DGLMTask):
     path = self.stage.decoder_checkpoint
     if path:
       try:
-        n = hf.gpt2_config(path).n_positions
+        n = causal_decoder.max_positions(path)
       except (OSError, ValueError) as e:
         raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
       rows = self.config.data.max_len + self.prompt_config().num_prompts
-      if rows > n:
+      if n is not None and rows > n:
         raise ConfigError(
           f"data.max_len + soft_prompt.num_prompts = {rows}: dglm.decoder_checkpoint={path!r} "
           f"has {n} positions; accepted: at most {n}"
@@ -203,12 +200,12 @@ class DGLMDecoderTask(DGLMTask):
     return tok
 
   def checkpoint_tokenizer(self):
-    """`dglm.decoder_checkpoint`'s GPT-2 BPE with lsd's specials
-    (`lsd.data.tokenizer.gpt2_with_lsd_specials`), checked to fit the checkpoint's rows."""
+    """`dglm.decoder_checkpoint`'s BPE with lsd's specials
+    (`lsd.convert.causal_decoder.checkpoint_tokenizer`), checked to fit the checkpoint's rows."""
     path = self.stage.decoder_checkpoint
     try:
-      tok = gpt2_with_lsd_specials(path)
-      hf.gpt2_decoder_config(path, tok)
+      tok = causal_decoder.checkpoint_tokenizer(path)
+      causal_decoder.decoder_config(path, tok)
     except (OSError, ValueError) as e:
       raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
     return tok
@@ -271,7 +268,7 @@ class DGLMDecoderTask(DGLMTask):
 
   def initial_params(self, params):
     """The random init, with every decoder weight from the `dglm.decoder_init` LM or the
-    `dglm.decoder_checkpoint` GPT-2 if set."""
+    `dglm.decoder_checkpoint` checkpoint if set."""
     path = self.stage.decoder_init
     if self.stage.decoder_checkpoint:
       return self._checkpoint_params(params)
@@ -294,8 +291,11 @@ class DGLMDecoderTask(DGLMTask):
 
   def _checkpoint_params(self, params):
     path = self.stage.decoder_checkpoint
-    lm = hf.import_gpt2_decoder(path, self.tokenizer)
-    kw = dict(field="dglm.decoder_checkpoint", path=path, names=("GPT-2", "DGLM decoder"))
+    try:
+      lm = causal_decoder.import_decoder(path, self.tokenizer)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"dglm.decoder_checkpoint={path!r}: {e}") from e
+    kw = dict(field="dglm.decoder_checkpoint", path=path, names=("checkpoint", "DGLM decoder"))
     out, _ = stages.copy_params(
       params, nnx.state(lm, nnx.Param), into=("decoder",), complete=True, **kw
     )
