@@ -393,8 +393,9 @@ def parse_infill(template: Any, flag: str = "infill") -> list[str | int]:
 
 
 def default_sample_config() -> ml_collections.ConfigDict:
-  """Sampler settings. stages: [block_size (0 = L, global), gamma, steps, score] per revision stage;
-  score in {snapshot, posthoc, random}; [] = draft only (BD3-LM). draft.order: which masked
+  """Sampler settings. stages: [block_size (0 = L, global), gamma, steps, score(, heldout_splits)]
+  per revision stage; score in {snapshot, posthoc, posthoc_heldout, random}; heldout_splits (default
+  4) the masked forwards of posthoc_heldout; [] = draft only (BD3-LM). draft.order: which masked
   positions a draft step unmasks, in {random, confidence, margin, entropy, threshold};
   draft.threshold: the probability above which order=threshold commits a position, in (0, 1].
   stop_at_eos: a row whose drafted block holds EOS ends there; the rest of its canvas is padding
@@ -459,11 +460,13 @@ def sampler_config(
     stages = []
     if not isinstance(cfg.stages, list | tuple):
       raise ValueError(
-        f"stages={cfg.stages!r} must be a list of [block_size, gamma, steps(, score)]"
+        f"stages={cfg.stages!r} must be a list of [block_size, gamma, steps(, score(, splits))]"
       )
     for k, st in enumerate(cfg.stages):
-      if not isinstance(st, list | tuple) or len(st) not in (3, 4):
-        raise ValueError(f"stages[{k}]={st!r} must be [block_size, gamma, steps(, score)]")
+      if not isinstance(st, list | tuple) or len(st) not in (3, 4, 5):
+        raise ValueError(
+          f"stages[{k}]={st!r} must be [block_size, gamma, steps(, score(, heldout_splits))]"
+        )
       block, gamma, steps = (
         num(int, f"stages[{k}][0]", st[0]),
         num(float, f"stages[{k}][1]", st[1]),

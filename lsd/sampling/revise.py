@@ -2,7 +2,8 @@
 
 After the stage-1 draft (`lsd.sampling.block`), each stage k
 1. scores every generated token ("snapshot": the confidence frozen when it was unmasked;
-   "posthoc": p(token) under one bidirectional forward of the finished canvas; "random": uniform),
+   "posthoc": p(token) under one bidirectional forward of the finished canvas; "posthoc_heldout":
+   p(token) with the token itself hidden, see below; "random": uniform),
 2. remasks the round(gamma_k * n) lowest-scored tokens of each sequence (one `lax.top_k`),
 3. denoises the masks with block size B_k (block-causal over the canvas; B_k = L is one global
    bidirectional block), S_k ancestral steps per block, recording fresh snapshot confidences.
@@ -11,11 +12,20 @@ remasking, and MDLM (`mdlm_sample`: an all-mask canvas, i.e. gamma = 1, revised 
 
 With a draft window W (`DraftConfig.window`, generation past the trained context) every stage keeps
 it: a query in stage block b sees its block and the W tokens before it (`block_causal_mask(L, B_k,
-W)`), a post-hoc score is read under that same mask, and B_k must be at most W + B (the draft's
+W)`), a post-hoc score (either kind) is read under that same mask, and B_k must be at most W + B (the draft's
 block size), so no stage attends over more than the draft does.
 
+"posthoc" reads the model's output at visible positions, which the MDLM loss never trains (it
+scores masked positions only, and with "subs" a visible token copies through). "posthoc_heldout" is
+a held-out estimate in the style of ReMDM's confidence: the generated (non-fixed) positions of each
+row are dealt at random into k = `StageConfig.heldout_splits` disjoint subsets of near-equal size
+(`heldout_split`), and for each subset one forward of the canvas with that subset replaced by
+[MASK] gives log p(token) at the masked positions. Every generated position is scored exactly once,
+by k forwards (a `lax.scan`), all counted in the stage's NFE; k = n (one position per forward) is
+masking each position alone. Fixed positions are not scored (+inf) and are never remasked.
+
 Keys: the draft uses fold_in(key, 0); stage k uses fold_in(key, k + 1), split by fold_in into
-0 (scores) and 1 (denoising), so `mdlm_sample` and a gamma = 1, B = L stage draw the same noise.
+0 (scores: the random order, or the held-out split) and 1 (denoising), so `mdlm_sample` and a gamma = 1, B = L stage draw the same noise.
 """
 
 from __future__ import annotations
@@ -35,18 +45,21 @@ from lsd.nn import block_causal_mask
 from lsd.sampling.block import BlockState, DraftConfig, denoise_block, draft_blocks
 from lsd.sampling.categorical import Confidence
 
-Score = Literal["snapshot", "posthoc", "random"]
+Score = Literal["snapshot", "posthoc", "posthoc_heldout", "random"]
+SCORES: tuple[str, ...] = ("snapshot", "posthoc", "posthoc_heldout", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
   """One revision stage: block size B_k (divides L), remask fraction gamma in [0, 1], ancestral
-  steps per block, and the score that ranks tokens for remasking."""
+  steps per block, and the score that ranks tokens for remasking. heldout_splits: k, the number of
+  disjoint subsets (one masked forward each) of the "posthoc_heldout" score; unused otherwise."""
 
   block_size: int
   gamma: float
   steps: int
   score: Score = "snapshot"
+  heldout_splits: int = 4
 
   def validate(self, length: int, name: str = "stage") -> None:
     if self.block_size < 1 or length % self.block_size:
@@ -55,8 +68,12 @@ class StageConfig:
       raise ValueError(f"{name}.gamma={self.gamma} must be in [0, 1]")
     if self.steps < 1:
       raise ValueError(f"{name}.steps={self.steps} must be >= 1")
-    if self.score not in ("snapshot", "posthoc", "random"):
-      raise ValueError(f"{name}.score={self.score!r} must be 'snapshot', 'posthoc' or 'random'")
+    if self.score not in SCORES:
+      raise ValueError(f"{name}.score={self.score!r} is not supported; accepted: {list(SCORES)}")
+    if isinstance(self.heldout_splits, bool) or not (
+      isinstance(self.heldout_splits, int) and self.heldout_splits >= 1
+    ):
+      raise ValueError(f"{name}.heldout_splits={self.heldout_splits!r} must be an int >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +99,8 @@ class SBDSamplerConfig:
 class SampleOutput:
   """draft_tokens, tokens: int32 [N, L] before / after revision (prefix included); conf: fp32 [N, L]
   snapshot confidence of each final token (+inf for the prefix); nfe_per_stage: int32 [N, 1 + K]
-  (column 0 the draft, then one per stage; a post-hoc stage counts its scoring forward);
+  (column 0 the draft, then one per stage; a post-hoc stage counts its scoring forward, a held-out
+  one its heldout_splits forwards);
   commit_forwards: int32 scalar (draft KV-cache appends); stage_tokens: int32 [K, N, L] the canvas
   after each stage; remasked: bool [K, N, L] the positions each stage remasked; fixed: bool
   [N, L] the positions no stage may change (prompt, infill text, EOS and the padding after it)."""
@@ -148,6 +166,42 @@ def posthoc_scores(
   token sees (a windowed stage's mask)."""
   logp, _ = model(tokens, mask=mask, subs=False)
   return jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
+
+
+def heldout_split(key: Array, valid: Bool[Array, "#N L"], splits: int) -> Int[Array, "N L"]:
+  """Deals each row's valid positions at random into `splits` (static) disjoint subsets.
+
+  A row's valid positions are ranked by one uniform draw each (fixed positions rank last), and the
+  position of rank r goes to subset r mod `splits`: subset sizes differ by at most one, and a row
+  with fewer valid positions than `splits` leaves some subsets empty. Returns int32 [N, L]: the
+  subset index, -1 at invalid positions. `valid` must be [N, L] (a broadcast row gives every row
+  the same split)."""
+  n, length = valid.shape
+  u = jnp.where(valid, jax.random.uniform(key, (n, length)), 2.0)
+  rank = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
+  return jnp.where(valid, rank % splits, -1).astype(jnp.int32)
+
+
+def heldout_scores(
+  model: MaskedLM,
+  tokens: Int[Array, "N L"],
+  split: Int[Array, "N L"],
+  splits: int,
+  mask: Bool[Array, "L L"] | None = None,
+) -> Float[Array, "N L"]:
+  """p(token_i | canvas with subset j masked) for each position i of subset j = split[i] >= 0,
+  +inf where split is -1 (not scored). One forward per subset (a `lax.scan` over the static
+  `splits`); `mask` as in `posthoc_scores` (a windowed stage's mask)."""
+
+  def one(scores, j):
+    held = split == j
+    logp, _ = model(jnp.where(held, model.mask_id, tokens), mask=mask, subs=False)
+    lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.where(held, jnp.exp(lp), scores), None
+
+  init = jnp.full(tokens.shape, jnp.inf, jnp.float32)
+  scores, _ = jax.lax.scan(one, init, jnp.arange(splits, dtype=jnp.int32))
+  return scores
 
 
 def revise_stage(
@@ -232,9 +286,14 @@ def _run_stages(
     extra = 0
     if stage.score == "snapshot":
       scores = conf
-    elif stage.score == "posthoc":
+    elif stage.score in ("posthoc", "posthoc_heldout"):
       mask = block_causal_mask(tokens.shape[1], stage.block_size, window) if window else None
-      scores, extra = posthoc_scores(model, tokens, mask), 1
+      if stage.score == "posthoc":
+        scores, extra = posthoc_scores(model, tokens, mask), 1
+      else:
+        k_split = stage.heldout_splits
+        split = heldout_split(score_key, jnp.broadcast_to(valid, tokens.shape), k_split)
+        scores, extra = heldout_scores(model, tokens, split, k_split, mask), k_split
     else:
       scores = jax.random.uniform(score_key, tokens.shape)
     tokens, remasked = remask(tokens, scores, stage.gamma, model.mask_id, valid)
