@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import time
@@ -76,6 +77,7 @@ from lsd.config import load_config_file  # noqa: E402
 from lsd.data.segments import split_segments  # noqa: E402
 from lsd.eval.genppl import GenPPL  # noqa: E402
 from lsd.eval.metrics import bleu, dist_n, mauve, paired_bootstrap, rouge_per_sample  # noqa: E402
+from lsd.fileio import atomic_write_text  # noqa: E402
 from lsd.methods import get_task  # noqa: E402
 from lsd.nn.layers import normalize_to_sphere  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
@@ -280,6 +282,25 @@ def score(rec: dict, prompts: list[str], refs: list, judge, features) -> tuple[d
   return metrics, {"rouge_l": r["rougeL"], "log_ppl": np.log(ppl)}
 
 
+def cached_score(path: Path, rec: dict, prompts, refs, judge, features) -> tuple[dict, dict]:
+  """`score`, kept in `path` under a digest of the texts, prompts and references: judging one
+  method's DialogSum outputs takes most of an hour on 2 cores, and a stopped run must not redo it."""
+  key = hashlib.sha256(json.dumps([rec["texts"], list(prompts), refs]).encode()).hexdigest()
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved["digest"] == key:
+      return saved["metrics"], {k: np.asarray(v) for k, v in saved["per_sample"].items()}
+  metrics, per_sample = score(rec, prompts, refs, judge, features)
+  out = {
+    "digest": key,
+    "metrics": metrics,
+    "per_sample": {k: v.tolist() for k, v in per_sample.items()},
+  }
+  atomic_write_text(path, json.dumps(out))
+  log(f"{path.stem}: scored")
+  return metrics, per_sample
+
+
 def compare(per: dict, a: str, b: str) -> dict:
   """Paired bootstrap of method a minus method b over the test items: ROUGE-L (mean) and log
   perplexity (mean; < 0 = a lower), each with a 95 % interval and whether it excludes 0."""
@@ -373,7 +394,10 @@ def run_task(name: str, path: Path, test: list[dict], workdir: Path, args, minut
   judge = GenPPL(max_len=768 if name == "ds" else 160, batch_size=16)
   features = lambda texts: cached_features(judge, workdir / "judge_features", texts)
   refs = [d["text"] for d in test] if name == "roc" else [d["refs"] for d in test]
-  scored = {m: score(r, sources, refs, judge, features) for m, r in recs.items()}
+  scored = {
+    m: cached_score(cache / f"{name}_{m}_scores.json", r, sources, refs, judge, features)
+    for m, r in recs.items()
+  }
   metrics = {m: v[0] for m, v in scored.items()}
   per_sample = {m: v[1] for m, v in scored.items()}
   for m, v in metrics.items():
