@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import split_tiny_masked_lm, tiny_sbd_task
+from tiny import WordTok, split_tiny_masked_lm, tiny_sbd_task
 
 from lsd.config import ConfigError
 from lsd.models.masked_lm import MaskedLM
@@ -188,17 +188,7 @@ def test_learned_positions_cannot_go_past_their_table():
 # ---------------------------------------------------------------------------------------------------
 # SBD: max_new_tokens past data.seq_len (the test config trains on 32 tokens)
 # ---------------------------------------------------------------------------------------------------
-WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
-
-
-class Tok:
-  vocab_size, pad_id, bos_id, eos_id, mask_id = 40, 36, 37, 38, 39
-
-  def encode(self, text):
-    return [WORDS.index(w) for w in text.split()]
-
-  def decode(self, ids):
-    return " ".join(WORDS[i] if i < len(WORDS) else f"<{i}>" for i in ids if i < 36)
+Tok = WordTok
 
 
 SEQ = 32

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import split_tiny_masked_lm, tiny_sbd_task
+from tiny import WORDS, WordTok, split_tiny_masked_lm, tiny_sbd_task
 
 from lsd.config import ConfigError
 from lsd.sampling import DraftConfig, SBDSamplerConfig, StageConfig, draft, draft_then_revise
@@ -249,17 +249,7 @@ def test_parse_infill_pieces_and_errors():
       parse_infill(bad, "--infill")
 
 
-WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
-
-
-class Tok:
-  vocab_size, pad_id, bos_id, eos_id, mask_id = 40, 36, 37, 38, 39
-
-  def encode(self, text):
-    return [WORDS.index(w) for w in text.split()]
-
-  def decode(self, ids):
-    return " ".join(WORDS[i] if i < len(WORDS) else f"<{i}>" for i in ids if i < 36)
+Tok = WordTok
 
 
 def tiny_task(**sample):

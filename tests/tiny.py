@@ -30,3 +30,18 @@ def tiny_sbd_task(tokenizer, **sample):
   task = get_task(c)
   task.tokenizer = tokenizer
   return task, task.build_model(nnx.Rngs(0))
+
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
+
+
+class WordTok:
+  """A word-level tokenizer over WORDS for the 40-token SBD test model (specials 36-39)."""
+
+  vocab_size, pad_id, bos_id, eos_id, mask_id = 40, 36, 37, 38, 39
+
+  def encode(self, text):
+    return [WORDS.index(w) for w in text.split()]
+
+  def decode(self, ids):
+    return " ".join(WORDS[i] if i < len(WORDS) else f"<{i}>" for i in ids if i < 36)
