@@ -743,14 +743,45 @@ def test_gpt2_checkpoint_imports_as_a_decoder_with_lsd_specials(tmp_path):
   np.testing.assert_allclose(got, lm(ids), atol=1e-5)
 
 
+def train_imported_decoder(tmp_path, data, checkpoint, tok, imported, width, steps):
+  """Trains the decoder stage from an imported causal LM `checkpoint`, frozen then fine-tuned,
+  and returns the two loaded runs. Checks: the run finishes with text samples; the generator has
+  the checkpoint's `width`; frozen, every decoder weight equals `imported`'s bit for bit;
+  fine-tuned, every one moved; either way the generator's projections left the trainer's init
+  (the blocks' AdaLN-zero gates open only after the first update)."""
+  from flax import traverse_util
+
+  from lsd.api import load, train
+  from lsd.methods import get_task
+
+  flat = lambda state: traverse_util.flatten_dict(state.to_pure_dict())  # noqa: E731
+  want = flat(nnx.state(imported, nnx.Param))
+  runs = []
+  for frozen in (True, False):
+    cfg = _config("decoder", data, decoder_checkpoint=checkpoint, freeze_decoder=frozen)
+    cfg.train.update(steps=steps, lr=3e-3, num_samples=1)
+    workdir = tmp_path / f"dec_{frozen}"
+    res = train(cfg, workdir)
+    assert res.final_step == steps and isinstance(res.samples[0]["text"], str)
+    run = load(workdir, use_ema=False)
+    assert run.model().generator.proj_out.kernel.shape == (32, width)
+    params = flat(run.params)
+    changed = [k for k, v in want.items() if not np.array_equal(params[("decoder", *k)], v)]
+    assert changed == [] if frozen else len(changed) == len(want), (frozen, changed)
+    task = get_task(cfg)
+    task.tokenizer = tok
+    init = flat(nnx.split(task.build_model(nnx.Rngs(cfg.seed)))[1])
+    for k in (("generator", "proj_in", "kernel"), ("generator", "proj_out", "kernel")):
+      assert not np.array_equal(params[k], init[k]), k
+    runs.append(run)
+  return runs
+
+
 @pytest.mark.slow  # two 2-step runs and their decoding: about 2 minutes on 2 busy CPU cores
 def test_decoder_is_an_imported_gpt2_frozen_or_fine_tuned(tmp_path):
   """dglm.decoder_checkpoint: a GPT-2 exported to safetensors is the decoder (its width, its
   tokenizer); frozen, every decoder weight stays bit-identical while the generator trains;
   fine-tuned, every decoder weight moves. The runs load and continue prompts."""
-  from flax import traverse_util
-
-  from lsd.api import load, train
   from lsd.config import ConfigError
   from lsd.convert import hf
   from lsd.data.tokenizer import gpt2_with_lsd_specials
@@ -760,26 +791,8 @@ def test_decoder_is_an_imported_gpt2_frozen_or_fine_tuned(tmp_path):
   lines = (tmp_path / "data" / "sentiment.0").read_text().splitlines()
   ckpt = _tiny_gpt2(tmp_path / "gpt2", lines)
   tok = gpt2_with_lsd_specials(ckpt)
-  flat = lambda state: traverse_util.flatten_dict(state.to_pure_dict())
-  want = flat(nnx.state(hf.import_gpt2_decoder(ckpt, tok), nnx.Param))
-  for frozen in (True, False):
-    cfg = _config("decoder", data, decoder_checkpoint=str(ckpt), freeze_decoder=frozen)
-    cfg.train.update(steps=2, lr=3e-3, num_samples=1)
-    workdir = tmp_path / f"dec_{frozen}"
-    res = train(cfg, workdir)
-    assert res.final_step == 2 and isinstance(res.samples[0]["text"], str)
-    run = load(workdir, use_ema=False)
-    assert run.model().generator.proj_out.kernel.shape == (32, 24)  # the checkpoint's width
-    params = flat(run.params)
-    changed = [k for k, v in want.items() if not np.array_equal(params[("decoder", *k)], v)]
-    assert changed == [] if frozen else len(changed) == len(want), (frozen, changed)
-    # the generator trains either way: its projections left the trainer's init (the blocks'
-    # AdaLN-zero gates open only after the first update)
-    task = get_task(cfg)
-    task.tokenizer = tok
-    init = flat(nnx.split(task.build_model(nnx.Rngs(cfg.seed)))[1])
-    for k in (("generator", "proj_in", "kernel"), ("generator", "proj_out", "kernel")):
-      assert not np.array_equal(params[k], init[k]), k
+  imported = hf.import_gpt2_decoder(ckpt, tok)
+  for run in train_imported_decoder(tmp_path, data, str(ckpt), tok, imported, 24, steps=2):
     proposal = _unit_rows(jax.random.key(30), 1, 384)
     out = run.task.continue_texts(run.model(), jax.random.key(4), ["the food"], proposal)[0]
     assert 1 <= len(out["tokens"]) <= 12 and out["text"] == run.tokenizer.decode(out["tokens"])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-from test_dglm import _config, _reviews, _unit_rows
+from test_dglm import _config, _reviews, _unit_rows, train_imported_decoder
 from tiny_gguf import write_tiny_gguf
 
 from lsd.convert import causal_decoder
@@ -118,31 +118,12 @@ def test_decoder_is_an_imported_gguf_run(tmp_path, tiny_gguf):
   """dglm.decoder_checkpoint=<file>.gguf: 3 training steps; frozen, every decoder weight stays
   bit-identical while the generator's projections move; fine-tuned, every decoder weight moves.
   The end-of-run samples decode through the GGUF's tokenizer."""
-  from lsd.api import load, train
-  from lsd.methods import get_task
-
   data = _reviews(tmp_path / "data")
   path = str(tiny_gguf)
   tok = causal_decoder.checkpoint_tokenizer(path)
-  flat = lambda state: traverse_util.flatten_dict(state.to_pure_dict())  # noqa: E731
-  want = flat(nnx.state(causal_decoder.import_decoder(path, tok), nnx.Param))
-  for frozen in (True, False):
-    cfg = _config("decoder", data, decoder_checkpoint=path, freeze_decoder=frozen)
-    cfg.train.update(steps=3, lr=3e-3, num_samples=1)
-    workdir = tmp_path / f"dec_{frozen}"
-    res = train(cfg, workdir)
-    assert res.final_step == 3 and isinstance(res.samples[0]["text"], str)
-    run = load(workdir, use_ema=False)
+  imported = causal_decoder.import_decoder(path, tok)
+  for run in train_imported_decoder(tmp_path, data, path, tok, imported, 64, steps=3):
     assert run.tokenizer.eos_id == 0 and run.tokenizer.vocab_size == _N + 3
-    assert run.model().generator.proj_out.kernel.shape == (32, 64)  # the GGUF's width
-    params = flat(run.params)
-    changed = [k for k, v in want.items() if not np.array_equal(params[("decoder", *k)], v)]
-    assert changed == [] if frozen else len(changed) == len(want), (frozen, changed)
-    task = get_task(cfg)
-    task.tokenizer = tok
-    init = flat(nnx.split(task.build_model(nnx.Rngs(cfg.seed)))[1])
-    for k in (("generator", "proj_in", "kernel"), ("generator", "proj_out", "kernel")):
-      assert not np.array_equal(params[k], init[k]), k
   proposal = _unit_rows(jax.random.key(30), 1, 384)
   out = run.task.continue_texts(run.model(), jax.random.key(4), ["the food"], proposal)[0]
   assert out["text"] == run.tokenizer.decode(out["tokens"])
