@@ -192,7 +192,9 @@ def _export_parser(verbs) -> None:
     description="Write the latest (or --step) checkpoint of a training run to --out (a new or "
     "empty directory): config.json, tokenizer.json, model.safetensors (the params, and the EMA "
     "under ema/ when the run has one) and a README.md model card with the training config and "
-    "the metrics the run recorded. `lsd sample --workdir DIR` and lsd.api.load(DIR) read it; "
+    "the metrics the run recorded. Earlier-stage runs the run loads (*_workdir fields) are "
+    "exported inside it under stages/, a decoder checkpoint under files/. "
+    "`lsd sample --workdir DIR` and lsd.api.load(DIR) read it; "
     "uploaded to the Hugging Face hub, lsd.api.load('hf:org/name') does.",
   )
   x.add_argument("--workdir", required=True, help="the training run to export")

@@ -4,6 +4,10 @@ decoder, fine-tuned or frozen (`dglm.decoder_checkpoint=<file>.gguf`, `dglm.free
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,8 +122,11 @@ def test_decoder_is_an_imported_gguf_run(tmp_path, tiny_gguf):
   """dglm.decoder_checkpoint=<file>.gguf: 3 training steps; frozen, every decoder weight stays
   bit-identical while the generator's projections move; fine-tuned, every decoder weight moves.
   The end-of-run samples decode through the GGUF's tokenizer."""
+  from lsd import api
+
   data = _reviews(tmp_path / "data")
-  path = str(tiny_gguf)
+  path = str(tmp_path / "decoder.gguf")
+  shutil.copy(tiny_gguf, path)
   tok = causal_decoder.checkpoint_tokenizer(path)
   imported = causal_decoder.import_decoder(path, tok)
   for run in train_imported_decoder(tmp_path, data, path, tok, imported, 64, steps=3):
@@ -127,6 +134,16 @@ def test_decoder_is_an_imported_gguf_run(tmp_path, tiny_gguf):
   proposal = _unit_rows(jax.random.key(30), 1, 384)
   out = run.task.continue_texts(run.model(), jax.random.key(4), ["the food"], proposal)[0]
   assert out["text"] == run.tokenizer.decode(out["tokens"])
+  # Exported, the run takes its GGUF along (files/) and continues the prefix as the run did
+  # with the original file gone.
+  export = api.export(tmp_path / "dec_False", tmp_path / "export")
+  assert json.loads((export / "config.json").read_text())["dglm"]["decoder_checkpoint"] == (
+    "./files/decoder.gguf"
+  )
+  Path(path).unlink()
+  loaded = api.load(export, use_ema=False)
+  again = loaded.task.continue_texts(loaded.model(), jax.random.key(4), ["the food"], proposal)
+  assert again[0]["tokens"] == out["tokens"] and again[0]["text"] == out["text"]
 
 
 def test_decoder_checkpoint_errors_name_the_field_and_the_accepted_sources(tmp_path, tiny_gguf):

@@ -118,9 +118,10 @@ def test_hub_reference_loads_through_snapshot_download(sbd_export, monkeypatch):
     api.load("hf:org/name")
 
 
-def _untrained_run(spec, corpus, workdir, tokenizer, step=3):
+def _untrained_run(spec, corpus, workdir, tokenizer, step=3, **ld4lg):
   """A run directory as the trainer leaves it (config.json, tokenizer.json, a checkpoint at
-  `step`), its params the random init and no EMA: no train step to compile."""
+  `step`), its params the random init and no EMA: no train step to compile. `ld4lg`: fields of
+  its config's ld4lg section (`ae_workdir` stands for autoencoder_workdir)."""
   from lsd.data.tokenizer import Tokenizer
   from lsd.methods import get_task
   from lsd.train.checkpoint import Checkpointer
@@ -131,6 +132,9 @@ def _untrained_run(spec, corpus, workdir, tokenizer, step=3):
   c.data.path = str(corpus)
   c.sample.max_new_tokens = 8
   c.train.ema_decay = 0.0
+  if "ae_workdir" in ld4lg:
+    ld4lg["autoencoder_workdir"] = ld4lg.pop("ae_workdir")
+  c.ld4lg.update(ld4lg) if ld4lg else None
   workdir.mkdir()
   (workdir / "config.json").write_text(c.to_json())
   (workdir / "tokenizer.json").write_text(tokenizer.read_text())
@@ -182,3 +186,38 @@ def test_bad_inputs_are_one_line_errors(sbd_run, sbd_export, tmp_path, capsys):
   assert "ld4lg.autoencoder_workdir='runs/ae'" in err(
     "--workdir", str(staged), "--out", str(tmp_path / "o4")
   )
+
+
+def test_a_multi_stage_latent_run_exports_with_its_stages(corpus, sbd_run, tmp_path):
+  """An LD4LG decoder-tuning run loads two runs (its denoiser and the autoencoder, which the
+  denoiser loads too): the export holds each once under stages/, its config points there by
+  relative paths, and with the original runs moved away the directory loads to the same samples."""
+  tok = sbd_run / "tokenizer.json"
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  spec = "configs/ld4lg_yelp.py:size=test,stage="
+  ae = str(_untrained_run(spec + "ae", corpus, runs / "ae", tok))
+  diff = str(_untrained_run(spec + "diffusion", corpus, runs / "diff", tok, ae_workdir=ae))
+  dec = _untrained_run(
+    spec + "decoder", corpus, runs / "dec", tok, ae_workdir=ae, denoiser_workdir=diff
+  )
+  loaded = {name: api.load(run) for name, run in (("diff", diff), ("dec", dec))}
+  want = {name: api.sample(r, jax.random.key(2), 2) for name, r in loaded.items()}
+  out = api.export(dec, tmp_path / "export")
+  assert sorted(p.name for p in (out / "stages").iterdir()) == ["ld4lg_ae", "ld4lg_diffusion"]
+  config = json.loads((out / "config.json").read_text())
+  assert config["ld4lg"]["autoencoder_workdir"] == "./stages/ld4lg_ae"
+  assert config["ld4lg"]["denoiser_workdir"] == "./stages/ld4lg_diffusion"
+  inner = json.loads((out / "stages" / "ld4lg_diffusion" / "config.json").read_text())
+  assert inner["ld4lg"]["autoencoder_workdir"] == "../ld4lg_ae"
+  assert "`stages/ld4lg_ae`" in (out / "README.md").read_text()
+  runs.rename(tmp_path / "moved")  # nothing may read the original runs now
+  moved = tmp_path / "elsewhere"
+  out.rename(moved)  # and the directory itself can move
+  run = api.load(moved)
+  assert run.config.ld4lg.autoencoder_workdir == str(moved / "stages" / "ld4lg_ae")
+  _assert_same_params(run.params, loaded["dec"].params)
+  assert api.sample(run, jax.random.key(2), 2) == want["dec"]
+  diff_run = api.load(moved / "stages" / "ld4lg_diffusion")
+  _assert_same_params(diff_run.params, loaded["diff"].params)
+  assert api.sample(diff_run, jax.random.key(2), 2) == want["diff"]

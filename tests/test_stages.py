@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from lsd.config import ConfigError
@@ -143,3 +144,28 @@ def test_copy_params_transplants_a_subtree_and_names_a_misfit():
   out, fresh = stages.copy_params(params, same, field="x", path="p", complete=True)
   assert fresh == []
   jax.tree.map(np.testing.assert_array_equal, out.to_pure_dict(), same.to_pure_dict())
+
+
+def test_relative_paths_of_an_export_resolve_against_its_directory():
+  """In an exported directory's config, "./" and "../" path fields are relative to it (normalised,
+  so two spellings of one stage compare equal; a remote root keeps its scheme); other values (an
+  absolute path, a registry name) are left alone."""
+  import ml_collections
+
+  from lsd.train.stages import join_relative, resolve_relative_paths, run_location
+
+  assert join_relative("/x/exp/stages/diff", "../ae") == "/x/exp/stages/ae"
+  assert join_relative("gs://b/exp/stages/diff", "../ae") == "gs://b/exp/stages/ae"
+  assert join_relative("gs://b/exp", "./stages/ae") == "gs://b/exp/stages/ae"
+  c = ml_collections.ConfigDict(
+    {
+      "ld4lg": {"autoencoder_workdir": "./stages/ae", "denoiser_workdir": "/abs/run"},
+      "dglm": {"decoder_checkpoint": "smollm2", "diffusion_workdir": "../d"},
+      "data": {"path": "./corpus.txt"},  # not a path field a load follows
+    }
+  )
+  resolve_relative_paths(c, epath.Path("/x/exp"))
+  assert c.ld4lg.autoencoder_workdir == "/x/exp/stages/ae"
+  assert c.ld4lg.denoiser_workdir == "/abs/run" and c.dglm.decoder_checkpoint == "smollm2"
+  assert c.dglm.diffusion_workdir == "/x/d" and c.data.path == "./corpus.txt"
+  assert run_location("/x/exp/stages/diff/../ae") == run_location("/x/exp/stages/ae")

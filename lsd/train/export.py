@@ -8,10 +8,14 @@ under `ema/`; its header metadata says `format=lsd`, the step and whether the EM
 method keeps beside its checkpoints (`*.safetensors` at the run's top level, e.g. DGLM's embedding
 statistics) are copied as they are.
 
+A run that loads other runs (a config field `*_workdir`, e.g. `ld4lg.autoencoder_workdir`) takes
+them along under `stages/<method>/`, each an exported directory itself, and a checkpoint its model
+is built from (`dglm.decoder_checkpoint`) under `files/`; its config.json names them by paths
+relative to the directory ("./stages/ld4lg_ae"), so the directory is self-contained and can move.
+
 `lsd.train.stages.load_run` loads such a directory as it loads a run (`load_exported`), to the
-same `LoadedRun` with the same params, so its samples equal the run's bit for bit. Runs that load other runs (a config
-field `*_workdir`, e.g. `ld4lg.autoencoder_workdir`) are refused: their exported directory would
-not be self-contained. A directory on the Hugging Face hub is `hf:org/name` (`resolve_hub`).
+same `LoadedRun` with the same params, so its samples equal the run's bit for bit. A directory on
+the Hugging Face hub is `hf:org/name` (`resolve_hub`).
 """
 
 from __future__ import annotations
@@ -19,36 +23,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from lsd.config import ConfigError, from_json_file
+from lsd.config import ConfigError
 from lsd.convert.safetensors_io import save_safetensors
 from lsd.fileio import as_path, atomic_write, atomic_write_text, one_line
-from lsd.train.stages import EMA_PREFIX, MODEL_FILE, is_exported, restore_run
+from lsd.train.stages import (
+  EMA_PREFIX,
+  MODEL_FILE,
+  is_exported,
+  path_fields,
+  restore_run,
+  run_location,
+  stage_fields,
+)
 
 CARD_FILE = "README.md"
 HUB_PREFIX = "hf:"
+STAGES_DIR = "stages"  # the runs an exported run loads, one directory each
+FILES_DIR = "files"  # the checkpoint files its model is built from
 _SKIP = {"config.json", "tokenizer.json", MODEL_FILE, CARD_FILE}
-
-
-def stage_fields(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-  """(dotted field, value) of every non-empty config field naming another run (`*_workdir`)."""
-
-  def walk(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
-    for key, value in node.items():
-      if isinstance(value, dict):
-        yield from walk(value, f"{prefix}{key}.")
-      elif str(key).endswith("_workdir") and value:
-        yield f"{prefix}{key}", value
-
-  return list(walk(config.to_dict(), ""))
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -56,12 +54,66 @@ def _flat(params) -> dict[str, np.ndarray]:
   return {".".join(map(str, k)): np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
+def _read_config(run: epath.Path, field: str | None = None) -> dict:
+  """The config.json of a run directory as a dict; ConfigError naming `field` (the config field
+  that named the run) or the run when it is missing or not JSON."""
+  where = f"{field}={str(run)!r}" if field else f"workdir={str(run)!r}"
+  try:
+    return json.loads((run / "config.json").read_text())
+  except FileNotFoundError as e:
+    raise ConfigError(f"{where} holds no config.json: is it a training run?") from e
+  except ValueError as e:
+    raise ConfigError(f"{where}: its config.json is not valid JSON ({e})") from e
+
+
+def _set(config: dict, field: str, value: str) -> None:
+  *parents, last = field.split(".")
+  for name in parents:
+    config = config[name]
+  config[last] = value
+
+
+def _stage_plan(src: epath.Path) -> dict[str, tuple[epath.Path, str]]:
+  """Every run `src` loads, directly or through another stage (`*_workdir` fields, transitively):
+  location -> (its directory, its name under stages/). One run named twice (a decoder run's
+  autoencoder is also its denoiser's) is one entry, so the export keeps one copy."""
+  plan: dict[str, tuple[epath.Path, str]] = {}
+  names: set[str] = set()
+
+  def visit(run: epath.Path, config: dict) -> None:
+    for field, value in stage_fields(config):
+      where = run_location(value)
+      if where in plan:
+        continue
+      dep = as_path(value)
+      if not dep.is_dir():
+        raise ConfigError(f"{field}={value!r} (in {str(run)!r}) does not exist: nothing to export")
+      dep_config = _read_config(dep, field)
+      base = name = str(dep_config.get("method") or "run")
+      while name in names:  # two runs of one method: ld4lg_ae, ld4lg_ae_2
+        name = f"{base}_{len([n for n in names if n.startswith(base)]) + 1}"
+      names.add(name)
+      plan[where] = (dep, name)
+      if not is_exported(dep):  # an exported stage is copied whole, its own stages inside it
+        visit(dep, dep_config)
+
+  visit(src, _read_config(src))
+  return plan
+
+
 def export_run(
   workdir: str | os.PathLike, out: str | os.PathLike, make_task, *, step: int | None = None
 ) -> epath.Path:
   """Writes the latest (or `step`) checkpoint of the training run `workdir` as an exported model
   directory `out` (new, or empty) and returns its path. `make_task` is the method registry's
-  task factory (`lsd.methods.get_task`)."""
+  task factory (`lsd.methods.get_task`).
+
+  A run that loads other runs (`*_workdir` fields: an LD4LG denoiser's autoencoder, ...) takes
+  them along: each is exported (its latest checkpoint) under `out/stages/<method>/`, and the
+  fields of the written config.json point there by relative paths ("./stages/ld4lg_ae", and
+  "../ld4lg_ae" between two stages), which loading resolves against the directory. Checkpoint
+  files the model is built from (`FILE_FIELDS`, e.g. a DGLM decoder's GGUF) are copied into the
+  run's `files/` the same way."""
   src, dst = as_path(workdir), as_path(out)
   try:
     exists = src.is_dir()
@@ -73,18 +125,22 @@ def export_run(
     raise ConfigError(f"workdir={str(workdir)!r} is already an exported model directory")
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     raise ConfigError(f"out={str(out)!r} exists and is not empty: give a new or empty directory")
-  if (src / "config.json").is_file():
-    try:
-      fields = stage_fields(from_json_file(src / "config.json"))
-    except ValueError as e:
-      raise ConfigError(f"{src / 'config.json'} is not valid JSON ({e})") from e
-    if fields:
-      field, value = fields[0]
-      raise ConfigError(
-        f"{field}={value!r}: this run loads another run, so its export would not be "
-        "self-contained; lsd export takes runs that name no other run (sbd, causal_lm, a first "
-        "stage such as an autoencoder run)"
-      )
+  plan = _stage_plan(src)
+  stages = {where: f"{STAGES_DIR}/{name}" for where, (_, name) in plan.items()}
+  between = {w: f"../{n}" for w, (_, n) in plan.items()}  # from one stage to another
+  for dep, name in plan.values():
+    if is_exported(dep):
+      _copy_tree(dep, dst / STAGES_DIR / name)
+    else:
+      _export_one(dep, dst / STAGES_DIR / name, make_task, None, between, ())
+  _export_one(src, dst, make_task, step, {w: f"./{s}" for w, s in stages.items()}, stages.values())
+  return dst
+
+
+def _export_one(src, dst, make_task, step, stage_paths: dict, stage_dirs) -> None:
+  """Exports one run `src` to `dst`, its `*_workdir` fields rewritten by `stage_paths`
+  (location -> relative path) and its checkpoint files copied into `dst/files/`."""
+  config_json = _read_config(src)
   config, task, graphdef, state = restore_run(src, make_task, step=step)
   flat = _flat(state.params)
   if state.ema is not None:
@@ -96,20 +152,40 @@ def export_run(
     "ema": "true" if state.ema is not None else "false",
   }
   dst.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(dst / "config.json", (src / "config.json").read_text())
+  text, fields = (src / "config.json").read_text(), list(path_fields(config_json))
+  for field, value, kind in fields:
+    if kind == "run":
+      _set(config_json, field, stage_paths[run_location(value)])
+    elif as_path(value).exists():  # a checkpoint file or directory (else a registry name)
+      name = as_path(value).name
+      _copy_tree(as_path(value), dst / FILES_DIR / name)
+      _set(config_json, field, f"./{FILES_DIR}/{name}")
+  # the run's own text when no path was rewritten
+  atomic_write_text(dst / "config.json", json.dumps(config_json, indent=2) if fields else text)
   atomic_write(dst / "tokenizer.json", lambda tmp: _copy(src / "tokenizer.json", tmp))
   for path in sorted(src.iterdir()):  # files a method keeps beside its checkpoints
     if path.name.endswith(".safetensors") and path.name not in _SKIP and path.is_file():
       atomic_write(dst / path.name, lambda tmp, path=path: _copy(path, tmp))
   atomic_write(dst / MODEL_FILE, lambda tmp: save_safetensors(flat, tmp, metadata=metadata))
   n_params = sum(int(np.prod(v.shape)) for k, v in flat.items() if not k.startswith(EMA_PREFIX))
-  atomic_write_text(dst / CARD_FILE, model_card(config, src, int(state.step), n_params, state))
-  return dst
+  card = model_card(config, src, int(state.step), n_params, state, sorted(stage_dirs))
+  atomic_write_text(dst / CARD_FILE, card)
 
 
 def _copy(source: epath.Path, tmp: str) -> None:
   with source.open("rb") as f, open(tmp, "wb") as g:
     shutil.copyfileobj(f, g)
+
+
+def _copy_tree(source: epath.Path, dest: epath.Path) -> None:
+  """Copies a file, or a directory with everything under it, to `dest` (each file atomically)."""
+  if source.is_dir():
+    dest.mkdir(parents=True, exist_ok=True)
+    for child in sorted(source.iterdir()):
+      _copy_tree(child, dest / child.name)
+  else:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda tmp: _copy(source, tmp))
 
 
 def _recorded_metrics(workdir: epath.Path) -> list[str]:
@@ -143,9 +219,11 @@ def _recorded_metrics(workdir: epath.Path) -> list[str]:
   return lines or ["None recorded in the run's logs."]
 
 
-def model_card(config, workdir: epath.Path, step: int, n_params: int, state) -> str:
-  """The README.md of an exported directory: method, size, step, recorded metrics, the config."""
+def model_card(config, workdir: epath.Path, step: int, n_params: int, state, stage_dirs=()) -> str:
+  """The README.md of an exported directory: method, size, step, the runs it loads (`stage_dirs`),
+  recorded metrics, the config."""
   ema = "yes (`ema/` tensors; loaded by default)" if state.ema is not None else "no"
+  stages = ", ".join(f"`{d}`" for d in stage_dirs) or "none"
   return "\n".join(
     [
       "---",
@@ -160,6 +238,7 @@ def model_card(config, workdir: epath.Path, step: int, n_params: int, state) -> 
       f"- parameters: {n_params:,}",
       f"- exported step: {step}",
       f"- EMA weights: {ema}",
+      f"- earlier-stage runs it loads (exported inside this directory): {stages}",
       "",
       "## Use",
       "",

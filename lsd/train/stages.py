@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import posixpath
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +28,12 @@ from lsd.fileio import as_path, is_remote, local_copy, one_line
 
 MODEL_FILE = "model.safetensors"  # an exported model directory's weights (`lsd.train.export`)
 EMA_PREFIX = "ema/"  # the EMA copy of each tensor in it
+# Config fields (last name) that name a file or directory a run's model is built from at load time
+# (beside the `*_workdir` fields, which name other runs): an export copies what they name.
+FILE_FIELDS = ("decoder_checkpoint",)
+# In an exported directory's config.json, a path field whose value starts with one of these is
+# relative to that directory (the exporter writes them: "./stages/<run>", "../<run>", "./files/<f>").
+RELATIVE_PREFIXES = ("./", "../")
 
 TaskFactory = Callable[[ml_collections.ConfigDict], Any]  # config -> lsd.train.task.Task
 
@@ -68,8 +75,59 @@ def load_run(
   return LoadedRun(config, task, graphdef, params, int(state.step))
 
 
-def open_run(workdir: epath.Path, make_task: TaskFactory, *, what: str = "a training run"):
-  """(config, task with its tokenizer) of the run directory `workdir`, its config validated."""
+def path_fields(config: Any) -> Iterator[tuple[str, str, str]]:
+  """(dotted field, value, kind) of every non-empty config field naming a path a run loads: kind
+  "run" for `*_workdir` fields (another run), "file" for `FILE_FIELDS` (a checkpoint)."""
+
+  def walk(node: Any, prefix: str) -> Iterator[tuple[str, str, str]]:
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        yield from walk(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and value:
+        if str(key).endswith("_workdir"):
+          yield f"{prefix}{key}", value, "run"
+        elif key in FILE_FIELDS:
+          yield f"{prefix}{key}", value, "file"
+
+  return walk(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "")
+
+
+def stage_fields(config: Any) -> list[tuple[str, str]]:
+  """(dotted field, value) of every non-empty config field naming another run (`*_workdir`)."""
+  return [(f, v) for f, v, kind in path_fields(config) if kind == "run"]
+
+
+def join_relative(root: str | os.PathLike, value: str) -> str:
+  """`value` (relative, "./x" or "../x") joined to the directory `root`, normalised ("a/b/../c"
+  is "a/c"), so two spellings of one directory compare equal; remote roots keep their scheme."""
+  base = os.fspath(root)
+  if is_remote(base):
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, value))}"
+  return os.path.normpath(os.path.join(base, value))
+
+
+def resolve_relative_paths(config: ml_collections.ConfigDict, root: epath.Path) -> None:
+  """Rewrites, in place, the path fields of an exported directory's config whose value is
+  relative to it (`RELATIVE_PREFIXES`) to paths under `root`."""
+  for field, value, _ in list(path_fields(config)):
+    if value.startswith(RELATIVE_PREFIXES):
+      *parents, last = field.split(".")
+      node = config
+      for name in parents:
+        node = node[name]
+      node[last] = join_relative(root, value)
+
+
+def open_run(
+  workdir: epath.Path,
+  make_task: TaskFactory,
+  *,
+  what: str = "a training run",
+  relative_paths: bool = False,
+):
+  """(config, task with its tokenizer) of the run directory `workdir`, its config validated; with
+  `relative_paths` (an exported directory), its relative path fields are resolved against it."""
   from lsd.data.tokenizer import Tokenizer
 
   try:
@@ -82,6 +140,8 @@ def open_run(workdir: epath.Path, make_task: TaskFactory, *, what: str = "a trai
     config = from_json_file(workdir / "config.json")
   except ValueError as e:
     raise ConfigError(f"{workdir / 'config.json'} is not valid JSON ({e})") from e
+  if relative_paths:
+    resolve_relative_paths(config, workdir)
   task = make_task(config)
   task.validate()  # a hand-edited config.json fails here, with the field, not in a trace
   task.tokenizer = Tokenizer.load(workdir / "tokenizer.json")
@@ -150,7 +210,7 @@ def load_exported(
   from lsd.convert.safetensors_io import load_safetensors
 
   path = as_path(path)
-  config, task = open_run(path, make_task, what="an exported model directory")
+  config, task = open_run(path, make_task, what="an exported model directory", relative_paths=True)
   with local_copy(path / MODEL_FILE) as local:
     with safe_open(local, "np") as f:
       metadata = f.metadata() or {}
@@ -216,11 +276,11 @@ def load_stage_run(
 def check_same_run(field_a: str, a: str, field_b: str, b: str, why: str) -> None:
   """Raises unless workdirs `a` (config field `field_a`) and `b` are one directory; `why` says
   what requires it."""
-  if _where(a) != _where(b):
+  if run_location(a) != run_location(b):
     raise ConfigError(f"{field_a}={a!r} and {field_b}={b!r} differ: {why}")
 
 
-def _where(path: str) -> str:
+def run_location(path: str) -> str:
   """A workdir's location, for comparing two spellings of it (a remote URL is compared as text)."""
   if is_remote(path):
     return os.fspath(path).rstrip("/")
