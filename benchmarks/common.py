@@ -16,12 +16,7 @@ import jax
 import numpy as np
 
 from lsd.fileio import atomic_write_text
-from lsd.train.sweep import (  # noqa: F401 (quiet, check_stopped: for the scripts)
-  check_stopped,
-  finished_step,
-  quiet,
-  steady_steps_per_s,
-)
+from lsd.train.sweep import check_stopped, quiet  # noqa: F401 (for the scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -93,19 +88,6 @@ def write_result(name: str, metrics: dict, config: dict) -> Path:
 # ------------------------------------------------------------------------- training and features
 def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def probe_steps(cfg, probe: Path, minutes: float, train) -> int:
-  """Training steps of run config `cfg` that fit `minutes` on this machine, from the steady speed
-  of an 80-step probe run in `probe` (`lsd.train.sweep.steady_steps_per_s`); `train(config,
-  workdir)` trains (`lsd.api.train`). The probe is reused when it exists."""
-  if finished_step(probe) != 80:  # absent, or stopped part-way: (re)train it to the end
-    c = quiet(cfg, 80, log_every=10)
-    c.train.eval_batches = 1
-    check_stopped(train(c, probe), probe, 80)
-  sps = steady_steps_per_s(probe)
-  log(f"{probe.name}: {sps:.2f} steps/s -> {int(minutes * 60 * sps)} steps in {minutes} min")
-  return int(minutes * 60 * sps)
 
 
 def cached_features(judge, folder: Path, texts: list[str]) -> np.ndarray:

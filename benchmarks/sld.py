@@ -17,7 +17,8 @@ Protocol (issue "SLD", item 5):
   prompt (nucleus p = 0.9).
 - Budgets: each method's training fits at most 60 minutes of this machine (--sld_ae_minutes +
   --sld_diff_minutes, --ld4lg_ae_minutes + --ld4lg_diff_minutes, --ar_minutes), converted to steps
-  by an 80-step probe of each config (common.probe_steps), so other load changes wall time only.
+  by an 80-step probe of each config (lsd.train.sweep.steps_for_minutes), so other load changes
+  wall time only.
   --steps N trains every run for N steps instead (smoke runs).
 - Metrics on the test prompts (>= 250): ROUGE-1/2/L F1 against the reference continuation, the
   judge's (SmolLM2-135M) perplexity of each continuation given its prompt (per-sample mean),
@@ -61,7 +62,6 @@ from common import (
   cached_features,
   check_stopped,
   log,
-  probe_steps,
   quiet,
   train_seconds,
   write_result,
@@ -81,6 +81,7 @@ from lsd.fileio import atomic_write_text  # noqa: E402
 from lsd.methods import get_task  # noqa: E402
 from lsd.nn.layers import normalize_to_sphere  # noqa: E402
 from lsd.sampling.autoregressive import generate  # noqa: E402
+from lsd.train import sweep  # noqa: E402
 
 SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.3)
 LD4LG_MAX_LEN = 96  # tokens of a whole ROCStories continuation (bos and eos included)
@@ -197,7 +198,7 @@ def ar_config(path: Path, seq_len: int, target_params: int, vocab: int):
 
 def train_run(cfg, workdir: Path, name: str, minutes: float, args) -> int:
   """Trains `name` for --steps or the steps that fit `minutes`; returns the steps."""
-  steps = args.steps or probe_steps(cfg, workdir / f"probe_{name}", minutes, api.train)
+  steps = args.steps or sweep.steps_for_minutes(api.train, cfg, workdir, name, minutes, log=log)
   log(f"training {name} ({steps} steps)")
   result = api.train(quiet(cfg, steps, log_every=max(1, min(100, steps // 4))), workdir / name)
   check_stopped(result, workdir / name, steps)  # a SIGTERM'd run must not be sampled
