@@ -62,7 +62,9 @@ def main():
   batches = [
     {
       "tokens": jax.device_put(
-        rng.integers(0, task.tokenizer.vocab_size, (bsz, seq)).astype(np.int32),
+        # Data ids only: the specials (and the [MASK] id of a masked-diffusion config) sit at
+        # config.data.tokenizer.vocab_size and above, and drawing them as data blows up the loss.
+        rng.integers(0, config.data.tokenizer.vocab_size, (bsz, seq)).astype(np.int32),
         batch_sharding(mesh, rules, 2),
       ),
       "valid": jax.device_put(np.ones((bsz, seq), bool), batch_sharding(mesh, rules, 2)),

@@ -1,0 +1,55 @@
+"""benchmarks/peers.py without the reference or torch: its argument checks and its call order."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "peers.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import peers  # noqa: E402
+
+
+def run(*args):
+  return subprocess.run(
+    [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60
+  )
+
+
+def test_no_reference_path_names_the_flag_and_how_to_fetch():
+  r = run()
+  assert r.returncode != 0
+  assert "--bd3lms" in r.stderr
+  assert "git clone https://github.com/kuleshov-group/bd3lms" in r.stderr
+
+
+def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path):
+  (tmp_path / "models").mkdir()
+  (tmp_path / "diffusion.py").write_text("")
+  r = run("--bd3lms", str(tmp_path))
+  assert r.returncode != 0
+  assert "not a bd3lms checkout" in r.stderr
+  assert "models/dit.py" in r.stderr and "configs/config.yaml" in r.stderr
+  assert "diffusion.py," not in r.stderr  # only the missing files are named
+  assert "git clone" in r.stderr
+
+
+def test_a_checkout_passes_the_argument_checks(tmp_path):
+  for f in peers.CHECKOUT_FILES:
+    (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / f).write_text("")
+  args = peers.parse_args(["--bd3lms", str(tmp_path), "--repeats", "1", "--result", "x"])
+  assert args.repeats == 1 and args.result == "x" and args.threads >= 1
+
+
+def test_interleaved_calls_one_side_at_a_time_and_alternates_who_goes_first():
+  log = []
+  calls = {"lsd": lambda: log.append("lsd") or 1, "ref": lambda: log.append("ref") or 2}
+  turn = [0]
+  out = peers.interleaved(calls, 3, turn)
+  assert log == ["lsd", "ref", "ref", "lsd", "lsd", "ref"]
+  assert out == {"lsd": [1, 1, 1], "ref": [2, 2, 2]}
+  log.clear()
+  peers.interleaved(calls, 1, turn)  # the alternation carries on across lengths
+  assert log == ["ref", "lsd"]
