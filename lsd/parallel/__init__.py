@@ -10,11 +10,12 @@ from lsd.parallel.mesh import (
   mesh_shape,
   rules_from_config,
 )
-from lsd.parallel.sharding import replicated, sharded_init, state_shardings
+from lsd.parallel.sharding import abstract_sharded, replicated, sharded_init, state_shardings
 
 __all__ = [
   "DEFAULT_RULES",
   "MESH_AXES",
+  "abstract_sharded",
   "batch_sharding",
   "default_mesh_config",
   "logical_to_spec",

@@ -45,5 +45,24 @@ def sharded_init(
   return graphdef, state, shardings
 
 
+def abstract_sharded(
+  build: Callable[[], nnx.Module], mesh: Mesh, rules: dict
+) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state) with every leaf a `jax.ShapeDtypeStruct` carrying its sharding: the model
+  under `nnx.eval_shape`, nothing allocated or compiled. The target to restore a checkpoint into,
+  or to place loaded tensors by (a random init would only be overwritten)."""
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  shardings = state_shardings(state, mesh, rules)
+  placed = jax.tree.map(
+    lambda v, s: v.replace(
+      jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())
+    ),
+    state,
+    shardings,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+  return graphdef, placed
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

@@ -31,8 +31,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsd.config import ConfigError
-from lsd.parallel import MESH_AXES, batch_sharding, mesh_shape, rules_from_config, state_shardings
-from lsd.train.state import init_state, make_optimizer, make_train_step, train_state_shardings
+from lsd.parallel import MESH_AXES, abstract_sharded, batch_sharding, mesh_shape, rules_from_config
+from lsd.train.state import (
+  abstract_train_state,
+  make_optimizer,
+  make_train_step,
+  train_state_shardings,
+)
 
 GiB = 1024**3
 
@@ -239,12 +244,6 @@ def topology_mesh(cfg: ml_collections.ConfigDict, devices: Sequence) -> Mesh:
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _placed(tree, shardings):
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
-
-
 @dataclasses.dataclass
 class AbstractTrain:
   """Everything the train step needs, as shapes with shardings (nothing allocated)."""
@@ -262,16 +261,7 @@ class AbstractTrain:
 def abstract_params(task, mesh: Mesh, rules: dict, seed: int = 0):
   """(graphdef, params as ShapeDtypeStructs with the trainer's shardings) from `task.build_model`
   under `nnx.eval_shape`."""
-  abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed)))
-  graphdef, state = nnx.split(abstract)
-  shardings = state_shardings(state, mesh, rules)
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  params = jax.tree.map(
-    lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                                sharding=s.get_value())),
-    state, shardings, is_leaf=is_var,
-  )  # fmt: skip
-  return graphdef, params
+  return abstract_sharded(lambda: task.build_model(nnx.Rngs(seed)), mesh, rules)
 
 
 def abstract_train(
@@ -290,7 +280,7 @@ def abstract_train(
   tx = make_optimizer(tcfg)
   ema = tcfg.ema_decay > 0
   shardings = train_state_shardings(params, tx, ema, mesh)
-  state = _placed(jax.eval_shape(lambda p: init_state(p, tx, ema=ema), params), shardings)
+  state = abstract_train_state(params, tx, ema, mesh)
   batch = task.abstract_batch(int(config.data.batch_size)) if batch is None else batch
   rows = {x.shape[0] for x in batch.values()}
   batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp"))

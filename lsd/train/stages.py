@@ -148,29 +148,47 @@ def open_run(
   return config, task
 
 
-def init_run_params(config: ml_collections.ConfigDict, task) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, freshly initialised params) of a run's model, sharded over the devices there are."""
-  from lsd.parallel import make_mesh, rules_from_config, sharded_init
+def _run_mesh(config: ml_collections.ConfigDict):
+  """(mesh, rules) to load a run on: its own mesh, or data-parallel over the devices there are
+  when its mesh does not fit here (a run trained on another slice)."""
+  from lsd.parallel import make_mesh, rules_from_config
 
   try:
     mesh = make_mesh(config.mesh)
-  except ConfigError as e:  # a run trained on another slice: load on the devices there are
+  except ConfigError as e:
     mesh = make_mesh(ml_collections.ConfigDict(dict(config.mesh, data=-1, fsdp=1, tensor=1)))
     print(
       f"lsd: the run's mesh does not fit here ({e}); loading it data-parallel over "
       f"{mesh.size} device(s)",
       flush=True,
     )
-  rules = rules_from_config(config.mesh)
+  return mesh, rules_from_config(config.mesh)
+
+
+def init_run_params(config: ml_collections.ConfigDict, task) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, freshly initialised params) of a run's model, sharded over the devices there are."""
+  from lsd.parallel import sharded_init
+
+  mesh, rules = _run_mesh(config)
   graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
   return graphdef, params
+
+
+def abstract_run_params(config: ml_collections.ConfigDict, task):
+  """(graphdef, params as ShapeDtypeStructs with their shardings, mesh) of a run's model: what a
+  checkpoint is restored into, or loaded tensors are placed by, with no random init to compile."""
+  from lsd.parallel import abstract_sharded
+
+  mesh, rules = _run_mesh(config)
+  graphdef, params = abstract_sharded(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
+  return graphdef, params, mesh
 
 
 def restore_run(workdir: str | os.PathLike, make_task: TaskFactory, *, step: int | None = None):
   """(config, task, graphdef, TrainState) of the latest (or `step`) checkpoint of a training run:
   `load_run` without the choice between EMA and raw params."""
   from lsd.train.checkpoint import Checkpointer
-  from lsd.train.state import init_state, make_optimizer
+  from lsd.train.state import abstract_train_state, make_optimizer
 
   workdir = as_path(workdir)
   config, task = open_run(workdir, make_task)
@@ -180,10 +198,10 @@ def restore_run(workdir: str | os.PathLike, make_task: TaskFactory, *, step: int
   if ckpt.latest_step() is None:
     raise ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; train first")
   task.load_run_files(workdir)
-  graphdef, params = init_run_params(config, task)
+  graphdef, params, mesh = abstract_run_params(config, task)
   tx = make_optimizer(config.train)
-  state = jax.jit(lambda p: init_state(p, tx, ema=config.train.ema_decay > 0))(params)
-  state = ckpt.restore(state, step=step, set_aside=False)
+  target = abstract_train_state(params, tx, config.train.ema_decay > 0, mesh)
+  state = ckpt.restore(target, step=step, set_aside=False)
   ckpt.close()
   return config, task, graphdef, state
 
@@ -219,7 +237,7 @@ def load_exported(
   if step is not None and step != have:
     raise ConfigError(f"step={step}: {str(path)!r} is an export of step {have} only")
   task.load_run_files(path)
-  graphdef, params = init_run_params(config, task)
+  graphdef, params, _ = abstract_run_params(config, task)
   ema = any(k.startswith(EMA_PREFIX) for k in stored)
   prefix = EMA_PREFIX if (use_ema and ema) else ""
   chosen = {

@@ -200,6 +200,19 @@ def train_state_shardings(params: nnx.State, tx: optax.GradientTransformation, e
   )
 
 
+def abstract_train_state(
+  params: nnx.State, tx: optax.GradientTransformation, ema: bool, mesh
+) -> TrainState:
+  """The TrainState of `params` (arrays, or ShapeDtypeStructs with shardings) as
+  ShapeDtypeStructs in `train_state_shardings`: nothing allocated or compiled (`jax.eval_shape`).
+  The target a checkpoint is restored into, or an ahead-of-time compile's input."""
+  shardings = train_state_shardings(params, tx, ema, mesh)
+  shapes = jax.eval_shape(lambda p: init_state(p, tx, ema=ema), params)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+
+
 def init_sharded_state(
   params: nnx.State, tx: optax.GradientTransformation, ema: bool, mesh
 ) -> TrainState:
