@@ -134,7 +134,9 @@ def _untrained_run(spec, corpus, workdir, tokenizer, step=3, **ld4lg):
   c.train.ema_decay = 0.0
   if "ae_workdir" in ld4lg:
     ld4lg["autoencoder_workdir"] = ld4lg.pop("ae_workdir")
-  c.ld4lg.update(ld4lg) if ld4lg else None
+  if ld4lg:
+    c.ld4lg.update(ld4lg)
+    c.sample.update(steps=4, num_beams=1)  # cheap samples: the test compares them, not quality
   workdir.mkdir()
   (workdir / "config.json").write_text(c.to_json())
   (workdir / "tokenizer.json").write_text(tokenizer.read_text())
@@ -202,7 +204,7 @@ def test_a_multi_stage_latent_run_exports_with_its_stages(corpus, sbd_run, tmp_p
     spec + "decoder", corpus, runs / "dec", tok, ae_workdir=ae, denoiser_workdir=diff
   )
   loaded = {name: api.load(run) for name, run in (("diff", diff), ("dec", dec))}
-  want = {name: api.sample(r, jax.random.key(2), 2) for name, r in loaded.items()}
+  want = api.sample(loaded["dec"], jax.random.key(2), 2)
   out = api.export(dec, tmp_path / "export")
   assert sorted(p.name for p in (out / "stages").iterdir()) == ["ld4lg_ae", "ld4lg_diffusion"]
   config = json.loads((out / "config.json").read_text())
@@ -217,7 +219,5 @@ def test_a_multi_stage_latent_run_exports_with_its_stages(corpus, sbd_run, tmp_p
   run = api.load(moved)
   assert run.config.ld4lg.autoencoder_workdir == str(moved / "stages" / "ld4lg_ae")
   _assert_same_params(run.params, loaded["dec"].params)
-  assert api.sample(run, jax.random.key(2), 2) == want["dec"]
-  diff_run = api.load(moved / "stages" / "ld4lg_diffusion")
-  _assert_same_params(diff_run.params, loaded["diff"].params)
-  assert api.sample(diff_run, jax.random.key(2), 2) == want["diff"]
+  assert api.sample(run, jax.random.key(2), 2) == want
+  _assert_same_params(api.load(moved / "stages" / "ld4lg_diffusion").params, loaded["diff"].params)
