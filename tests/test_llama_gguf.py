@@ -116,6 +116,37 @@ def test_tiny_genppl_matches_direct_scoring(tiny):
   np.testing.assert_allclose(feats[0], hidden.mean(0), atol=1e-5)
 
 
+def test_packed_rows_score_each_text_as_if_alone(tiny):
+  """Texts packed several to a row (segments, positions restarting at 0) get the per-token NLLs
+  and pooled features of scoring each text alone in its own row, within float tolerance; every
+  text is placed once, none past its row; the last call's rows are a power of two."""
+  _, model, tok, _ = tiny
+  rng = np.random.default_rng(0)
+  words = "the cat sat on a mat while dogs ran far away".split()
+  texts = [" ".join(rng.choice(words, size=rng.integers(0, 30))) for _ in range(37)]
+  gen = GenPPL(model, tok, max_len=64, batch_size=4)
+  ids = gen.encode(texts)
+  placed, widths, packed_rows = [], set(), 0
+  for placements, tokens, _, positions, segments in gen._batches(ids):
+    widths.add(tokens.shape[1])
+    assert tokens.shape[0] in (1, 2, 4)
+    for i, r, offset in placements:
+      n = len(ids[i])
+      np.testing.assert_array_equal(tokens[r, offset : offset + n], ids[i])
+      np.testing.assert_array_equal(positions[r, offset : offset + n], np.arange(n))
+      assert len(set(segments[r, offset : offset + n])) == 1 and offset + n <= tokens.shape[1]
+      placed.append(i)
+    packed_rows += sum(len(set(row[row > 0])) > 1 for row in segments)
+  assert sorted(placed) == list(range(len(texts))) and widths == {64} and packed_rows > 0
+  got, feats = gen.token_nlls(texts), gen.hidden_features(texts)
+  for i, s in enumerate(ids):
+    alone = np.asarray(model.next_token_nll(np.array([s])), np.float64)[0]
+    np.testing.assert_allclose(got[i], alone, atol=1e-4)
+    hidden = np.asarray(model.hidden(np.array([s])))[0, 1:]  # BOS excluded
+    want = hidden.mean(0) if len(hidden) else np.zeros(feats.shape[1])  # an empty text: zeros
+    np.testing.assert_allclose(feats[i], want, atol=1e-5)
+
+
 def test_tiny_disk_cache_roundtrip(tiny, tmp_path, monkeypatch):
   path, model, tok, _ = tiny
   monkeypatch.setenv("LSD_CACHE", str(tmp_path))

@@ -568,7 +568,7 @@ def test_conditional_gen_ppl_scores_only_the_continuation():
   class Judge:  # the NLL of token j + 1 is a tenth of its id
     name, bos_id, pad_id, eos_id = "fake", 1, 0, 2
 
-    def next_token_nll(self, tokens, valid):
+    def next_token_nll(self, tokens, valid, positions=None, segments=None):
       return 0.1 * np.asarray(tokens, np.float64)[:, 1:]
 
   class Tok:  # one id per character: ord(c) - 30

@@ -7,12 +7,16 @@ tokens -> PPL.
 Reported: the mean of per-sample PPLs (`gen_ppl`, what BD3-LM tables show) and the corpus PPL
 exp(token-weighted mean NLL) (`gen_ppl_corpus`, less dominated by a few degenerate samples).
 
-Batches are padded to a fixed batch size and to one of a few length buckets (powers of two up to
-`max_len`), so scoring N texts of any lengths compiles at most log2(max_len) programs.
+Texts are packed several to a row (best-fit decreasing): each attends only within its own segment,
+at positions restarting from 0, so its values are those of scoring it alone, and short texts are
+not padded to a fixed length. The row length is the power of two (at least 32, at most `max_len`)
+that holds the longest text; a call takes `batch_size` rows, the last one the power of two that
+holds the rest, so scoring compiles a few programs per row length.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -32,7 +36,7 @@ class GenPPL:
     judge: the judge model; None loads the default (SmolLM2-135M-Instruct, `load_judge`).
     tokenizer: the judge's tokenizer; required when `judge` is given.
     max_len: judge tokens per sample, BOS included; longer texts are truncated.
-    batch_size: rows per compiled call (short batches are padded with empty rows).
+    batch_size: rows per compiled call (each row packs as many texts as fit).
     bos_id: the id put before every text; None for none; "auto" takes the tokenizer's
       "<|endoftext|>" (the document separator GPT-2-family judges were pretrained with) if it has
       one, else the judge's BOS. SmolLM2-Instruct's BOS is the chat token "<|im_start|>", which
@@ -76,18 +80,43 @@ class GenPPL:
     return min(self.max_len, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
 
   def _batches(self, ids: list[list[int]]):
-    """Yields (row indices, tokens [batch_size, L], valid [batch_size, L]) with rows grouped by
-    length bucket, so a short text is not padded to the longest one in the corpus."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), self.batch_size):
-      rows = order[start : start + self.batch_size]
-      length = self._bucket(max(len(ids[i]) for i in rows))
-      tokens = np.full((self.batch_size, length), self.pad_id, np.int32)
-      valid = np.zeros((self.batch_size, length), bool)
-      for r, i in enumerate(rows):
-        tokens[r, : len(ids[i])] = ids[i]
-        valid[r, : len(ids[i])] = True
-      yield rows, tokens, valid
+    """Yields (placements, tokens, valid, positions, segments), each array [rows, R]: the texts
+    packed into rows of R tokens (best-fit decreasing), segment k + 1 the k-th text of a row (0 =
+    padding); placements are (text index, row, offset) of every text with at least one id."""
+    todo = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+    if not todo:
+      return
+    width = self._bucket(len(ids[todo[0]]))
+    rows: list[list[int]] = []  # per row: the texts in it
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in todo:
+      n = len(ids[i])
+      k = bisect.bisect_left(free, (n, -1))  # the fullest row it fits in
+      if k < len(free):
+        room, r = free.pop(k)
+      else:
+        room, r = width, len(rows)
+        rows.append([])
+      rows[r].append(i)
+      if room - n > 0:
+        bisect.insort(free, (room - n, r))
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start : start + self.batch_size]
+      n_rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      tokens = np.full((n_rows, width), self.pad_id, np.int32)
+      positions = np.zeros((n_rows, width), np.int32)
+      segments = np.zeros((n_rows, width), np.int32)
+      placements = []
+      for r, texts in enumerate(chunk):
+        offset = 0
+        for k, i in enumerate(texts):
+          n = len(ids[i])
+          tokens[r, offset : offset + n] = ids[i]
+          positions[r, offset : offset + n] = np.arange(n)
+          segments[r, offset : offset + n] = k + 1
+          placements.append((i, r, offset))
+          offset += n
+      yield placements, tokens, segments > 0, positions, segments
 
   def token_nlls(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Per text, the judge NLL (nats, float64) of each scored token: [len(ids) - 1] each."""
@@ -95,10 +124,11 @@ class GenPPL:
 
   def _nlls(self, ids: list[list[int]]) -> list[np.ndarray]:
     out: list[np.ndarray] = [np.zeros(0)] * len(ids)
-    for rows, tokens, valid in self._batches(ids):
-      nll = np.asarray(self.judge.next_token_nll(tokens, valid), np.float64)  # B L-1
-      for r, i in enumerate(rows):
-        out[i] = nll[r, : len(ids[i]) - 1]
+    for placements, tokens, valid, positions, segments in self._batches(ids):
+      nll = self.judge.next_token_nll(tokens, valid, positions=positions, segments=segments)
+      nll = np.asarray(nll, np.float64)  # B R-1: entry t scores token t + 1
+      for i, r, offset in placements:
+        out[i] = nll[r, offset : offset + len(ids[i]) - 1]
     return out
 
   def per_sample(self, texts: Sequence[str]) -> list[float]:
@@ -146,10 +176,11 @@ class GenPPL:
     ids = self.encode(texts)
     skip = 0 if self.bos_id is None else 1
     out = np.zeros((len(ids), self.judge.cfg.d_model), np.float32)
-    for rows, tokens, valid in self._batches(ids):
-      hidden = np.asarray(self.judge.hidden(tokens, valid))  # B L E
-      for r, i in enumerate(rows):
-        span = hidden[r, skip : len(ids[i])]
+    for placements, tokens, valid, positions, segments in self._batches(ids):
+      hidden = self.judge.hidden(tokens, valid, positions=positions, segments=segments)
+      hidden = np.asarray(hidden)  # B R E
+      for i, r, offset in placements:
+        span = hidden[r, offset + skip : offset + len(ids[i])]
         if len(span):
           out[i] = span.mean(0)
     return out

@@ -23,9 +23,10 @@ from jax import Array
 from lsd.nn.masks import causal_mask
 from lsd.nn.transformer import Transformer, TransformerConfig
 
-# Positions scored per step of the chunked output projection: bounds the [B, chunk, V] fp32 logits
-# (V = 49,152 for SmolLM2) instead of materialising [B, T, V] for T = 1024.
-_HEAD_CHUNK = 128
+# Tokens (rows x positions, flattened) scored per step of the chunked output projection: bounds the
+# [chunk, V] fp32 logits (V = 49,152 for SmolLM2: 200 MB) instead of materialising [B, T, V], and
+# never pads a short batch beyond its own B x (T - 1) tokens.
+_HEAD_TOKENS = 1024
 
 
 def llama_config(
@@ -64,11 +65,15 @@ def llama_config(
   return cfg
 
 
-def _mask(valid: Array) -> Array:
-  """bool [B, T] validity -> bool [B, 1, T, T] attention mask."""
+def _mask(valid: Array, segments: Array | None = None) -> Array:
+  """bool [B, T] validity (and int [B, T] segment ids, 0 = padding, for rows packing several
+  texts) -> bool [B, 1, T, T] attention mask: causal, within one segment."""
   t = valid.shape[1]
   # Keys that are padding are hidden as well, so the result does not depend on what fills them.
-  return causal_mask(t)[None, None] & valid[:, None, None, :]
+  mask = causal_mask(t)[None, None] & valid[:, None, None, :]
+  if segments is not None:
+    mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
+  return mask
 
 
 def _project(model: Transformer, x: Array) -> Array:
@@ -84,23 +89,25 @@ def _logits(graphdef, state, tokens: Array, valid: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _hidden(graphdef, state, tokens: Array, valid: Array) -> Array:
+def _hidden(graphdef, state, tokens: Array, valid: Array, positions, segments) -> Array:
   model = nnx.merge(graphdef, state)
-  return model(tokens, mask=_mask(valid), return_hidden=True)[0].astype(jnp.float32)
+  mask = _mask(valid, segments)
+  return model(tokens, positions=positions, mask=mask, return_hidden=True)[0].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _next_token_nll(graphdef, state, tokens: Array, valid: Array) -> Array:
+def _next_token_nll(graphdef, state, tokens: Array, valid: Array, positions, segments) -> Array:
   model = nnx.merge(graphdef, state)
-  x = model(tokens, mask=_mask(valid), return_hidden=True)[0][:, :-1]  # B T-1 E
-  targets = tokens[:, 1:]
+  mask = _mask(valid, segments)
+  x = model(tokens, positions=positions, mask=mask, return_hidden=True)[0][:, :-1]  # B T-1 E
   b, n, e = x.shape
-  pad = -n % _HEAD_CHUNK
-  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  chunks = n // _HEAD_CHUNK + (pad > 0)
-  xs = x.reshape(b, chunks, -1, e).swapaxes(0, 1)  # chunks B C E
-  ts = targets.reshape(b, chunks, -1).swapaxes(0, 1)
+  if b * n == 0:  # one-token rows: nothing to score
+    return jnp.zeros((b, n), jnp.float32)
+  x, targets = x.reshape(b * n, e), tokens[:, 1:].reshape(b * n)
+  size = min(_HEAD_TOKENS, b * n)
+  pad = -(b * n) % size
+  xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, e)  # chunks C E
+  ts = jnp.pad(targets, (0, pad)).reshape(-1, size)
 
   def chunk_nll(args):
     xc, tc = args
@@ -108,8 +115,8 @@ def _next_token_nll(graphdef, state, tokens: Array, valid: Array) -> Array:
     picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
-  nll = jax.lax.map(chunk_nll, (xs, ts))  # chunks B C
-  return nll.swapaxes(0, 1).reshape(b, -1)[:, :n]
+  nll = jax.lax.map(chunk_nll, (xs, ts))  # chunks C
+  return nll.reshape(-1)[: b * n].reshape(b, n)
 
 
 class LlamaLM:
@@ -160,16 +167,42 @@ class LlamaLM:
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     return _logits(self.graphdef, self.state, tokens, valid)
 
-  def hidden(self, tokens: Array, valid: Array | None = None) -> Array:
+  def hidden(
+    self,
+    tokens: Array,
+    valid: Array | None = None,
+    *,
+    positions: Array | None = None,
+    segments: Array | None = None,
+  ) -> Array:
     """int [B, T], bool [B, T] -> fp32 [B, T, E] final hidden states (after the final norm,
-    before the output projection)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    return _hidden(self.graphdef, self.state, tokens, valid)
+    before the output projection). `segments` (int [B, T], 0 = padding) packs several texts in a
+    row: each attends only within its segment, with `positions` (int [B, T]) restarting at 0 for
+    each; default: one text per row at positions 0, 1, ..."""
+    args = self._args(tokens, valid, positions, segments)
+    return _hidden(self.graphdef, self.state, *args)
 
-  def next_token_nll(self, tokens: Array, valid: Array | None = None) -> Array:
+  def next_token_nll(
+    self,
+    tokens: Array,
+    valid: Array | None = None,
+    *,
+    positions: Array | None = None,
+    segments: Array | None = None,
+  ) -> Array:
     """int [B, T], bool [B, T] -> fp32 [B, T - 1] with entry t = -log p(tokens[:, t + 1] |
-    tokens[:, :t + 1]), meaningful only where `valid[:, t + 1]`. Never builds [B, T, V] logits."""
+    tokens[:, :t + 1]), meaningful only where `valid[:, t + 1]` (and, packed, where t and t + 1
+    are in one segment; `segments` and `positions` as in `hidden`). Never builds [B, T, V]
+    logits."""
+    args = self._args(tokens, valid, positions, segments)
+    return _next_token_nll(self.graphdef, self.state, *args)
+
+  @staticmethod
+  def _args(tokens, valid, positions, segments):
     tokens = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    return _next_token_nll(self.graphdef, self.state, tokens, valid)
+    if (positions is None) != (segments is None):
+      raise ValueError("packed rows need both positions= and segments= (or neither)")
+    if segments is not None:
+      positions, segments = jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
+    return tokens, valid, positions, segments
