@@ -90,8 +90,10 @@ def _stage_plan(src: epath.Path) -> dict[str, tuple[epath.Path, str]]:
         raise ConfigError(f"{field}={value!r} (in {str(run)!r}) does not exist: nothing to export")
       dep_config = _read_config(dep, field)
       base = name = str(dep_config.get("method") or "run")
+      i = 1
       while name in names:  # two runs of one method: ld4lg_ae, ld4lg_ae_2
-        name = f"{base}_{len([n for n in names if n.startswith(base)]) + 1}"
+        i += 1
+        name = f"{base}_{i}"
       names.add(name)
       plan[where] = (dep, name)
       if not is_exported(dep):  # an exported stage is copied whole, its own stages inside it
@@ -140,8 +142,9 @@ def export_run(
 def _export_one(src, dst, make_task, step, stage_paths: dict, stage_dirs) -> None:
   """Exports one run `src` to `dst`, its `*_workdir` fields rewritten by `stage_paths`
   (location -> relative path) and its checkpoint files copied into `dst/files/`."""
-  config_json = _read_config(src)
-  config, task, graphdef, state = restore_run(src, make_task, step=step)
+  config, task, graphdef, state = restore_run(src, make_task, step=step)  # checks config.json
+  text = (src / "config.json").read_text()
+  config_json, rewritten = json.loads(text), False
   flat = _flat(state.params)
   if state.ema is not None:
     flat.update({EMA_PREFIX + k: v for k, v in _flat(state.ema).items()})
@@ -152,16 +155,18 @@ def _export_one(src, dst, make_task, step, stage_paths: dict, stage_dirs) -> Non
     "ema": "true" if state.ema is not None else "false",
   }
   dst.mkdir(parents=True, exist_ok=True)
-  text, fields = (src / "config.json").read_text(), list(path_fields(config_json))
-  for field, value, kind in fields:
+  for field, value, kind in list(path_fields(config_json)):
     if kind == "run":
       _set(config_json, field, stage_paths[run_location(value)])
     elif as_path(value).exists():  # a checkpoint file or directory (else a registry name)
       name = as_path(value).name
       _copy_tree(as_path(value), dst / FILES_DIR / name)
       _set(config_json, field, f"./{FILES_DIR}/{name}")
+    else:
+      continue
+    rewritten = True
   # the run's own text when no path was rewritten
-  atomic_write_text(dst / "config.json", json.dumps(config_json, indent=2) if fields else text)
+  atomic_write_text(dst / "config.json", json.dumps(config_json, indent=2) if rewritten else text)
   atomic_write(dst / "tokenizer.json", lambda tmp: _copy(src / "tokenizer.json", tmp))
   for path in sorted(src.iterdir()):  # files a method keeps beside its checkpoints
     if path.name.endswith(".safetensors") and path.name not in _SKIP and path.is_file():

@@ -165,15 +165,6 @@ def _run_mesh(config: ml_collections.ConfigDict):
   return mesh, rules_from_config(config.mesh)
 
 
-def init_run_params(config: ml_collections.ConfigDict, task) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, freshly initialised params) of a run's model, sharded over the devices there are."""
-  from lsd.parallel import sharded_init
-
-  mesh, rules = _run_mesh(config)
-  graphdef, params, _ = sharded_init(lambda: task.build_model(nnx.Rngs(config.seed)), mesh, rules)
-  return graphdef, params
-
-
 def abstract_run_params(config: ml_collections.ConfigDict, task):
   """(graphdef, params as ShapeDtypeStructs with their shardings, mesh) of a run's model: what a
   checkpoint is restored into, or loaded tensors are placed by, with no random init to compile."""
