@@ -7,14 +7,13 @@ import types
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
+from flax import nnx, traverse_util
+from tiny import WORDS
 
 from lsd import api
 from lsd.config import ConfigError, load_config_file
 from lsd.convert.safetensors_io import load_safetensors
 from lsd.main import main
-
-WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,6 @@ def _untrained_run(spec, corpus, workdir, tokenizer, step=3, **ld4lg):
   from lsd.data.tokenizer import Tokenizer
   from lsd.methods import get_task
   from lsd.train.checkpoint import Checkpointer
-  from lsd.train.stages import init_run_params
   from lsd.train.state import init_state, make_optimizer
 
   c = load_config_file(spec)
@@ -142,7 +140,7 @@ def _untrained_run(spec, corpus, workdir, tokenizer, step=3, **ld4lg):
   (workdir / "tokenizer.json").write_text(tokenizer.read_text())
   task = get_task(c)
   task.tokenizer = Tokenizer.load(tokenizer)
-  _, params = init_run_params(c, task)
+  params = nnx.state(task.build_model(nnx.Rngs(c.seed)))
   state = init_state(params, make_optimizer(c.train), ema=False)
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
   ckpt.save(step, state.replace(step=np.int32(step)), force=True)
