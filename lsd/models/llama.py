@@ -163,8 +163,7 @@ class LlamaLM:
   def logits(self, tokens: Array, valid: Array | None = None) -> Array:
     """int [B, T] tokens, bool [B, T] valid (default all) -> fp32 [B, T, V] next-token logits;
     positions of padding hold garbage."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    tokens, valid, _, _ = self._args(tokens, valid, None, None)
     return _logits(self.graphdef, self.state, tokens, valid)
 
   def hidden(
