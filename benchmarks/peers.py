@@ -243,6 +243,18 @@ def interleaved(calls: dict, repeats: int, turn: list[int]) -> dict:
   return out
 
 
+def compare(unit: str, lsd: list[float], ref: list[float], *, lower_is_better: bool) -> dict:
+  """lsd_<unit> / ref_<unit>: the best of each side's repetitions (min of seconds, max of
+  throughput), their medians, and `ratio` / `ratio_median`: how many times faster lsd is."""
+  best = min if lower_is_better else max
+  faster = (lambda a, b: b / a) if lower_is_better else (lambda a, b: a / b)
+  out = {}
+  for suffix, pick in (("", best), ("_median", statistics.median)):
+    a, b = pick(lsd), pick(ref)
+    out.update({f"lsd_{unit}{suffix}": a, f"ref_{unit}{suffix}": b, f"ratio{suffix}": faster(a, b)})
+  return out
+
+
 def main(argv=None):
   args = parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
@@ -270,12 +282,7 @@ def main(argv=None):
       lsd_s = [r["seconds"] for r in runs["lsd"]]
       ref_s = [r["seconds"] for r in runs["ref"]]
       row = {
-        "lsd_s": min(lsd_s),
-        "ref_s": min(ref_s),
-        "ratio": min(ref_s) / min(lsd_s),
-        "lsd_s_median": statistics.median(lsd_s),
-        "ref_s_median": statistics.median(ref_s),
-        "ratio_median": statistics.median(ref_s) / statistics.median(lsd_s),
+        **compare("s", lsd_s, ref_s, lower_is_better=True),
         "lsd_nfe": statistics.median(r["nfe"] for r in runs["lsd"]),
         "ref_nfe": statistics.median(r["nfe"] for r in runs["ref"]),
         "lsd_seconds_all": lsd_s,
@@ -311,12 +318,7 @@ def main(argv=None):
   lsd_tok = [tokens / r["seconds"] for r in runs["lsd"]]
   ref_tok = [tokens / r["seconds"] for r in runs["ref"]]
   training = {
-    "lsd_tok_s": max(lsd_tok),
-    "ref_tok_s": max(ref_tok),
-    "ratio": max(lsd_tok) / max(ref_tok),
-    "lsd_tok_s_median": statistics.median(lsd_tok),
-    "ref_tok_s_median": statistics.median(ref_tok),
-    "ratio_median": statistics.median(lsd_tok) / statistics.median(ref_tok),
+    **compare("tok_s", lsd_tok, ref_tok, lower_is_better=False),
     "lsd_loss_last": runs["lsd"][-1]["loss"],
     "ref_loss_last": runs["ref"][-1]["loss"],
   }

@@ -53,3 +53,15 @@ def test_interleaved_calls_one_side_at_a_time_and_alternates_who_goes_first():
   log.clear()
   peers.interleaved(calls, 1, turn)  # the alternation carries on across lengths
   assert log == ["ref", "lsd"]
+
+
+def test_compare_takes_the_best_and_the_median_of_each_side():
+  """Seconds: the minimum is best and lsd is faster by ref / lsd; throughput: the maximum, lsd /
+  ref."""
+  r = peers.compare("s", [2.0, 1.0, 3.0], [4.0, 6.0, 5.0], lower_is_better=True)
+  assert r == {
+    "lsd_s": 1.0, "ref_s": 4.0, "ratio": 4.0,
+    "lsd_s_median": 2.0, "ref_s_median": 5.0, "ratio_median": 2.5,
+  }  # fmt: skip
+  r = peers.compare("tok_s", [10.0, 30.0, 20.0], [5.0, 10.0, 15.0], lower_is_better=False)
+  assert (r["lsd_tok_s"], r["ref_tok_s"], r["ratio"], r["ratio_median"]) == (30.0, 15.0, 2.0, 2.0)
