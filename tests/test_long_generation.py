@@ -188,17 +188,16 @@ def test_learned_positions_cannot_go_past_their_table():
 # ---------------------------------------------------------------------------------------------------
 # SBD: max_new_tokens past data.seq_len (the test config trains on 32 tokens)
 # ---------------------------------------------------------------------------------------------------
-Tok = WordTok
 
 
 SEQ = 32
 
 
 def test_generate_four_times_the_training_length_with_eos_stopping():
-  task, model = tiny_sbd_task(Tok(), stages=[], max_new_tokens=4 * SEQ)
+  task, model = tiny_sbd_task(WordTok(), stages=[], max_new_tokens=4 * SEQ)
   assert task.config.data.seq_len == SEQ
   assert task.sampler_config(4 * SEQ).draft.window == SEQ - 4  # auto window
-  tok = Tok()
+  tok = WordTok()
   inputs = [{"prompt": "the cat"}, {"prompt": "a big red dog sat on the log"}, {"prompt": "a"}]
   key = jax.random.key(0)
   free = task.generate(model, key, inputs, stop_at_eos=False)
@@ -220,7 +219,7 @@ def test_generate_four_times_the_training_length_with_eos_stopping():
     ended += bool(eos)
   assert ended >= 1  # EOS stopping was exercised
   # Unconditional samples of max_new_tokens, with the default (windowed) revision stage.
-  task, model = tiny_sbd_task(Tok(), max_new_tokens=4 * SEQ + 2)
+  task, model = tiny_sbd_task(WordTok(), max_new_tokens=4 * SEQ + 2)
   rows = task.sample_text(model, jax.random.key(1), 2)
   assert [len(r["tokens"]) for r in rows] == [4 * SEQ + 2] * 2
   assert all(tok.mask_id not in r["tokens"] for r in rows)
@@ -234,7 +233,7 @@ def test_a_learned_position_model_past_its_table_is_a_clear_error():
   c.model.rope_base, c.model.learned_pos = 0.0, SEQ
   c.sample.max_new_tokens = 2 * SEQ
   task = get_task(c)
-  task.tokenizer = Tok()
+  task.tokenizer = WordTok()
   model = task.build_model(nnx.Rngs(0))
   with pytest.raises(ConfigError, match=r"model\.learned_pos=32.*at most 32 tokens"):
     task.sample_text(model, jax.random.key(0), 1)
@@ -245,7 +244,7 @@ def test_a_learned_position_model_past_its_table_is_a_clear_error():
 def test_bad_window_and_max_new_tokens_are_clear_errors():
   from lsd.methods.sbd import sampler_config
 
-  task, model = tiny_sbd_task(Tok())
+  task, model = tiny_sbd_task(WordTok())
 
   def sample(**kw):
     return ml_collections.ConfigDict({**task.config.sample.to_dict(), **kw})
@@ -259,7 +258,7 @@ def test_bad_window_and_max_new_tokens_are_clear_errors():
   with pytest.raises(ConfigError, match=r"^generate: max_new_tokens=-2 must be an int >= 0"):
     task.generate(model, jax.random.key(0), [{"prompt": "the"}], max_new_tokens=-2)
   # Through the task's validation (what `lsd sample --config.sample.window=6` runs).
-  bad_task, _ = tiny_sbd_task(Tok(), window=6, max_new_tokens=4 * SEQ)
+  bad_task, _ = tiny_sbd_task(WordTok(), window=6, max_new_tokens=4 * SEQ)
   with pytest.raises(ConfigError, match=r"^sample\.window=6 must be .*block_size=4 at most .*=28"):
     bad_task.validate()
   # A draft block of data.seq_len leaves no room for a window.

@@ -249,11 +249,8 @@ def test_parse_infill_pieces_and_errors():
       parse_infill(bad, "--infill")
 
 
-Tok = WordTok
-
-
 def tiny_task(**sample):
-  return tiny_sbd_task(Tok(), **sample)
+  return tiny_sbd_task(WordTok(), **sample)
 
 
 def test_generate_prompts_of_different_lengths_and_infill_in_one_call():
@@ -267,7 +264,7 @@ def test_generate_prompts_of_different_lengths_and_infill_in_one_call():
   assert [r.get("prompt", r.get("infill")) for r in rows] == [
     x.get("prompt", x.get("infill")) for x in inputs
   ]
-  tok = Tok()
+  tok = WordTok()
   for r, x in zip(rows[:2], inputs[:2], strict=True):
     given = [tok.bos_id, *tok.encode(x["prompt"])]
     assert r["tokens"][: len(given)] == given and r["draft_tokens"][: len(given)] == given
