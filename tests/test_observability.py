@@ -81,3 +81,44 @@ def test_a_tiny_run_writes_a_trace_and_logs_mfu(tmp_path):
   records = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
   assert records and not any("mfu" in r for r in records)
   assert not (tmp_path / "plain" / "profile").exists()
+
+
+def _einsum_lines(fn) -> set[int]:
+  import inspect
+
+  lines, first = inspect.getsourcelines(fn)
+  return {first + i for i, line in enumerate(lines) if "jnp.einsum(" in line}
+
+
+def test_top_costs_name_the_source_lines_of_a_traced_program(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from lsd.nn.attention import dot_product_attention
+  from lsd.train.profile import hlo_sources, top_costs
+
+  def f(q, k, v):
+    return dot_product_attention(q, k, v) + 1.0
+
+  x = jax.random.normal(jax.random.key(0), (2, 512, 4, 64))
+  compiled = jax.jit(f).lower(x, x, x).compile()
+  text = compiled.as_text()
+  where = f"lsd/nn/attention.py:{{}} {dot_product_attention.__name__}"
+  # Every matmul of the program is one of the two einsums of dot_product_attention.
+  dots = {src for kind, src in hlo_sources(text).values() if kind == "dot_general"}
+  assert dots and dots <= {where.format(n) for n in _einsum_lines(dot_product_attention)}
+  with pytest.raises(FileNotFoundError, match="perfetto_trace"):
+    top_costs(tmp_path, text, steps=1)
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(3):
+      out = compiled(x, x, x)
+    out.block_until_ready()
+  costs = top_costs(tmp_path, text, steps=3, k=3)
+  assert 1 <= len(costs) <= 3
+  assert [c.ms_per_step for c in costs] == sorted((c.ms_per_step for c in costs), reverse=True)
+  assert all(c.ms_per_step > 0 and 0 < c.share <= 1 for c in costs)
+  assert sum(c.share for c in costs) <= 1 + 1e-9
+  # The 512 x 512 attention dominates the one addition in this file.
+  assert costs[0].source.startswith("lsd/nn/attention.py:")
+  with pytest.raises(ValueError, match="steps=0"):
+    top_costs(tmp_path, text, steps=0)
