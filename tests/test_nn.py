@@ -81,6 +81,28 @@ def test_dot_product_attention_matches_numpy_gqa(heads, kv_heads):
   np.testing.assert_allclose(out, np_attention(q, k, v, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_dot_product_attention_broadcasts_a_head_bias_and_a_padding_mask(kv_heads):
+  # Shapes the models pass: a per-head bias [1, H, T, S] (T5) and a key-padding mask [B, 1, 1, S].
+  r = np.random.default_rng(1)
+  q = r.normal(size=(2, 5, 4, 8)).astype(np.float32)
+  k = r.normal(size=(2, 6, kv_heads, 8)).astype(np.float32)
+  v = r.normal(size=(2, 6, kv_heads, 8)).astype(np.float32)
+  bias = r.normal(size=(1, 4, 5, 6)).astype(np.float32)
+  mask = np.ones((2, 1, 1, 6), bool)
+  mask[1, ..., 4:] = False
+  out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=0.5)
+  rep = 4 // kv_heads
+  kk, vv = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  logits = np.einsum("bthd,bshd->bhts", q, kk) * 0.5 + bias
+  logits = np.where(mask, logits, -1e30)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, np.einsum("bhts,bshd->bthd", p, vv), atol=1e-5)
+  with pytest.raises(ValueError, match=r"implementation='flash'.*accepted"):
+    dot_product_attention(q, k, v, implementation="flash")
+
+
 def test_rope_matches_complex_rotation_and_is_relative():
   r = np.random.default_rng(1)
   x = r.normal(size=(1, 6, 2, 8)).astype(np.float32)
@@ -201,6 +223,8 @@ def test_transformer_config_errors_name_field():
     TransformerConfig(vocab_size=10, mlp="mish").validate()
   with pytest.raises(ValueError, match=r"model.d_model=30 must be divisible by model.n_heads=4"):
     TransformerConfig(vocab_size=10, d_model=30, n_heads=4).validate()
+  with pytest.raises(ValueError, match=r"model.attention='flash'.*accepted.*cudnn"):
+    TransformerConfig(vocab_size=10, attention="flash").validate()
 
 
 def test_cached_attention_equals_attention_over_concatenated_keys():

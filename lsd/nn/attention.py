@@ -15,6 +15,8 @@ from jaxtyping import Array, Bool, Float, Int
 from lsd.nn.layers import RMSNorm, dense
 
 NEG_INF = -1e30
+# The `implementation` values of `dot_product_attention` (those of jax.nn.dot_product_attention).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,23 +45,36 @@ def dot_product_attention(
   mask: Bool[Array, "#B #H T S"] | None = None,
   bias: Float[Array, "#B #H T S"] | None = None,
   scale: float | None = None,
+  implementation: str | None = None,
 ) -> Float[Array, "B T H D"]:
-  """Softmax attention; G kv heads are shared by H // G query heads each (GQA)."""
+  """Softmax attention (`jax.nn.dot_product_attention`); G kv heads are shared by H // G query heads
+  each (GQA). Scores and softmax in fp32. `implementation`: None or "xla" (any backend), "cudnn"
+  (fused kernel on NVIDIA GPUs; fp16/bf16)."""
   b, t, h, d = q.shape
   g = k.shape[2]
   if h % g:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
-  scale = d**-0.5 if scale is None else scale
-  qg = q.reshape(b, t, g, h // g, d)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32) * scale
-  logits = logits.reshape(b, h, t, -1)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs.reshape(b, g, h // g, t, -1), v)
-  return out.reshape(b, t, h, d)
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"attention implementation={implementation!r} is not supported; accepted: "
+      f"{list(ATTENTION_IMPLEMENTATIONS)}"
+    )
+
+  def four_d(x):  # jax.nn wants [B, H, T, S] with B and H either full or 1
+    if x is None:
+      return None
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    return jnp.broadcast_to(x, (x.shape[0], x.shape[1], t, k.shape[1]))
+
+  return jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    bias=four_d(bias),
+    mask=four_d(mask),
+    scale=scale,
+    implementation=implementation,
+  )
 
 
 @flax.struct.dataclass
@@ -158,9 +173,16 @@ class Attention(nnx.Module):
     qk_norm: bool = False,
     use_bias: bool = False,
     d_context: int | None = None,
+    implementation: str | None = None,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+        f"attention implementation={implementation!r} is not supported; accepted: "
+        f"{list(ATTENTION_IMPLEMENTATIONS)}"
+      )
+    self.implementation = implementation  # dot_product_attention's (no KV cache)
     self.n_heads = n_heads
     self.n_kv_heads = n_kv_heads or n_heads
     self.head_dim = head_dim or d_model // n_heads
@@ -211,7 +233,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, self.rope_base)
       k, v = self.project_kv(x, positions)
     if cache is None:
-      out = dot_product_attention(q, k, v, mask=mask, bias=bias)
+      out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
       return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), None
     if bias is not None:
       raise ValueError("an attention bias is not supported together with a KV cache")

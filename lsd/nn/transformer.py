@@ -91,6 +91,9 @@ class TransformerConfig:
   d_context: int = 0  # width of the cross-attention context (0 = d_model)
   dtype: str = "float32"  # compute dtype; params stay fp32
   remat: str = "none"  # one of REMAT_POLICIES: recompute block activations in the backward pass
+  # Self/cross-attention kernel (jax.nn.dot_product_attention): "xla" on any backend, "cudnn" for
+  # the fused kernel on NVIDIA GPUs (bf16/fp16 compute). The KV-cached sampling path is XLA.
+  attention: str = "xla"
   # The embedding and output layers hold vocab_size rounded up to a multiple of this (128 on TPU:
   # lane-aligned matmuls); the extra rows are never looked up and their logits are dropped.
   vocab_multiple: int = 1
@@ -109,6 +112,7 @@ class TransformerConfig:
     check_choice(f"{prefix}.norm", self.norm, ["rms", "layer"])
     check_choice(f"{prefix}.dtype", self.dtype, list(DTYPES))
     check_choice(f"{prefix}.remat", self.remat, list(REMAT_POLICIES))
+    check_choice(f"{prefix}.attention", self.attention, ["xla", "cudnn"])
     if not self.head_dim and self.d_model % self.n_heads:
       raise ConfigError(
         f"{prefix}.d_model={self.d_model} must be divisible by {prefix}.n_heads={self.n_heads}"
@@ -162,6 +166,7 @@ class Block(nnx.Module):
       rope_base=cfg.rope_base,
       qk_norm=cfg.qk_norm,
       use_bias=cfg.use_bias,
+      implementation=cfg.attention,
       dtype=dt,
       rngs=rngs,
     )
@@ -175,6 +180,7 @@ class Block(nnx.Module):
         qk_norm=cfg.qk_norm,
         use_bias=cfg.use_bias,
         d_context=cfg.d_context or cfg.d_model,
+        implementation=cfg.attention,
         dtype=dt,
         rngs=rngs,
       )
