@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 from etils import epath
 
-from lsd.fileio import as_path, is_remote, one_line, scheme
+from lsd.fileio import as_path, atomic_write_text, is_remote, one_line, scheme
 
 
 class MetricWriter:
@@ -70,8 +70,6 @@ class MetricWriter:
     atomic rewrite of metrics.jsonl."""
     if not self.enabled or not self.path.exists():
       return
-    from lsd.fileio import atomic_write_text
-
     lines = self.path.read_text().splitlines()
     steps = [_step_of(line) for line in lines]
     keep = [line for line, s in zip(lines, steps, strict=True) if s is not None and s <= step]
@@ -193,18 +191,23 @@ def peak_flops_total(configured: float, devices) -> float | None:
 class ProfileWindow:
   """A `jax.profiler` trace of the steps i with start <= i < stop (0-based: the trace begins before
   step `start` runs and ends once step stop - 1 has finished) into `directory`, for TensorBoard's
-  profile plugin or Perfetto; a no-op for `steps` = () or a window the run does not reach."""
+  profile plugin or Perfetto; a no-op for `steps` = () or a window the run does not reach.
 
-  def __init__(self, directory: str | os.PathLike, steps):
+  With `program` (a function giving the HLO text of the traced step's compiled program), the window
+  also writes `top_costs.json` beside the trace: the source lines whose ops cost the most per step
+  (`lsd.train.profile.top_costs`), and `log`s them. A summary that fails only warns."""
+
+  def __init__(self, directory: str | os.PathLike, steps, program=None, log=print):
     steps = tuple(int(s) for s in steps)
     self.directory, self.window, self.active = as_path(directory), steps, False
+    self.program, self.log = program, log
 
   def before(self, step: int) -> None:
     if self.window and step == self.window[0] and not self.active:
       import jax
 
       self.directory.mkdir(parents=True, exist_ok=True)
-      jax.profiler.start_trace(str(self.directory))
+      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
       self.active = True
 
   def after(self, done: int, outputs) -> None:
@@ -213,6 +216,24 @@ class ProfileWindow:
 
       jax.block_until_ready(outputs)  # the traced steps' device work ends inside the trace
       self.close()
+      if self.program is not None:
+        self.summarize()
+
+  def summarize(self, k: int = 5) -> None:
+    from lsd.train.profile import top_costs
+
+    try:
+      if is_remote(self.directory):
+        raise ValueError("the trace is not on a local disk")
+      costs = top_costs(self.directory, self.program(), self.window[1] - self.window[0], k=k)
+    except Exception as e:  # the trace itself is written; a summary is a convenience
+      warnings.warn(f"no top_costs.json for the profile in {self.directory}: {one_line(e)}")
+      return
+    rows = [c.as_dict() for c in costs]
+    atomic_write_text(self.directory / "top_costs.json", json.dumps(rows, indent=1))
+    self.log(f"profile of steps {self.window[0]}..{self.window[1] - 1}, top {len(rows)} costs:")
+    for c in costs:
+      self.log(f"  {c.ms_per_step:9.2f} ms/step {c.share:6.1%}  {c.source}  {', '.join(c.kinds[:3])}")
 
   def close(self) -> None:
     if self.active:

@@ -210,7 +210,17 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
   # MFU: the task's analytic FLOPs per token over the devices' peak (logged when both are known).
   flops_per_token = float(task.flops_per_token() or 0.0)
   peak = peak_flops_total(tcfg.get("peak_flops", 0.0), jax.devices())
-  profile = ProfileWindow(workdir / "profile", tcfg.get("profile_steps", ()))
+  last_batch = {}  # the traced step's batch, for the HLO text of the program the profile ran
+
+  def traced_program() -> str:
+    return train_step.lower(state, last_batch["batch"]).compile().as_text()
+
+  profile = ProfileWindow(
+    workdir / "profile",
+    tcfg.get("profile_steps", ()),
+    program=traced_program,
+    log=print if is_main else (lambda _: None),
+  )
   # An ambient mesh lets the model pin activations to the batch split (mesh.constrain_activations).
   ambient = jax.set_mesh(mesh) if config.mesh.get("constrain_activations") else nullcontext()
   try:
@@ -219,6 +229,8 @@ def _train(config, workdir, task, tcfg, is_main, lock, stop_after, record_every_
         batch = to_global(next(data_iter), mesh, rules)
         tokens_since += task.tokens_in(batch)
         profile.before(step)
+        if profile.active:
+          last_batch["batch"] = batch
         state, metrics = train_step(state, batch)
         done = step + 1
         profile.after(done, state)
