@@ -22,7 +22,7 @@ from lsd.sampling import (
   remask,
   sample_categorical,
 )
-from lsd.sampling.categorical import log_exponential
+from lsd.sampling.categorical import first_argmax, log_exponential, random_words
 
 VOCAB, MASK, L, B, N = 32, 31, 16, 4, 3
 # One draft setting shared by the tests, so its program compiles once (XLA:CPU compiles are slow).
@@ -108,6 +108,27 @@ def test_exponential_noise_cdf_is_exact_deep_in_the_tail():
   # whereas ours reaches -log E ~ 44 (checked above down to E = 1e-16).
   u_max = jnp.float32(1.0) - jnp.float32(2.0**-23)
   assert float(-jnp.log(-jnp.log(u_max))) < 16.0 < -np.log(4e-8)
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 100_003])
+def test_random_words_are_jax_random_bits(n):
+  # The unrolled threefry gives jax's own words: samples do not change with it.
+  keys = [jax.random.key(0), jax.random.fold_in(jax.random.key(3), 99), jax.random.PRNGKey(5)]
+  for key in keys:
+    want = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
+    np.testing.assert_array_equal(jax.jit(random_words, static_argnums=1)(key, n), want)
+  rbg = jax.random.key(1, impl="rbg")  # another generator: jax's own path
+  np.testing.assert_array_equal(random_words(rbg, n), jax.random.bits(rbg, (n,), jnp.uint32))
+
+
+def test_first_argmax_is_argmax_with_ties_and_infinities():
+  r = np.random.default_rng(0)
+  x = r.integers(0, 4, (50, 9)).astype(np.float32)  # many ties: argmax takes the first
+  x[3] = -np.inf  # an all -inf row: index 0, as argmax
+  x[4, 5] = np.inf
+  np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  y = r.normal(size=(2, 3, 4100)).astype(np.float32)
+  np.testing.assert_array_equal(jax.jit(first_argmax)(jnp.asarray(y)), np.argmax(y, -1))
 
 
 def test_rare_tail_frequency_affordable_scale():

@@ -41,11 +41,58 @@ def log_exponential(hi: Array, lo: Array) -> Float[Array, "..."]:
   return jnp.log(-jnp.log1p(-u))
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def random_words(key: Array, n: int) -> Array:
+  """`jax.random.bits(key, (n,), uint32)`, bit for bit, for a threefry key.
+
+  jax lowers threefry on XLA:CPU as a rolled loop whose rounds each write whole arrays; here the
+  20 rounds are written out, so XLA fuses them into one elementwise pass (about 3x faster on CPU,
+  where sampling a 4k-entry vocabulary spent a fifth of each step drawing these words). The
+  counter layout is jax's partitionable one (`jax_threefry_partitionable`, the default): word i
+  is x0 ^ x1 of threefry2x32(key, (0, i)). Other key types and settings go to jax.random.bits."""
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+  if (
+    "threefry2x32" not in impl
+    or not jax.config.jax_threefry_partitionable
+    or key.shape != (() if typed else (2,))
+    or n >= 2**32
+  ):
+    return jax.random.bits(key, (n,), jnp.uint32)
+  data = jax.random.key_data(key) if typed else key
+  k0, k1 = data[0].astype(jnp.uint32), data[1].astype(jnp.uint32)
+  ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+  x0 = jnp.broadcast_to(ks[0], (n,))
+  x1 = jax.lax.iota(jnp.uint32, n) + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x0 ^ x1
+
+
 def exponential_log_noise(key: Array, shape: tuple[int, ...]) -> Float[Array, "..."]:
   """log E for i.i.d. E ~ Exp(1) of the given shape, fp32, from 64 random bits each."""
   # Drawn flat: on XLA:CPU, threefry over a rank-3+ shape compiles several times slower.
-  words = jax.random.bits(key, (2 * math.prod(shape),), jnp.uint32).reshape(2, *shape)
+  words = random_words(key, 2 * math.prod(shape)).reshape(2, *shape)
   return log_exponential(words[0], words[1])
+
+
+def first_argmax(x: Float[Array, "... V"]) -> Int[Array, "..."]:
+  """`jnp.argmax(x, -1)` (the first index of the maximum) for x without NaN, as int32.
+
+  argmax is one variadic (value, index) reduction, which XLA:CPU runs as a scalar loop and into
+  which it fuses x's whole producer (here: the random words and their logs). Materialising x,
+  then a max and a min over the indices that reach it, are plain reductions that vectorise: this
+  halved the sampling step of a 4k-entry vocabulary on CPU."""
+  x = jax.lax.optimization_barrier(x)
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
 
 
 def nucleus_log_probs(log_probs: Float[Array, "... V"], top_p: float) -> Float[Array, "... V"]:
@@ -112,7 +159,7 @@ def sample_categorical(
   if top_p < 1.0:
     logp = nucleus_log_probs(logp, top_p)
   scores = logp - exponential_log_noise(key, logp.shape)
-  tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  tokens = first_argmax(scores)
   chosen = raw if confidence == "raw" else logp
   prob = jnp.exp(jnp.take_along_axis(chosen, tokens[..., None], axis=-1)[..., 0])
   return tokens, prob

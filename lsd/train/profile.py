@@ -4,7 +4,7 @@ A trace names the compiled program's ops (`fusion.12`, `dot.3`, ...); the progra
 which JAX operation and which line of Python each op comes from. `top_costs` joins the two: the
 time of every op of one program in the trace, grouped by the innermost frame inside `lsd/` of the
 code that emitted it (else the innermost frame at all), per traced step, with the share of the
-program's summed op time. Works on any backend whose trace records per-op events (XLA:CPU's thunk
+program's summed op self time (a loop's body ops count for themselves, not for the loop). Works on any backend whose trace records per-op events (XLA:CPU's thunk
 executor, GPU, TPU).
 
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -122,13 +122,28 @@ def trace_events(trace_dir: str | Path) -> list[dict]:
 
 
 def op_times(events: list[dict], module: str) -> dict[str, float]:
-  """Summed microseconds per op of the HLO module named `module` (e.g. "jit_step_fn")."""
-  times: dict[str, float] = collections.defaultdict(float)
+  """Summed self time in microseconds per op of the HLO module named `module` (e.g.
+  "jit_step_fn"). A control-flow op (while, conditional) spans the ops of its body on the same
+  thread; its self time leaves them out, so no time is counted twice."""
+  threads: dict[tuple, list[dict]] = collections.defaultdict(list)
   for e in events:
     args = e.get("args") or {}
     if args.get("hlo_module") == module and "hlo_op" in args:
-      times[args["hlo_op"]] += float(e.get("dur", 0.0))
-  return dict(times)
+      threads[(e.get("pid"), e.get("tid"))].append(e)
+  times: dict[str, float] = collections.defaultdict(float)
+  for evs in threads.values():
+    evs.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
+    stack: list[tuple[float, str]] = []  # (end time, op) of the enclosing ops
+    for e in evs:
+      ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
+      while stack and ts >= stack[-1][0]:
+        stack.pop()
+      op = e["args"]["hlo_op"]
+      times[op] += dur
+      if stack:  # inside its parent: not the parent's own time
+        times[stack[-1][1]] -= dur
+      stack.append((ts + dur, op))
+  return {op: max(t, 0.0) for op, t in times.items()}
 
 
 def module_name(hlo_text: str) -> str:
