@@ -24,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from lsd.nn import KVCache, causal_mask
-from lsd.sampling.categorical import sample_categorical
+from lsd.sampling.categorical import first_argmax, sample_categorical
 
 # step(cache, tokens [B]) -> (next-token logits [B, V], cache advanced by one slot)
 Step = Callable[[KVCache, Int[Array, " B"]], tuple[Float[Array, "B V"], KVCache]]
@@ -77,7 +77,7 @@ def next_token(
   """Greedy (argmax; `key` unused) when top_p == 0, else a draw at `temperature` from the top_p
   nucleus (`sample_categorical`, exact tails)."""
   if top_p == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   token, _ = sample_categorical(key, logp, top_p=top_p, temperature=temperature)
   return token

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from lsd.sampling.autoregressive import prefill
-from lsd.sampling.categorical import sample_categorical
+from lsd.sampling.categorical import first_argmax, sample_categorical
 
 
 class TokenClassifier(NamedTuple):
@@ -106,7 +106,7 @@ def fudge_generate(
       top_k=top_k,
     )
     if top_p == 0.0:
-      token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+      token = first_argmax(logp)
     else:
       k = jax.random.fold_in(key, i)
       token, _ = sample_categorical(k, logp, top_p=top_p, temperature=temperature)

@@ -233,7 +233,9 @@ class ProfileWindow:
     atomic_write_text(self.directory / "top_costs.json", json.dumps(rows, indent=1))
     self.log(f"profile of steps {self.window[0]}..{self.window[1] - 1}, top {len(rows)} costs:")
     for c in costs:
-      self.log(f"  {c.ms_per_step:9.2f} ms/step {c.share:6.1%}  {c.source}  {', '.join(c.kinds[:3])}")
+      self.log(
+        f"  {c.ms_per_step:9.2f} ms/step {c.share:6.1%}  {c.source}  {', '.join(c.kinds[:3])}"
+      )
 
   def close(self) -> None:
     if self.active:

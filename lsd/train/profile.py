@@ -172,8 +172,6 @@ def top_costs(trace_dir: str | Path, hlo_text: str, steps: int, k: int = 5) -> l
     ops.sort(reverse=True)
     us = sum(t for t, _, _ in ops)
     kinds = tuple(dict.fromkeys(kind for _, _, kind in ops))
-    costs.append(
-      Cost(where, us / steps / 1e3, us / total, tuple(op for _, op, _ in ops), kinds)
-    )
+    costs.append(Cost(where, us / steps / 1e3, us / total, tuple(op for _, op, _ in ops), kinds))
   costs.sort(key=lambda c: -c.ms_per_step)
   return costs[:k]
