@@ -97,7 +97,6 @@ def _lines_with(fn, text: str) -> set[int]:
 
 def test_top_costs_name_the_source_lines_of_a_traced_program(tmp_path):
   import jax
-  import jax.numpy as jnp
 
   from lsd.nn.attention import dot_product_attention
   from lsd.train.profile import hlo_sources, top_costs

@@ -19,6 +19,14 @@ NEG_INF = -1e30
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
+def check_implementation(implementation: str | None) -> None:
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"attention implementation={implementation!r} is not supported; accepted: "
+      f"{list(ATTENTION_IMPLEMENTATIONS)}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # RoPE
 # ---------------------------------------------------------------------------------------------------
@@ -54,11 +62,7 @@ def dot_product_attention(
   g = k.shape[2]
   if h % g:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-      f"attention implementation={implementation!r} is not supported; accepted: "
-      f"{list(ATTENTION_IMPLEMENTATIONS)}"
-    )
+  check_implementation(implementation)
 
   def four_d(x):  # jax.nn wants [B, H, T, S] with B and H either full or 1
     if x is None:
@@ -177,11 +181,7 @@ class Attention(nnx.Module):
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
-        f"attention implementation={implementation!r} is not supported; accepted: "
-        f"{list(ATTENTION_IMPLEMENTATIONS)}"
-      )
+    check_implementation(implementation)
     self.implementation = implementation  # dot_product_attention's (no KV cache)
     self.n_heads = n_heads
     self.n_kv_heads = n_kv_heads or n_heads

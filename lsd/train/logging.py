@@ -227,7 +227,9 @@ class ProfileWindow:
         raise ValueError("the trace is not on a local disk")
       costs = top_costs(self.directory, self.program(), self.window[1] - self.window[0], k=k)
     except Exception as e:  # the trace itself is written; a summary is a convenience
-      warnings.warn(f"no top_costs.json for the profile in {self.directory}: {one_line(e)}")
+      warnings.warn(
+        f"no top_costs.json for the profile in {self.directory}: {one_line(e)}", stacklevel=2
+      )
       return
     rows = [c.as_dict() for c in costs]
     atomic_write_text(self.directory / "top_costs.json", json.dumps(rows, indent=1))

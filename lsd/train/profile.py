@@ -4,8 +4,8 @@ A trace names the compiled program's ops (`fusion.12`, `dot.3`, ...); the progra
 which JAX operation and which line of Python each op comes from. `top_costs` joins the two: the
 time of every op of one program in the trace, grouped by the innermost frame inside `lsd/` of the
 code that emitted it (else the innermost frame at all), per traced step, with the share of the
-program's summed op self time (a loop's body ops count for themselves, not for the loop). Works on any backend whose trace records per-op events (XLA:CPU's thunk
-executor, GPU, TPU).
+program's summed op self time (a loop's body ops count for themselves, not for the loop).
+Works on any backend whose trace records per-op events (XLA:CPU's thunk executor, GPU, TPU).
 
     with jax.profiler.trace(d, create_perfetto_trace=True):
       ...run the step n times...
@@ -25,7 +25,6 @@ _TABLE = re.compile(r"^(FileNames|FunctionNames|FileLocations|StackFrames)$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
-_COMPUTATION = re.compile(r"^\s*(?:ENTRY )?%?([\w.\-]+) ")
 
 
 @dataclasses.dataclass(frozen=True)
