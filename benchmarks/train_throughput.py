@@ -33,7 +33,7 @@ from flax import nnx
 from lsd.config import load_config_file
 from lsd.methods import abstract, get_task
 from lsd.parallel import batch_sharding, make_mesh, rules_from_config, sharded_init
-from lsd.train.aot import _flops
+from lsd.train.aot import compiled_flops as xla_flops
 from lsd.train.profile import top_costs
 from lsd.train.state import init_state, make_optimizer, make_train_step
 
@@ -124,7 +124,7 @@ def measure(spec: str, steps: int, repeats: int, peak: float, profile: bool) -> 
   step_s = statistics.median(windows)
   tokens = int(task.tokens_in(batches[0]))
   fpt = float(task.flops_per_token() or 0.0)
-  compiled_flops = _flops(compiled)
+  compiled_flops = xla_flops(compiled)
   flops_step = fpt * tokens if fpt else (compiled_flops or 0.0)
   row = {
     "tokens_per_step": tokens,

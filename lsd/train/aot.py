@@ -509,7 +509,7 @@ def _compile(lowered) -> tuple[Any, str | None, tuple[int, int] | None]:
     return None, first[:500], oom_bytes(msg)
 
 
-def _flops(compiled) -> float | None:
+def compiled_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
   except Exception:
@@ -546,7 +546,7 @@ def compile_train_step(
   rows = next(iter(t.batch.values())).shape[0]
   tokens = task.tokens_in(t.batch)
   fpt = float(task.flops_per_token() or 0.0)
-  flops = _flops(compiled) if compiled is not None else None
+  flops = compiled_flops(compiled) if compiled is not None else None
   if flops is not None:  # XLA counts a loop body once: the grad_accum scan runs it k times
     flops *= int(config.train.get("grad_accum", 1))
   report = CompileReport(
