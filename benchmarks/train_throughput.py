@@ -14,7 +14,10 @@ config's shapes (`lsd.methods.abstract`: no corpus, no earlier-stage run). Per r
   compiled step (`flops_source: compiled`);
 - `loss_first`, `loss_last`, `diverged`: random tokens at the config's learning rate may diverge,
   which leaves the step's cost unchanged;
-- `top_costs` (with --profile): `lsd.train.profile.top_costs` of a `jax.profiler` trace of 3 steps.
+- with --profile, from a `jax.profiler` trace of 3 steps: `top_costs` (`lsd.train.profile.top_costs`,
+  the five costliest source lines), `ms_per_step_by_kind` (op time per JAX operation), `dot_share`
+  (the matmuls' share of op time) and `mfu_if_only_dots` (model FLOPs over the matmuls' time alone,
+  over the peak: the MFU if nothing but the matmuls cost time, an upper bound for these shapes).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from lsd.config import load_config_file
 from lsd.methods import abstract, get_task
 from lsd.parallel import batch_sharding, make_mesh, rules_from_config, sharded_init
 from lsd.train.aot import compiled_flops as xla_flops
-from lsd.train.profile import top_costs
+from lsd.train.profile import time_by_kind, top_costs
 from lsd.train.state import init_state, make_optimizer, make_train_step
 
 CONFIGS = (
@@ -151,7 +154,16 @@ def measure(spec: str, steps: int, repeats: int, peak: float, profile: bool) -> 
         for i in range(n):
           state, m = compiled(state, batches[i % 4])
         jax.block_until_ready(m)
-      row["top_costs"] = [c.as_dict() for c in top_costs(d, compiled.as_text(), n, k=5)]
+      text = compiled.as_text()
+      row["top_costs"] = [c.as_dict() for c in top_costs(d, text, n, k=5)]
+      kinds = time_by_kind(d, text, n)
+    ops_ms, dot_ms = sum(kinds.values()), kinds.get("dot_general", 0.0)
+    row["ms_per_step_by_kind"] = dict(list(kinds.items())[:10])
+    row["op_ms_per_step"] = ops_ms
+    row["dot_share"] = dot_ms / ops_ms
+    # What MFU would be if every op but the matmuls took no time: above the target, the rest of
+    # the step is what to cut; below it, the matmuls themselves (their shapes) bound the target.
+    row["mfu_if_only_dots"] = flops_step / (dot_ms / 1e3) / peak if dot_ms else None
   return row
 
 
@@ -174,6 +186,10 @@ def main():
       f"{spec}: {r['tokens_per_s']:.0f} tok/s, {r['step_time_s'] * 1e3:.1f} ms/step, "
       f"MFU {r['mfu']:.3f} ({r['flops_source']}), compile {r['compile_s']:.1f} s"
     )
+    if "dot_share" in r:
+      ceiling = r["mfu_if_only_dots"]
+      log(f"    matmuls {r['dot_share']:.0%} of op time; MFU if only they cost: "
+          f"{ceiling:.3f}" if ceiling else "    no matmul ops in the trace")  # fmt: skip
     for c in r.get("top_costs", []):
       log(f"    {c['ms_per_step']:7.2f} ms {c['share']:6.1%}  {c['source']}  {c['kinds'][:3]}")
   write_result(

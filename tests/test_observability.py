@@ -99,7 +99,7 @@ def test_top_costs_name_the_source_lines_of_a_traced_program(tmp_path):
   import jax
 
   from lsd.nn.attention import dot_product_attention
-  from lsd.train.profile import hlo_sources, top_costs
+  from lsd.train.profile import hlo_sources, time_by_kind, top_costs
 
   def f(q, k, v):
     return dot_product_attention(q, k, v) + 1.0
@@ -126,5 +126,11 @@ def test_top_costs_name_the_source_lines_of_a_traced_program(tmp_path):
   assert sum(c.share for c in costs) <= 1 + 1e-9
   # The 512 x 512 attention dominates the one addition in this file.
   assert costs[0].source.startswith("lsd/nn/attention.py:")
+  # By JAX operation: the same op time in other groups; the matmuls are among them.
+  kinds = time_by_kind(tmp_path, text, steps=3)
+  every = top_costs(tmp_path, text, steps=3, k=10**6)
+  assert sum(kinds.values()) == pytest.approx(sum(c.ms_per_step for c in every), rel=1e-9)
+  assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
+  assert kinds.get("dot_general", 0.0) > 0
   with pytest.raises(ValueError, match="steps=0"):
     top_costs(tmp_path, text, steps=0)

@@ -155,12 +155,7 @@ def module_name(hlo_text: str) -> str:
 def top_costs(trace_dir: str | Path, hlo_text: str, steps: int, k: int = 5) -> list[Cost]:
   """The `k` source locations whose ops took the most time in the trace, per step (the trace
   covers `steps` runs of the program whose HLO text is `hlo_text`)."""
-  if steps < 1:
-    raise ValueError(f"steps={steps!r}: the number of traced runs, >= 1")
-  times = op_times(trace_events(trace_dir), module_name(hlo_text))
-  if not times:
-    raise ValueError(f"the trace under {trace_dir} has no ops of {module_name(hlo_text)}")
-  sources = hlo_sources(hlo_text)
+  times, sources = _traced_ops(trace_dir, hlo_text, steps)
   total = sum(times.values())
   groups: dict[str, list[tuple[float, str, str]]] = collections.defaultdict(list)
   for op, us in times.items():
@@ -174,3 +169,22 @@ def top_costs(trace_dir: str | Path, hlo_text: str, steps: int, k: int = 5) -> l
     costs.append(Cost(where, us / steps / 1e3, us / total, tuple(op for _, op, _ in ops), kinds))
   costs.sort(key=lambda c: -c.ms_per_step)
   return costs[:k]
+
+
+def time_by_kind(trace_dir: str | Path, hlo_text: str, steps: int) -> dict[str, float]:
+  """Milliseconds of op self time per step for each JAX operation (`dot_general`, `exp`, ...; "?"
+  for ops without metadata), largest first: e.g. how much of a step is matmuls at all."""
+  times, sources = _traced_ops(trace_dir, hlo_text, steps)
+  out: dict[str, float] = collections.defaultdict(float)
+  for op, us in times.items():
+    out[sources.get(op, ("?", "?"))[0]] += us / steps / 1e3
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _traced_ops(trace_dir, hlo_text: str, steps: int):
+  if steps < 1:
+    raise ValueError(f"steps={steps!r}: the number of traced runs, >= 1")
+  times = op_times(trace_events(trace_dir), module_name(hlo_text))
+  if not times:
+    raise ValueError(f"the trace under {trace_dir} has no ops of {module_name(hlo_text)}")
+  return times, hlo_sources(hlo_text)
