@@ -52,7 +52,8 @@ Protocol (issue "DGLM", item 4):
 
 Every stage is resumable: runs train once in <workdir>/runs/<name>-<digest of the config>, the
 sample sets are cached in <workdir>/cache, judge features in <workdir>/judge_features, the
-classifiers in <workdir>/classifiers. The result file is written (atomically) after control and
+classifiers in <workdir>/classifiers, the corpus's MiniLM embeddings (`dglm.embedding_cache`,
+shared by the probes and both stages) in <workdir>/embeddings. The result file is written (atomically) after control and
 again after composition. Not yet run at full size: 60 minutes of training plus probes, about 20
 sample sets of 500 continuations and their judge scoring; expect about two hours of a 2-core CPU.
 A smoke run (--steps 10 --test_prefixes 16) takes about 18 CPU minutes, most of it compilation,
@@ -104,7 +105,7 @@ SCALES = (0, 1, 3, 10)
 SENTIMENT = ["negative", "positive"]
 TOPICS = ["world", "sports", "business", "scitech"]  # AG News classes 1..4
 PREFIX_WORDS, MIN_WORDS = 4, 6
-PATH_FIELDS = ("dglm.diffusion_workdir", "dglm.decoder_init")
+PATH_FIELDS = ("dglm.diffusion_workdir", "dglm.decoder_init", "dglm.embedding_cache")
 FUDGE_TOP_K = 50
 # Smoke runs (--steps): smaller data and classifier sets unless the flags are given.
 SMOKE = {
@@ -180,11 +181,12 @@ def agnews(data_dir: Path, per_class: int) -> tuple[list, list, list, list]:
 
 
 # --------------------------------------------------------------------------------------- configs
-def dglm_configs(train_glob: str, classifiers: dict) -> tuple:
+def dglm_configs(train_glob: str, classifiers: dict, embeddings: Path) -> tuple:
   diff = load_config_file(f"{CONFIGS}/dglm.py:size=tiny")
   dec = load_config_file(f"{CONFIGS}/dglm.py:size=tiny,stage=decoder")
   for c in (diff, dec):
     c.data.path = train_glob
+    c.dglm.embedding_cache = str(embeddings)  # the probes and both stages embed the corpus once
   dec.dglm.classifiers = [
     {"name": name, "path": str(path), "target": "0", "scale": 0.0}
     for name, path in classifiers.items()
@@ -432,7 +434,7 @@ def main():
   clfs = fit_classifiers(data_dir, workdir / "classifiers", enc, args)
 
   # Training: diffusion, decoder on its statistics, the AR baseline on the decoder's tokenizer.
-  diff_cfg, dec_cfg = dglm_configs(train_glob, clfs["paths"])
+  diff_cfg, dec_cfg = dglm_configs(train_glob, clfs["paths"], workdir / "embeddings")
   runs, steps = {}, {}
   runs["diffusion"], steps["diffusion"] = train(
     root, "dglm_diff", diff_cfg, args.diff_minutes, args

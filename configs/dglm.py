@@ -135,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "schedule_scale": 1.0,
     "stats_sentences": size["stats_sentences"],
     "split_seed": 0,
+    "embedding_cache": "",  # a directory: the corpus is embedded once for every run using it
   }
   c.sample = {
     "steps": size["sample_steps"],
@@ -168,6 +169,7 @@ def decoder_config(a: dict, size: dict, dec: dict) -> ml_collections.ConfigDict:
     "encoder": "minilm",
     "stats_sentences": size["stats_sentences"],
     "split_seed": 0,
+    "embedding_cache": "",
     "diffusion_workdir": "",
     "decoder_init": "",
     "decoder_checkpoint": "",

@@ -275,6 +275,32 @@ def test_split_prefixes_cuts_at_a_seeded_word_boundary():
   assert split_prefixes(docs, seed=0) == out  # deterministic
 
 
+def test_embeddings_are_length_bucketed_exactly_and_cached_once(tmp_path, monkeypatch):
+  from lsd.convert.encoders import frozen_encoder
+  from lsd.data.latent_cache import encode_in_chunks
+  from lsd.data.sentences import encode_sentences
+  from lsd.methods import dglm
+
+  enc = frozen_encoder("minilm")
+  texts = ["great food .", "the service was slow and the room was cold , never again .", "ok"] * 3
+  got = dglm.embed_texts(enc, texts, max_len=32, chunk=4)  # widths 8 and 16, not 32
+  tokens, valid = encode_sentences(texts, enc.tokenizer, 32)
+  full = encode_in_chunks(tokens, valid, dglm._embedder(enc.name), chunk=4)  # all 32 wide
+  np.testing.assert_allclose(got, full, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+
+  cache = tmp_path / "emb"
+  first = dglm.cached_embeddings(enc, texts, 32, str(cache))
+  np.testing.assert_allclose(first, got, atol=1e-6)
+  (file,) = cache.iterdir()
+  assert file.name.startswith(f"{enc.name}-32-") and file.suffix == ".npy"
+  monkeypatch.setattr(dglm, "embed_texts", lambda *a, **k: pytest.fail("encoded again"))
+  np.testing.assert_array_equal(dglm.cached_embeddings(enc, texts, 32, str(cache)), first)
+  monkeypatch.undo()
+  dglm.cached_embeddings(enc, texts[:4], 32, str(cache))  # other texts: another file
+  assert len(list(cache.iterdir())) == 2
+
+
 def test_dglm_diffusion_run_keeps_its_statistics_and_proposes(tmp_path, shared_data):
   from lsd.api import train
   from lsd.config import ConfigError, load_config_file

@@ -33,9 +33,11 @@ class Encoder:
 
   def __init__(self):
     self.calls = []
+    self.widths = []
 
   def __call__(self, tokens, valid):
     self.calls.append(len(tokens))
+    self.widths.append(tokens.shape[1])
     w = np.where(valid, tokens, 0).astype(np.float64)
     feats = np.stack([w.sum(-1), valid.sum(-1), w.max(-1)], -1)  # [n, 3]
     return np.stack([feats, 2 * feats], 1)
@@ -61,6 +63,22 @@ def test_latent_rows_equal_encoding_every_sentence_at_once(tokenizer):
   np.testing.assert_array_equal(rows["source_tokens"], src)
   np.testing.assert_array_equal(rows["source_valid"], src_valid)
   np.testing.assert_allclose(encode_in_chunks(tokens, valid, Encoder(), chunk=8), want, rtol=1e-6)
+
+
+def test_length_buckets_cut_padding_and_keep_the_rows_in_order(tokenizer):
+  texts = [" ".join(TEXTS[: 1 + i % 5]) for i in range(11)]  # 1 to 5 sentences, mixed order
+  tokens, valid = encode_sentences(texts, tokenizer, 40)
+  want = Encoder()(tokens, valid)
+  enc = Encoder()
+  got = encode_in_chunks(tokens, valid, enc, chunk=4, bucket=8)
+  np.testing.assert_allclose(got, want, rtol=1e-6)  # input order, equal values
+  lengths = np.sort(valid.sum(1))
+  # chunks of 4 rows by increasing length, each cut to its longest row rounded up to 8 (<= 40)
+  assert enc.calls == [4, 4, 4]
+  assert enc.widths == [min(40, -(-int(lengths[i : i + 4].max()) // 8) * 8) for i in (0, 4, 8)]
+  assert enc.widths[0] < 40 and enc.widths == sorted(enc.widths)
+  with pytest.raises(ValueError, match="bucket=-1"):
+    encode_in_chunks(tokens, valid, Encoder(), bucket=-1)
 
 
 def test_cached_latent_data_holds_all_rows_each_process_encoding_its_share(tokenizer, monkeypatch):

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import re
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,7 +51,7 @@ from lsd.diffusion.attribute_guidance import (
 )
 from lsd.diffusion.gaussian import OBJECTIVES, CosineSchedule
 from lsd.diffusion.latent import diffusion_training_loss
-from lsd.fileio import as_path
+from lsd.fileio import as_path, atomic_write
 from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
 from lsd.sampling import latent as latent_sampling
 from lsd.sampling.text_latent import LatentSampleConfig
@@ -87,14 +90,21 @@ class DGLMDiffusionStage:
   schedule_scale: float = 1.0
   stats_sentences: int = 10000  # the first N training continuations give the statistics
   split_seed: int = 0  # the per-sentence prefix / continuation cut
+  embedding_cache: str = ""  # a directory keeping the corpus's embeddings (`cached_embeddings`)
 
   def validate(self) -> None:
     encoder_spec(self.encoder, "dglm.encoder")
+    check_cache_dir(self.embedding_cache)
     check_choice("dglm.objective", self.objective, OBJECTIVES)
     check_range("dglm.self_condition_prob", self.self_condition_prob, 0.0, 1.0)
     check_range("dglm.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
     check_positive("dglm.schedule_scale", self.schedule_scale)
     check_stats_sentences(self.stats_sentences)
+
+
+def check_cache_dir(path) -> None:
+  if not isinstance(path, str):
+    raise ConfigError(f"dglm.embedding_cache={path!r} must be a directory path, or '' for none")
 
 
 def check_stats_sentences(n) -> None:
@@ -130,8 +140,10 @@ class DGLMTask(Task):
     return train_docs, split_prefixes(eval_docs, st.split_seed + 1)
 
   def embeddings(self, texts: list[str]) -> np.ndarray:
-    """Unit embeddings [N, E] of `texts` (tokenised to data.max_len), encoded once."""
-    return embed_texts(self.encoder(), texts, self.config.data.max_len)
+    """Unit embeddings [N, E] of `texts` (tokenised to data.max_len), encoded once (and kept in
+    `dglm.embedding_cache` when set)."""
+    cache = self.stage.embedding_cache
+    return cached_embeddings(self.encoder(), texts, self.config.data.max_len, cache)
 
   def load_stats(self, workdir: str | Path) -> emb.EmbeddingStats:
     """The run's statistics from `workdir` (a loaded run reloads them itself)."""
@@ -405,9 +417,38 @@ def parse_attribute(text: str, field: str = "--attribute") -> tuple[str, str, fl
 
 def embed_texts(enc, texts: list[str], max_len: int = 64, chunk: int = 256) -> np.ndarray:
   """Unit sentence embeddings [N, E] of `texts` by the frozen encoder (fp32 numpy), in chunks of
-  a fixed size (one compiled program per max_len; a row's value does not depend on the others)."""
+  similar lengths, each cut to a multiple of 8 tokens (a row's value depends neither on the other
+  rows nor on its padding; one compiled program per width)."""
   tokens, valid = encode_sentences(list(texts), enc.tokenizer, max_len)
-  return encode_in_chunks(tokens, valid, _embedder(enc.name), chunk=chunk)
+  return encode_in_chunks(tokens, valid, _embedder(enc.name), chunk=chunk, bucket=8)
+
+
+def cached_embeddings(
+  enc, texts: list[str], max_len: int, cache_dir: str = "", log=None
+) -> np.ndarray:
+  """`embed_texts`, kept in `cache_dir` ("" = no cache) under a name made of the encoder, max_len
+  and a digest of the texts: runs over the same sentences (a probe and its run, both DGLM stages,
+  a restart) encode them once. The file is written whole (atomic), so a killed run leaves none."""
+  if not cache_dir:
+    return embed_texts(enc, texts, max_len)
+  digest = hashlib.sha256(json.dumps([enc.name, max_len, list(texts)]).encode()).hexdigest()[:20]
+  path = as_path(cache_dir) / f"{enc.name}-{max_len}-{digest}.npy"
+  if path.exists():
+    with path.open("rb") as f:
+      out = np.load(f)
+    if out.shape[0] == len(texts):
+      return out
+  t0 = time.perf_counter()
+  out = embed_texts(enc, texts, max_len)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file name would get ".npy" appended
+      np.save(f, out, allow_pickle=False)
+
+  atomic_write(path, write)
+  if log is not None:
+    log(f"embedded {len(texts)} texts in {time.perf_counter() - t0:.0f} s -> {path}")
+  return out
 
 
 @functools.cache

@@ -30,6 +30,7 @@ from lsd.fileio import as_path
 from lsd.methods import get_task
 from lsd.methods.dglm import (
   DGLMTask,
+  check_cache_dir,
   check_same_stats,
   check_stats_sentences,
   classifier_specs,
@@ -50,6 +51,7 @@ class DGLMDecoderStage:
   encoder: str = "minilm"  # the frozen sentence encoder (the diffusion run's)
   stats_sentences: int = 10000  # as the diffusion stage, when no diffusion run gives statistics
   split_seed: int = 0  # the per-sentence prefix / continuation cut
+  embedding_cache: str = ""  # a directory keeping the corpus's embeddings (as the diffusion stage)
   diffusion_workdir: str = ""  # the dglm_diffusion run: its statistics, and proposals at sampling
   decoder_init: str = ""  # a causal_lm run whose weights start the decoder; "" = random init
   # an imported causal LM as the decoder, with its tokenizer (lsd.convert.causal_decoder): a local
@@ -60,6 +62,7 @@ class DGLMDecoderStage:
 
   def validate(self) -> None:
     encoder_spec(self.encoder, "dglm.encoder")
+    check_cache_dir(self.embedding_cache)
     check_stats_sentences(self.stats_sentences)
     if self.decoder_init and self.decoder_checkpoint:
       raise ConfigError(
