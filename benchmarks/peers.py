@@ -14,6 +14,12 @@ dropout 0, no EMA. Sampling: batch 2, block 4, 4 denoising steps per block, KV c
 length L; training: one step (loss, backward, clip 1.0, AdamW lr 3e-4) on batch 16 x 128, ids
 below 4096. Each timed call goes to one side at a time and the side that goes first alternates;
 warm-up calls and lsd's compilation are not timed. Writes benchmarks/results/<--result>.json.
+
+With --ld4lg PATH (a checkout of https://github.com/justinlovelace/latent-diffusion-for-language)
+the result also gets `ld4lg_sampling`: LD4LG's latent sampler against lsd's at the denoiser size of
+configs/ld4lg_yelp.py size=tiny (d=128, 4 layers, 4 heads, 8 latents x 32, 2 long skips, random
+weights): DDPM over 250 uniform steps with self-conditioning, v-prediction, cosine schedule, no
+CFG, at each batch of --ld4lg_batches, timed the same way in a second worker.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ REF_PACKAGES = [
   "huggingface_hub",
 ]
 CHECKOUT_FILES = ("diffusion.py", "models/dit.py", "configs/config.yaml")
+LD4LG_FETCH = "git clone https://github.com/justinlovelace/latent-diffusion-for-language"
+LD4LG_FILES = ("diffusion/text_denoising_diffusion.py", "model/diffusion_transformer.py")
+# The denoiser of configs/ld4lg_yelp.py size=tiny; skips: U-ViT long skips (lsd: n_layers // 2,
+# the reference's num_dense_connections set equal).
+LD4LG_MODEL = dict(d_model=128, n_layers=4, n_heads=4, num_latents=8, d_latent=32, skips=2)
+LD4LG_STEPS = 250
 VOCAB, MASK_ID, DATA_IDS = 4100, 4099, 4096
 BLOCK, STEPS, SAMPLE_BATCH = 4, 4, 2
 TRAIN_BATCH, TRAIN_LEN = 16, 128
@@ -66,6 +78,8 @@ def parse_args(argv=None):
     help="torch threads; both processes are also pinned to this many CPUs, which sizes XLA's pool",
   )
   p.add_argument("--result", default="peers", help="writes benchmarks/results/<result>.json")
+  p.add_argument("--ld4lg", help=f"also time LD4LG's latent sampler: a checkout ({LD4LG_FETCH})")
+  p.add_argument("--ld4lg_batches", default="1,16,128", help="batches of the LD4LG comparison")
   args = p.parse_args(argv)
   if not args.bd3lms:
     p.exit(
@@ -80,6 +94,14 @@ def parse_args(argv=None):
       f"peers.py: --bd3lms {args.bd3lms} is not a bd3lms checkout (no {', '.join(missing)}). "
       f"Get one with\n  {FETCH}\n",
     )
+  if args.ld4lg:
+    missing = [f for f in LD4LG_FILES if not (Path(args.ld4lg) / f).is_file()]
+    if missing:
+      p.exit(
+        2,
+        f"peers.py: --ld4lg {args.ld4lg} is not a latent-diffusion-for-language checkout (no "
+        f"{', '.join(missing)}). Get one with\n  {LD4LG_FETCH}\n",
+      )
   if args.repeats < 1 or args.threads < 1:
     p.error("--repeats and --threads must be at least 1")
   return args
@@ -102,10 +124,10 @@ def ensure_venv(venv: Path, python: str) -> Path:
 class RefWorker:
   """The reference's worker process: one JSON request per line, one answer per line."""
 
-  def __init__(self, exe: Path, path: str, threads: int):
+  def __init__(self, exe: Path, path: str, threads: int, kind: str = "bd3lms"):
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     self.proc = subprocess.Popen(
-      [str(exe), str(WORKER), "--bd3lms", path, "--threads", str(threads)],
+      [str(exe), str(WORKER), f"--{kind}", path, "--threads", str(threads)],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       text=True,
@@ -222,6 +244,96 @@ class Lsd:
     return {"seconds": time.perf_counter() - t, "loss": float(m["loss"])}
 
 
+class LsdLatent:
+  """lsd's side of the LD4LG comparison: the latent denoiser and `lsd.sampling.latent.sample`."""
+
+  def __init__(self):
+    import jax
+    from flax import nnx
+
+    from lsd.models.denoiser import DenoiserConfig, LatentDenoiser
+
+    self.jax = jax
+    m = LD4LG_MODEL
+    cfg = DenoiserConfig(
+      **{k: m[k] for k in ("num_latents", "d_latent", "d_model", "n_layers", "n_heads")},
+      self_condition=True,
+    )
+    if cfg.n_layers // 2 != m["skips"]:
+      raise ValueError(f"lsd's denoiser has {cfg.n_layers // 2} long skips, not {m['skips']}")
+    self.graphdef, self.state = nnx.split(LatentDenoiser(cfg, rngs=nnx.Rngs(0)))
+    self.n_params = int(sum(x.size for x in jax.tree.leaves(self.state)))
+
+  def build_sampler(self, batch: int, steps: int) -> float:
+    from lsd.sampling import latent
+
+    t = time.perf_counter()
+    self.sampler = latent.sample.lower(
+      self.graphdef, self.state, self.jax.random.key(0), batch, steps=steps, sampler="ddpm",
+      objective="v",
+    ).compile()  # fmt: skip
+    self.calls, self.steps = 0, steps
+    return time.perf_counter() - t
+
+  def sample(self) -> dict:
+    import numpy as np
+
+    key = self.jax.random.key(self.calls)
+    self.calls += 1
+    t = time.perf_counter()
+    z = self.jax.block_until_ready(self.sampler(self.state, key))
+    seconds = time.perf_counter() - t
+    # NFE: one denoiser pass per step (self-conditioning feeds the last estimate back; no CFG)
+    return {"seconds": seconds, "nfe": self.steps, "finite": bool(np.isfinite(z).all())}
+
+
+def run_ld4lg(args, exe: Path, turn: list[int]) -> tuple[dict, dict]:
+  """The LD4LG latent-sampler comparison: (metrics, config) of `ld4lg_sampling`."""
+  commit = subprocess.run(
+    ["git", "-C", args.ld4lg, "rev-parse", "HEAD"], capture_output=True, text=True
+  ).stdout.strip()
+  ref = RefWorker(exe, args.ld4lg, args.threads, kind="ld4lg")
+  lsd = LsdLatent()
+  rows = {}
+  try:
+    for batch in [int(x) for x in args.ld4lg_batches.split(",")]:
+      info = ref("build_sampler", batch=batch, steps=LD4LG_STEPS, model=LD4LG_MODEL)
+      compile_s = lsd.build_sampler(batch, LD4LG_STEPS)
+      warm = {"lsd": lsd.sample(), "ref": ref("sample")}  # untimed
+      runs = interleaved({"lsd": lsd.sample, "ref": lambda: ref("sample")}, args.repeats, turn)
+      lsd_s = [r["seconds"] for r in runs["lsd"]]
+      ref_s = [r["seconds"] for r in runs["ref"]]
+      rows[str(batch)] = row = {
+        **compare("s", lsd_s, ref_s, lower_is_better=True),
+        "lsd_nfe": runs["lsd"][-1]["nfe"],
+        "ref_nfe": runs["ref"][-1]["nfe"],
+        "lsd_seconds_all": lsd_s,
+        "ref_seconds_all": ref_s,
+        "lsd_compile_s": compile_s,
+        "finite": all(r["finite"] for side in runs.values() for r in side),
+        "warmup_s": {"lsd": warm["lsd"]["seconds"], "ref": warm["ref"]["seconds"]},
+        "ref_params": info["n_params"],
+      }
+      print(
+        f"LD4LG batch {batch}: lsd {row['lsd_s']:.3f} s, reference {row['ref_s']:.3f} s "
+        f"(NFE {row['lsd_nfe']} / {row['ref_nfe']}), reference / lsd {row['ratio']:.2f}x",
+        flush=True,
+      )
+  finally:
+    ref.close()
+  config = {
+    "model": LD4LG_MODEL,
+    "steps": LD4LG_STEPS,
+    "lsd": "lsd.sampling.latent.sample: ddpm, v-prediction, self-conditioning, cosine schedule, "
+    "one lax.scan",
+    "ref": "GaussianDiffusion(DiffusionTransformer(scale_shift, self_condition, "
+    "num_dense_connections=skips), pred_v, cosine, ddpm).sample: a Python loop of 250 steps",
+    "lsd_params": lsd.n_params,
+    "ld4lg_commit": commit or "unknown",
+  }
+  return rows, config
+
+
 class _Vocab:
   """The tokenizer fields lsd's task reads: `size` data ids, then pad, bos, eos and [MASK]."""
 
@@ -327,10 +439,14 @@ def main(argv=None):
     f"{training['ref_tok_s']:.0f} tok/s, lsd / bd3lms {training['ratio']:.2f}x",
     flush=True,
   )
+  metrics, extra = {"sampling": sampling, "training": training}, {}
+  if args.ld4lg:
+    metrics["ld4lg_sampling"], extra["ld4lg_sampling"] = run_ld4lg(args, exe, turn)
   write_result(
     args.result,
-    {"sampling": sampling, "training": training},
+    metrics,
     {
+      **extra,
       "what": "sampling: ratio = bd3lms s / lsd s (min over repeats; *_median from medians); "
       "training: ratio = lsd tok/s / bd3lms tok/s (max over repeats)",
       "model": "d=128, 4 layers, 4 heads, vocab 4100 ([MASK] 4099), random weights, fp32, dropout 0",

@@ -1,10 +1,12 @@
-"""The bd3lms side of benchmarks/peers.py: a long-lived worker run with the reference's own Python
-(its virtual environment, torch on CPU), speaking one JSON object per line on stdin / stdout.
+"""The reference side of benchmarks/peers.py: a long-lived worker run with the reference's own
+Python (its virtual environment, torch on CPU), speaking one JSON object per line on stdin / stdout.
 
     <ref venv>/bin/python benchmarks/peers_ref_worker.py --bd3lms PATH --threads N
+    <ref venv>/bin/python benchmarks/peers_ref_worker.py --ld4lg PATH --threads N
 
-Requests: {"cmd": "build_sampler", "length": L, "batch": B, "steps": T}, {"cmd": "sample"},
+bd3lms requests: {"cmd": "build_sampler", "length": L, "batch": B, "steps": T}, {"cmd": "sample"},
 {"cmd": "build_train", "batch": B, "length": L}, {"cmd": "train", "steps": n}, {"cmd": "quit"}.
+LD4LG requests: {"cmd": "build_sampler", "batch": B, "steps": T, "model": {...}}, {"cmd": "sample"}.
 Every answer is one line, {"ok": true, ...} or {"ok": false, "error": ...}; timed answers carry
 "seconds", measured here around the call only (no pipe traffic).
 
@@ -18,6 +20,16 @@ The CPU patches bd3lms needs are made here, in this process, never in the checko
   returns a local stand-in instead (vocabulary 4099; bd3lms adds its [MASK] as id 4099).
 - The head and adaLN layers start at zero (an untrained model would emit constant logits): every
   all-zero parameter is redrawn from N(0, 0.02).
+
+The patches of latent-diffusion-for-language (LD4LG), made the same way:
+- `diffusion/text_denoising_diffusion.py` imports its whole training stack at module level (the
+  BART / T5 latent models, accelerate, wandb, ema_pytorch, PIL, the datasets and evaluation
+  packages); `model/diffusion_transformer.py` imports torchvision, whose PyPI build does not load
+  beside this torch. None is used by the denoiser or `GaussianDiffusion.ddpm_sample`: stub modules,
+  installed after transformers is imported (it probes for accelerate when imported).
+- `GaussianDiffusion.using_latent_model` is set by its Trainer; it is set to True (the latent
+  model: every latent is valid), as the Trainer does for LD4LG runs.
+- The output projection starts at zero: all-zero parameters are redrawn from N(0, 0.02).
 """
 
 from __future__ import annotations
@@ -208,9 +220,89 @@ class Reference:
     return {"seconds": seconds, "loss": float(loss.detach())}
 
 
+class LD4LGReference:
+  """LD4LG's denoiser (`model.diffusion_transformer.DiffusionTransformer`) and its DDPM sampler
+  (`GaussianDiffusion.ddpm_sample`: self-conditioned, `steps` uniform steps of t from 1 to 0)."""
+
+  STUBS = (
+    "PIL", "PIL.Image", "ema_pytorch", "accelerate", "wandb", "torchvision",
+    "torchvision.transforms", "torchvision.utils", "latent_models", "latent_models.bart_latent_model",
+    "latent_models.t5_latent_model", "latent_models.latent_utils", "evaluation",
+    "evaluation.evaluation", "dataset_utils", "dataset_utils.text_dataset",
+  )  # fmt: skip
+
+  def __init__(self, path: str, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    self.torch = torch
+    sys.path.insert(0, os.path.abspath(path))
+    # transformers probes which optional packages exist when it is imported: import it (and the
+    # classes the reference imports from it) before the stubs exist, so it never sees them.
+    import transformers  # noqa: F401
+    from transformers.models.bart import modeling_bart  # noqa: F401
+
+    for name in self.STUBS:
+      mod = sys.modules[name] = types.ModuleType(name)
+      mod.__path__ = []  # a package, so `from x.y import z` finds the stub submodule
+      mod.__getattr__ = lambda attr, name=name: type(attr, (), {})  # any imported name
+    from diffusion.text_denoising_diffusion import GaussianDiffusion
+    from model.diffusion_transformer import DiffusionTransformer
+
+    self.GaussianDiffusion, self.DiffusionTransformer = GaussianDiffusion, DiffusionTransformer
+
+  def build_sampler(self, batch: int, steps: int, model: dict) -> dict:
+    torch = self.torch
+    torch.manual_seed(0)
+    net = self.DiffusionTransformer(
+      tx_dim=model["d_model"],
+      tx_depth=model["n_layers"],
+      heads=model["n_heads"],
+      latent_dim=model["d_latent"],
+      max_seq_len=model["num_latents"],
+      self_condition=True,
+      dropout=0.0,
+      scale_shift=True,
+      num_dense_connections=model["skips"],
+    )
+    diffusion = self.GaussianDiffusion(
+      net,
+      max_seq_len=model["num_latents"],
+      sampling_timesteps=steps,
+      objective="pred_v",
+      train_schedule="cosine",
+      sampler="ddpm",
+    )
+    diffusion.using_latent_model = True
+    with torch.no_grad():
+      for p in net.parameters():
+        if not p.any():
+          p.normal_(0.0, 0.02)
+    diffusion.eval()
+    self.forwards = 0
+
+    def count(*_):
+      self.forwards += 1
+
+    net.register_forward_pre_hook(count)
+    self.diffusion, self.batch, self.steps = diffusion, batch, steps
+    return {"n_params": sum(p.numel() for p in net.parameters())}
+
+  def sample(self) -> dict:
+    self.forwards = 0
+    t = time.perf_counter()
+    with self.torch.no_grad():
+      z, _ = self.diffusion.sample(self.batch, None)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "nfe": self.forwards, "shape": list(z.shape),
+            "finite": bool(self.torch.isfinite(z).all())}  # fmt: skip
+
+
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--bd3lms", required=True)
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--bd3lms", help="a bd3lms checkout")
+  which.add_argument("--ld4lg", help="a latent-diffusion-for-language checkout")
   p.add_argument("--threads", type=int, required=True)
   args = p.parse_args()
   warnings.filterwarnings("ignore", message=".*Disabling autocast")  # autocast('cuda') on a CPU
@@ -219,7 +311,10 @@ def main():
   os.dup2(2, 1)
   sys.stdout = sys.stderr
   try:
-    ref = Reference(args.bd3lms, args.threads)
+    if args.bd3lms:
+      ref = Reference(args.bd3lms, args.threads)
+    else:
+      ref = LD4LGReference(args.ld4lg, args.threads)
     import torch
 
     hello = {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -43,6 +43,26 @@ def test_a_checkout_passes_the_argument_checks(tmp_path):
   assert args.repeats == 1 and args.result == "x" and args.threads >= 1
 
 
+def test_an_ld4lg_folder_that_is_not_a_checkout_is_refused(tmp_path):
+  bd3 = tmp_path / "bd3lms"
+  for f in peers.CHECKOUT_FILES:
+    (bd3 / f).parent.mkdir(parents=True, exist_ok=True)
+    (bd3 / f).write_text("")
+  (tmp_path / "ld4lg" / "model").mkdir(parents=True)
+  (tmp_path / "ld4lg" / "model" / "diffusion_transformer.py").write_text("")
+  r = run("--bd3lms", str(bd3), "--ld4lg", str(tmp_path / "ld4lg"))
+  assert r.returncode != 0
+  assert "not a latent-diffusion-for-language checkout" in r.stderr
+  assert "diffusion/text_denoising_diffusion.py" in r.stderr
+  assert "model/diffusion_transformer.py" not in r.stderr  # only the missing file is named
+  assert peers.LD4LG_FETCH in r.stderr
+  for f in peers.LD4LG_FILES:
+    (tmp_path / "ld4lg" / f).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "ld4lg" / f).write_text("")
+  args = peers.parse_args(["--bd3lms", str(bd3), "--ld4lg", str(tmp_path / "ld4lg")])
+  assert args.ld4lg_batches == "1,16,128"
+
+
 def test_interleaved_calls_one_side_at_a_time_and_alternates_who_goes_first():
   log = []
   calls = {"lsd": lambda: log.append("lsd") or 1, "ref": lambda: log.append("ref") or 2}
