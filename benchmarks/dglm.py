@@ -25,6 +25,11 @@ Protocol (issue "DGLM", item 4):
   gen-PPL of the continuation given its prefix under the judge (SmolLM2-135M, per-sample mean),
   MAUVE of the continuations against the held-out true continuations on judge features, dist-2 and
   the mean unigram entropy of the continuations' token ids (the shared tokenizer).
+- Diagnostics (`diagnostics`): the cosine of each unguided proposal with the true continuation's
+  embedding (and, as a floor, of each true embedding with another item's), the judge's median
+  gen-PPL of both fluency sets, and an oracle row: the decoder fed the true continuation's
+  embedding instead of a proposal, scored as the fluency sets. Together they say which stage
+  limits DGLM's fluency.
 - Control: half the prefixes (alternating) get target positive, the others negative. The judge
   classifier is LD4LG's: a logistic regression (C = 1) on the judge's mean-pooled hidden states
   fitted on a balanced SST-2 subset (--sst2_per_class sentences >= 6 words per class); a sample
@@ -275,15 +280,29 @@ def dglm_sample(run, key, items: list[dict], groups: list, chunk: int) -> dict:
   """DGLM continuations of the items' prefixes: `groups` is [(item indices, attributes)], one
   proposal call each (attributes: [(classifier, target, scale)], [] = unguided); decoding in
   fixed-size length groups."""
-  task, model = run.task, run.model()
-  prefixes = [d["prefix"] for d in items]
   t0 = time.perf_counter()
-  props = np.zeros((len(items), task.encoder().width), np.float32)
   k_prop, k_dec = jax.random.split(key)
+  props = propose_all(run, k_prop, items, groups)
+  rec = decode_all(run, k_dec, items, props, chunk)
+  return {**rec, "seconds": time.perf_counter() - t0}
+
+
+def propose_all(run, key, items: list[dict], groups: list) -> np.ndarray:
+  """The diffusion run's unit-norm proposals [N, E] for the items' prefixes, one call per group."""
+  task, prefixes = run.task, [d["prefix"] for d in items]
+  props = np.zeros((len(items), task.encoder().width), np.float32)
   for g, (idx, attributes) in enumerate(groups):
     if idx:
-      p = task.propose(jax.random.fold_in(k_prop, g), [prefixes[i] for i in idx], attributes)
+      p = task.propose(jax.random.fold_in(key, g), [prefixes[i] for i in idx], attributes)
       props[idx] = np.asarray(p)
+  return props
+
+
+def decode_all(run, key, items: list[dict], props: np.ndarray, chunk: int) -> dict:
+  """The decoder's continuations of the items' prefixes under embeddings `props` [N, E]."""
+  task, model, k_dec = run.task, run.model(), key
+  prefixes = [d["prefix"] for d in items]
+  t0 = time.perf_counter()
   out = [None] * len(items)
   for k, part, padded in by_length(run.tokenizer, prefixes, chunk):
     recs = task.continue_texts(
@@ -488,6 +507,30 @@ def main():
     "ar": scorer.fluency(plain, items, ref_feats),
   }
   log(f"fluency: {fluency}")
+  # Where DGLM's errors come from: the proposals against the true continuations' embeddings
+  # (the unguided set's own proposals: the same key), and the decoder fed those true embeddings
+  # (an oracle proposal), scored like the others.
+  truth = dec.task.embeddings([d["reference"] for d in items])
+  k1 = jax.random.fold_in(key, 1)
+  props0 = propose_all(dec, jax.random.split(k1)[0], items, sentiment_groups(0))
+  cos = np.sum(props0 * truth, -1)
+  pairs = np.sum(truth * np.roll(truth, 1, axis=0), -1)  # each item against another's truth
+  oracle = cached(
+    cache / "oracle.json", lambda: decode_all(dec, jax.random.fold_in(key, 4), items, truth, chunk)
+  )
+  diagnostics = {
+    "proposal_cosine": {"mean": float(cos.mean()), "median": float(np.median(cos))},
+    "other_item_cosine": {"mean": float(pairs.mean()), "median": float(np.median(pairs))},
+    "oracle": {
+      **scorer.fluency(oracle, items, ref_feats),
+      "gen_ppl_median": scorer.control(oracle, items)[0]["gen_ppl_median"],
+    },
+    "gen_ppl_median": {
+      "dglm": scorer.control(dglm[0], items)[0]["gen_ppl_median"],
+      "ar": scorer.control(plain, items)[0]["gen_ppl_median"],
+    },
+  }
+  log(f"diagnostics: {diagnostics}")
   control, per = {"dglm": {}}, {}
   for s, rec in dglm.items():
     control["dglm"][f"{s:g}"], per[f"dglm_{s:g}"] = scorer.control(rec, items)
@@ -526,6 +569,7 @@ def main():
   cost = {"dglm_seconds": dglm[0]["seconds"] / n, "ar_seconds": plain["seconds"] / n}
   result = {
     "fluency": {**fluency, "paired_log_ppl_dglm_minus_ar": bootstrap(ppl["dglm"], ppl["ar"])},
+    "diagnostics": diagnostics,
     "control": control,
     "cost": cost,
     "claims": claims,
