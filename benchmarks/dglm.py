@@ -29,7 +29,9 @@ Protocol (issue "DGLM", item 4):
   embedding (and, as a floor, of each true embedding with another item's), the judge's median
   gen-PPL of both fluency sets, and an oracle row: the decoder fed the true continuation's
   embedding instead of a proposal, scored as the fluency sets. Together they say which stage
-  limits DGLM's fluency.
+  limits DGLM's fluency. `guided_proposals.<scale>`: the guiding classifier's mean probability of
+  the target on the proposals of each control set, and their cosine with the unguided proposals
+  (does guidance move the proposals, and does the decoder carry the move into the text?).
 - Control: half the prefixes (alternating) get target positive, the others negative. The judge
   classifier is LD4LG's: a logistic regression (C = 1) on the judge's mean-pooled hidden states
   fitted on a balanced SST-2 subset (--sst2_per_class sentences >= 6 words per class); a sample
@@ -530,6 +532,18 @@ def main():
       "ar": scorer.control(plain, items)[0]["gen_ppl_median"],
     },
   }
+  # The guided proposals (the same keys as the dglm_s<scale> sets): the guiding classifier's
+  # probability of each item's target, and how far guidance moved them from the unguided ones.
+  sent_clf, sent_classes = load_classifier(clfs["paths"]["sentiment"])
+  col = np.array([list(sent_classes).index(SENTIMENT[d["sentiment"]]) for d in items])
+  diagnostics["guided_proposals"] = {}
+  for s in SCALES:
+    props = propose_all(dec, jax.random.split(k1)[0], items, sentiment_groups(s))
+    lp = np.asarray(sent_clf.log_probs(props))
+    diagnostics["guided_proposals"][f"{s:g}"] = {
+      "target_prob": float(np.exp(lp[np.arange(len(items)), col]).mean()),
+      "cosine_to_unguided": float(np.sum(props * props0, -1).mean()),
+    }
   log(f"diagnostics: {diagnostics}")
   control, per = {"dglm": {}}, {}
   for s, rec in dglm.items():
