@@ -156,7 +156,27 @@ class RefWorker:
       self.proc.wait(timeout=60)
 
 
-class Lsd:
+class _LsdSide:
+  """What both lsd sides share: a sampler compiled ahead of time as fn(state, key), then called
+  with a fresh key per call and timed to completion."""
+
+  def compile_sampler(self, lower, *args, **kwargs) -> float:
+    """Compiles `lower(*args, **kwargs)` as the sampler; returns the compile seconds."""
+    t = time.perf_counter()
+    self.sampler = lower(*args, **kwargs).compile()
+    self.calls = 0
+    return time.perf_counter() - t
+
+  def call_sampler(self):
+    """(output, seconds) of one sampler call with key `calls` (then incremented)."""
+    key = self.jax.random.key(self.calls)
+    self.calls += 1
+    t = time.perf_counter()
+    out = self.jax.block_until_ready(self.sampler(self.state, key))
+    return out, time.perf_counter() - t
+
+
+class Lsd(_LsdSide):
   """lsd's side: the SBD masked LM at the same size, its KV-cached draft and its train step."""
 
   def __init__(self):
@@ -179,21 +199,14 @@ class Lsd:
     draft = DraftConfig(block_size=BLOCK, steps_per_block=STEPS, use_cache=True)
     cfg = SBDSamplerConfig(draft=draft)
     key = self.jax.random.key(0)
-    t = time.perf_counter()
-    self.sampler = draft_then_revise.lower(
-      self.graphdef, self.state, key, SAMPLE_BATCH, length, cfg
-    ).compile()
-    self.calls = 0
-    return time.perf_counter() - t
+    return self.compile_sampler(
+      draft_then_revise.lower, self.graphdef, self.state, key, SAMPLE_BATCH, length, cfg
+    )
 
   def sample(self) -> dict:
     import numpy as np
 
-    key = self.jax.random.key(self.calls)
-    self.calls += 1
-    t = time.perf_counter()
-    out = self.jax.block_until_ready(self.sampler(self.state, key))
-    seconds = time.perf_counter() - t
+    out, seconds = self.call_sampler()
     tokens = np.asarray(out.tokens)
     draft_nfe = np.asarray(out.nfe_per_stage)[:, 0]
     return {
@@ -244,7 +257,7 @@ class Lsd:
     return {"seconds": time.perf_counter() - t, "loss": float(m["loss"])}
 
 
-class LsdLatent:
+class LsdLatent(_LsdSide):
   """lsd's side of the LD4LG comparison: the latent denoiser and `lsd.sampling.latent.sample`."""
 
   def __init__(self):
@@ -267,22 +280,16 @@ class LsdLatent:
   def build_sampler(self, batch: int, steps: int) -> float:
     from lsd.sampling import latent
 
-    t = time.perf_counter()
-    self.sampler = latent.sample.lower(
-      self.graphdef, self.state, self.jax.random.key(0), batch, steps=steps, sampler="ddpm",
-      objective="v",
-    ).compile()  # fmt: skip
-    self.calls, self.steps = 0, steps
-    return time.perf_counter() - t
+    self.steps = steps
+    return self.compile_sampler(
+      latent.sample.lower, self.graphdef, self.state, self.jax.random.key(0), batch, steps=steps,
+      sampler="ddpm", objective="v",
+    )  # fmt: skip
 
   def sample(self) -> dict:
     import numpy as np
 
-    key = self.jax.random.key(self.calls)
-    self.calls += 1
-    t = time.perf_counter()
-    z = self.jax.block_until_ready(self.sampler(self.state, key))
-    seconds = time.perf_counter() - t
+    z, seconds = self.call_sampler()
     # NFE: one denoiser pass per step (self-conditioning feeds the last estimate back; no CFG)
     return {"seconds": seconds, "nfe": self.steps, "finite": bool(np.isfinite(z).all())}
 

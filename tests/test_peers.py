@@ -85,3 +85,18 @@ def test_compare_takes_the_best_and_the_median_of_each_side():
   }  # fmt: skip
   r = peers.compare("tok_s", [10.0, 30.0, 20.0], [5.0, 10.0, 15.0], lower_is_better=False)
   assert (r["lsd_tok_s"], r["ref_tok_s"], r["ratio"], r["ratio_median"]) == (30.0, 15.0, 2.0, 2.0)
+
+
+def test_the_lsd_sides_sample_complete_canvases_with_a_fresh_key_per_call():
+  side = peers.Lsd()
+  assert side.build_sampler(32) > 0.0
+  first, second = side.sample(), side.sample()
+  assert side.calls == 2
+  for out in (first, second):
+    assert out["masked_left"] == 0  # every position drafted
+    assert out["nfe"] >= 32 // peers.BLOCK * peers.STEPS  # at least one peek per draft step
+  latent = peers.LsdLatent()
+  latent.build_sampler(2, 5)
+  out = latent.sample()
+  assert out["nfe"] == 5 and out["finite"]
+  assert latent.calls == 1
