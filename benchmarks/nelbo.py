@@ -14,7 +14,7 @@ Protocol (issue 28, item 5):
 - `--nelbo_samples` low-discrepancy draws of t per (canvas, block) on [1e-3, 1], key `--seed`.
 
 When the runs are absent the script stops and names the command that trains them, unless `--train`
-is given (then it trains them exactly as sbd_quality does: about 70 minutes on 2 CPU cores).
+is given (then it trains them exactly as sbd_quality does: 30 to 70 minutes on 2 CPU cores, by machine).
 Expected time with trained runs: a few minutes (about 430 held-out canvases per model).
 """
 
@@ -78,7 +78,7 @@ def ensure_runs(workdir: Path, cfgs: dict, train: bool, smoke: bool) -> None:
     sys.exit(
       f"nelbo: runs {missing} under {workdir} are absent or unfinished; train them with "
       f"`python benchmarks/sbd_quality.py --workdir {workdir}` or "
-      f"`python benchmarks/nelbo.py --workdir {workdir} --train` (about 70 min on 2 CPU cores)"
+      f"`python benchmarks/nelbo.py --workdir {workdir} --train` (30 to 70 min on 2 CPU cores)"
     )
   train_all(workdir, cfgs)
 
