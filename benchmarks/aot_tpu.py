@@ -50,8 +50,6 @@ LEVERS = (
   ["model.remat=full", "train.grad_accum=8", "mesh.data=-1", "mesh.fsdp=4"],
 )
 NOTES = [
-  "SLD and DGLM configs (configs/sld.py, configs/dglm.py) landed while these compiles ran: no "
-  "rows for them yet.",
   "Memory per device from compiled.memory_analysis(): total = arguments + outputs - aliased "
   "(donated state) + temporaries; out-of-memory compiles report XLA's required bytes.",
   "flops_per_step: compiled cost_analysis() FLOPs per device x devices (the grad_accum scan body "
@@ -87,7 +85,7 @@ def main():
     "--combine",
     default=None,
     help="instead of compiling: merge the rows and attempts of results/<part>.json for these "
-    "comma-separated parts (runs of config subsets in parallel) into results/<name>.json",
+    "comma-separated parts (runs of config subsets, or earlier merges) into results/<name>.json",
   )
   args = p.parse_args()
   if args.combine:
@@ -175,6 +173,9 @@ def combine(name: str, parts: list[str]) -> None:
     for c, t in sorted(done):
       configs += [] if c in configs else [c]
       topologies += [] if t in topologies else [t]
+    if "combined_from" in record["config"]:  # an earlier merge: keep its parts' own provenance
+      provenance += record["config"]["combined_from"]
+      continue
     provenance.append(
       {k: record[k] for k in ("git_commit", "date")}
       | {"part": part, "complete": record["metrics"]["complete"]}
