@@ -87,7 +87,7 @@ def test_compare_takes_the_best_and_the_median_of_each_side():
   assert (r["lsd_tok_s"], r["ref_tok_s"], r["ratio"], r["ratio_median"]) == (30.0, 15.0, 2.0, 2.0)
 
 
-def test_the_lsd_sides_sample_complete_canvases_with_a_fresh_key_per_call():
+def test_the_lsd_sides_sample_complete_canvases_and_count_their_calls():
   side = peers.Lsd()
   assert side.build_sampler(32) > 0.0
   first, second = side.sample(), side.sample()
