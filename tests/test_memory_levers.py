@@ -49,3 +49,34 @@ def test_remat_is_a_model_config_field_with_a_clear_error():
   full, _ = model(tokens, mask=causal_mask(6))
   cached, _ = model(tokens, mask=causal_mask(6), cache=model.init_cache(1, 6))
   np.testing.assert_allclose(cached, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_inside_the_mix_scale_branches_gives_the_plain_loss_and_gradients(policy):
+  """The mix-scale loss runs its two block sizes as lax.cond branches; a remat'ed model there must
+  give the plain model's loss and gradients (both branches are drawn over the keys)."""
+  from lsd.diffusion.masked import mix_scale_loss
+  from lsd.models.masked_lm import MaskedLM
+
+  x0 = jax.random.randint(jax.random.key(1), (2, 16), 0, 40)
+  valid = jnp.ones((2, 16), bool)
+
+  def run(remat, key):
+    cfg = TransformerConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=4, remat=remat)
+    graphdef, params = nnx.split(MaskedLM(cfg, 40, rngs=nnx.Rngs(0)))
+
+    def loss(params):
+      model = nnx.merge(graphdef, params)
+      return mix_scale_loss(model, x0, valid, key, lam=0.5, small=4, large=16)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  sizes = set()
+  for k in range(4):
+    (plain, metrics), plain_grads = run("none", jax.random.key(k))
+    (loss, _), grads = run(policy, jax.random.key(k))
+    sizes.add(float(metrics["block_size"]))
+    np.testing.assert_allclose(loss, plain, rtol=1e-6)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
+      np.testing.assert_allclose(g, ref, atol=1e-6)
+  assert sizes == {4.0, 16.0}  # both branches ran

@@ -13,6 +13,7 @@ from lsd.nn import (
   MLP,
   Attention,
   Block,
+  BlockDiffusionMask,
   LayerNorm,
   RMSNorm,
   Transformer,
@@ -20,6 +21,7 @@ from lsd.nn import (
   apply_rope,
   bd3_training_mask,
   block_causal_mask,
+  block_diffusion_attention,
   causal_mask,
   dot_product_attention,
   sinusoidal_embedding,
@@ -50,6 +52,46 @@ def test_bd3_mask_traced_block_size_and_global_block():
   full = np.asarray(bd3_training_mask(4, 4))
   # With one block the noisy half is plain bidirectional and never sees the clean half.
   assert full[:4, :4].all() and not full[:4, 4:].any()
+
+
+@pytest.mark.parametrize("block,kv_heads", [(1, 4), (4, 2), (16, 1)])
+def test_block_diffusion_attention_equals_the_dense_mask(block, kv_heads):
+  """The structured 2L attention gives the values and gradients of scoring every pair under
+  bd3_training_mask & padding (numpy reference for values), at every valid query."""
+  length, heads = 16, 4
+  r = np.random.default_rng(block)
+  q = r.normal(size=(2, 2 * length, heads, 8)).astype(np.float32)
+  k = r.normal(size=(2, 2 * length, kv_heads, 8)).astype(np.float32)
+  v = r.normal(size=(2, 2 * length, kv_heads, 8)).astype(np.float32)
+  valid = np.arange(length)[None] < np.array([[length], [11]])
+  mask = BlockDiffusionMask(jnp.asarray(valid), block)
+  dense = np.asarray(mask.dense())
+  assert dense.shape == (2, 1, 2 * length, 2 * length)
+  rows = np.concatenate([valid, valid], 1)[:, :, None, None]
+  out = block_diffusion_attention(q, k, v, mask)
+  np.testing.assert_allclose(
+    np.where(rows, out, 0), np.where(rows, np_attention(q, k, v, dense), 0), atol=2e-6
+  )
+
+  def loss(attend):
+    return lambda q, k, v: jnp.sum(jnp.where(rows, attend(q, k, v), 0.0) ** 2)
+
+  grads = jax.grad(loss(lambda *a: block_diffusion_attention(*a, mask)), (0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(lambda *a: dot_product_attention(*a, mask=dense)), (0, 1, 2))(q, k, v)
+  for g, gr in zip(grads, ref, strict=True):
+    np.testing.assert_allclose(g, gr, atol=2e-5)
+
+
+def test_block_diffusion_mask_is_used_by_the_attention_module_and_checks_its_block():
+  attn = Attention(32, 4, rope_base=10_000.0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  positions = jnp.tile(jnp.arange(8), (2, 2))
+  mask = BlockDiffusionMask(jnp.ones((2, 8), bool), 2)
+  out, _ = attn(x, positions=positions, mask=mask)
+  ref, _ = attn(x, positions=positions, mask=mask.dense())
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+  with pytest.raises(ValueError, match="block_size=3 must divide"):
+    attn(x, positions=positions, mask=BlockDiffusionMask(jnp.ones((2, 8), bool), 3))
 
 
 def test_causal_and_block_causal_masks():

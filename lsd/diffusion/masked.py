@@ -31,12 +31,13 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lsd.diffusion.schedules import ClippedInterval, LogLinear
-from lsd.nn import bd3_training_mask, padding_mask
+from lsd.nn import BlockDiffusionMask, bd3_training_mask, padding_mask
 
 
 class MaskedLM(Protocol):
   """What the losses need of a masked diffusion LM (`lsd.models.masked_lm.MaskedLM` is one):
-  `mask_id`, `cfg.dropout`, and a call returning (log-probs [B, T, V], cache)."""
+  `mask_id`, `cfg.dropout`, a call returning (log-probs [B, T, V], cache), and `target_nll`
+  (-log p of given targets at the first positions, what the training losses read)."""
 
   mask_id: int
 
@@ -44,6 +45,8 @@ class MaskedLM(Protocol):
   def cfg(self) -> Any: ...
 
   def __call__(self, tokens: Array, **kwargs) -> tuple[Array, Any]: ...
+
+  def target_nll(self, tokens: Array, targets: Array, **kwargs) -> Array: ...
 
 
 # BD3-LM's convention: the mask probability is t itself; eps enters only through t_min.
@@ -123,14 +126,27 @@ def masked_nelbo(
   mask_id: int,
   valid: Bool[Array, "B L"],
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
-  """MDLM NELBO averaged over valid tokens, and metrics (fp32 scalars).
+  """MDLM NELBO averaged over valid tokens, and metrics (fp32 scalars), from log-probabilities;
+  `nelbo_from_nll` is the same from -log p(x0) alone."""
+  nll = -jnp.take_along_axis(log_probs, x0[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  return nelbo_from_nll(nll, x_t, t, mask_id, valid)
+
+
+def nelbo_from_nll(
+  nll: Float[Array, "B L"],
+  x_t: Int[Array, "B L"],
+  t: Float[Array, "B L"],
+  mask_id: int,
+  valid: Bool[Array, "B L"],
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """MDLM NELBO averaged over valid tokens, and metrics (fp32 scalars), from nll = -log p(x0)
+  (read only where x_t is [MASK]).
 
   metrics: `nelbo` (= loss), `nll_masked` (mean -log p over masked valid tokens, unweighted) and
   `mask_frac` (masked / valid). Positions that are unmasked or invalid contribute exactly zero, value
   and gradient.
   """
   masked = (x_t == mask_id) & valid
-  nll = -jnp.take_along_axis(log_probs, x0[..., None], axis=-1)[..., 0].astype(jnp.float32)
   # Both wheres are needed: 1/t at an unselected t = 0 would turn the zero cotangent into NaN.
   weight = jnp.where(masked, SCHEDULE.weight(jnp.where(masked, t, 1.0)), 0.0)
   per_token = jnp.where(masked, nll * weight, 0.0)
@@ -155,6 +171,18 @@ def bd3_inputs(
   return tokens, jnp.broadcast_to(positions, (b, 2 * length))
 
 
+def bd3_attention_mask(
+  valid: Bool[Array, "B L"], block_size: int | Int[Array, ""]
+) -> BlockDiffusionMask | Bool[Array, "B 1 2L 2L"]:
+  """The 2L canvas's attention mask: structured for a Python-int block size (attention then skips
+  the scores it hides, `BlockDiffusionMask`), else the dense `bd3_training_mask` with padding keys
+  hidden (a traced block size)."""
+  if isinstance(block_size, int):
+    return BlockDiffusionMask(valid, block_size)
+  valid2 = jnp.concatenate([valid, valid], axis=1)
+  return bd3_training_mask(valid.shape[1], block_size)[None, None] & padding_mask(valid2, valid2)
+
+
 def bd3_forward(
   model: MaskedLM,
   x_t: Int[Array, "B L"],
@@ -171,8 +199,7 @@ def bd3_forward(
   """
   length = x0.shape[1]
   tokens, positions = bd3_inputs(x_t, x0)
-  valid2 = jnp.concatenate([valid, valid], axis=1)
-  mask = bd3_training_mask(length, block_size)[None, None] & padding_mask(valid2, valid2)
+  mask = bd3_attention_mask(valid, block_size)
   log_probs, _ = model(tokens, positions=positions, mask=mask, rngs=rngs, num_outputs=length)
   return log_probs
 
@@ -221,8 +248,15 @@ def bd3_loss(
   block_size: Python int or traced int32 scalar dividing L (not checked here: it may be traced).
   """
   t, x_t, drop_key = _draw_noise(key, x0, valid, block_size, model.mask_id, noise)
-  log_probs = bd3_forward(model, x_t, x0, valid, block_size, rngs=_dropout_rngs(model, drop_key))
-  return masked_nelbo(log_probs, x0, x_t, t, model.mask_id, valid)
+  tokens, positions = bd3_inputs(x_t, x0)
+  nll = model.target_nll(
+    tokens,
+    x0,
+    positions=positions,
+    mask=bd3_attention_mask(valid, block_size),
+    rngs=_dropout_rngs(model, drop_key),
+  )
+  return nelbo_from_nll(nll, x_t, t, model.mask_id, valid)
 
 
 def mdlm_loss(
@@ -237,8 +271,10 @@ def mdlm_loss(
   `mdlm_loss(key) == bd3_loss(key, L)` up to fp summation order (and dropout, which differs)."""
   length = x0.shape[1]
   t, x_t, drop_key = _draw_noise(key, x0, valid, length, model.mask_id, noise)
-  log_probs, _ = model(x_t, mask=padding_mask(valid, valid), rngs=_dropout_rngs(model, drop_key))
-  return masked_nelbo(log_probs, x0, x_t, t, model.mask_id, valid)
+  nll = model.target_nll(
+    x_t, x0, mask=padding_mask(valid, valid), rngs=_dropout_rngs(model, drop_key)
+  )
+  return nelbo_from_nll(nll, x_t, t, model.mask_id, valid)
 
 
 def mix_scale_block_size(
@@ -262,12 +298,32 @@ def mix_scale_loss(
   """Mix-scale training (SBD): B ~ {large w.p. lam, small otherwise}, then `bd3_loss`.
 
   The key is split once into (scale_key, noise_key), so lam = 0 is exactly
-  `bd3_loss(noise_key, small)` and lam = 1 exactly `bd3_loss(noise_key, large)` (with large = L, the
-  MDLM loss). Every draw runs the 2L forward, so one program serves both sizes; with B = L the x0 half
-  is never attended to by x_t, and skipping it would halve that step's cost (a later optimisation).
+  `bd3_loss(noise_key, small)` and lam = 1 exactly `bd3_loss(noise_key, large)`, or with large = L
+  exactly `mdlm_loss(noise_key)` (which equals `bd3_loss(noise_key, L)` up to fp32 rounding). The
+  two sizes are two branches of a `lax.cond`, each with its block size static, so a
+  step runs only the drawn one, with the structured 2L attention (`BlockDiffusionMask`); a
+  draw of large = L runs `mdlm_loss`, the L-length forward (the x_t half never attends to the x0
+  half then), at half the cost and with the same noise.
   metrics: those of `masked_nelbo` plus `block_size` (fp32, the size drawn this step).
   """
   scale_key, noise_key = jax.random.split(key)
   block_size = mix_scale_block_size(scale_key, lam, small, large)
-  loss, metrics = bd3_loss(model, x0, valid, noise_key, block_size, noise=noise)
+
+  # The model enters the branches as an operand (split, merged inside each branch): an NNX
+  # transform inside a branch (`model.remat`) may only update Variables of its own trace level.
+  graphdef, state = nnx.split(model)
+
+  def loss_at(size: int):
+    def loss(state):
+      m = nnx.merge(graphdef, state)
+      if size == x0.shape[1]:
+        return mdlm_loss(m, x0, valid, noise_key, noise=noise)
+      return bd3_loss(m, x0, valid, noise_key, size, noise=noise)
+
+    return loss
+
+  if small == large:
+    loss, metrics = bd3_loss(model, x0, valid, noise_key, small, noise=noise)
+  else:
+    loss, metrics = jax.lax.cond(block_size == large, loss_at(large), loss_at(small), state)
   return loss, {**metrics, "block_size": block_size.astype(jnp.float32)}

@@ -197,21 +197,31 @@ class SBDTask(Task):
     return fn, info
 
   def flops_per_token(self) -> float:
-    """Training FLOPs per canvas token (the unit of `tokens_in`).
+    """Training FLOPs per canvas token (the unit of `tokens_in`), expected over the mix-scale draw.
 
-    Each canvas of L tokens is processed as a 2L sequence [x_t ; x0], so per canvas token
-      2 * (6 * N + 6 * n_layers * 2L * d_attn),
-    N = non-embedding matmul parameters (the tied output head counts), d_attn = n_heads * head_dim.
-    The attention term counts the full dense 2L x 2L score matrix, which the dense kernel computes
-    whatever the mask hides.
+    A step of block size B < L processes the canvas as a 2L sequence [x_t ; x0] whose attention
+    scores only what the mask shows (`BlockDiffusionMask`): L + B / 2 keys per query on average, so
+    per canvas token 2 * (6 * N + 6 * n_layers * (L + B / 2) * d_attn). A step of B = L is the
+    L-length forward, 6 * N + 6 * n_layers * L * d_attn. N = non-embedding matmul parameters (the
+    tied output head counts), d_attn = n_heads * head_dim.
     """
     tok = self._require_tokenizer()
     model = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     cfg = TransformerConfig.from_config(self.config.model, vocab_size=tok.vocab_size)
+    seq_len = self.config.data.seq_len
+
+    def at(block: int) -> float:
+      if block == seq_len:
+        return transformer_flops_per_token(cfg, seq_len, n_params)
+      return 2.0 * transformer_flops_per_token(cfg, seq_len + block / 2, n_params)
+
     if self.global_only:  # L-length forward, see `loss`
-      return transformer_flops_per_token(cfg, self.config.data.seq_len, n_params)
-    return 2.0 * transformer_flops_per_token(cfg, 2 * self.config.data.seq_len, n_params)
+      return at(seq_len)
+    if self.block_small == self.block_large:
+      return at(self.block_small)
+    lam = self.mix_lambda
+    return (1.0 - lam) * at(self.block_small) + lam * at(self.block_large)
 
   def sampler_config(self, length: int | None = None) -> SBDSamplerConfig:
     seq_len = self.config.data.seq_len

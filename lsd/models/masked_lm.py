@@ -5,10 +5,15 @@ The attention pattern is chosen by the caller (bidirectional for MDLM, block-cau
 
 "subs" parameterisation (MDLM): the model never predicts [MASK] (its logit is -inf), and positions
 whose input token is not [MASK] carry their input through unchanged (log-prob 0 on the input token).
+
+Training needs only -log p(x0) at masked positions: `target_nll` gives it from the logits (a
+logsumexp and a one-hot pick) without writing the normalised [B, T, V] log-probabilities or the
+subs copy, whose backward passes were a tenth of a block-diffusion train step on a CPU.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
@@ -45,12 +50,9 @@ class MaskedLM(nnx.Module):
   ) -> tuple[Float[Array, "B T V"], KVCache | None]:
     """Log-probabilities over the vocabulary (fp32). With `subs`, unmasked inputs copy through.
     With `num_outputs`, only the first `num_outputs` positions get log-probabilities."""
-    logits, cache = self.backbone(
-      tokens, positions=positions, mask=mask, cache=cache, rngs=rngs, num_outputs=num_outputs
-    )
+    logits, cache = self._logits(tokens, positions, mask, cache, rngs, num_outputs)
     tokens = tokens[:, : logits.shape[1]]
     vocab = logits.shape[-1]
-    logits = logits.at[..., self.mask_id].set(NEG_INF)
     logp = logits - jnp.max(logits, axis=-1, keepdims=True)
     logp = logp - jnp.log(jnp.sum(jnp.exp(logp), axis=-1, keepdims=True))
     if subs:
@@ -58,3 +60,27 @@ class MaskedLM(nnx.Module):
       copy = jnp.where(jnp.arange(vocab) == tokens[..., None], 0.0, NEG_INF)
       logp = jnp.where(is_masked, logp, copy)
     return logp, cache
+
+  def _logits(self, tokens, positions, mask, cache, rngs, num_outputs):
+    """fp32 logits with the [MASK] logit at NEG_INF (a select, so its backward is one too)."""
+    logits, cache = self.backbone(
+      tokens, positions=positions, mask=mask, cache=cache, rngs=rngs, num_outputs=num_outputs
+    )
+    is_mask = jnp.arange(logits.shape[-1]) == self.mask_id
+    return jnp.where(is_mask, NEG_INF, logits), cache
+
+  def target_nll(
+    self,
+    tokens: Int[Array, "B T"],
+    targets: Int[Array, "B N"],
+    *,
+    positions: Int[Array, "B T"] | None = None,
+    mask: Bool[Array, "#B #H T S"] | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> Float[Array, "B N"]:
+    """-log p(targets) (fp32) at the first N = targets.shape[1] positions, without subs: equal to
+    -take_along_axis(self(tokens, subs=False)[0], targets) where the input is [MASK], which is the
+    only place a masked-diffusion loss reads it."""
+    logits, _ = self._logits(tokens, positions, mask, None, rngs, targets.shape[1])
+    pick = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(pick, logits, 0.0), axis=-1)

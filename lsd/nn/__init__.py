@@ -1,6 +1,13 @@
 """NNX building blocks with logical axis names; no method-specific logic lives here."""
 
-from lsd.nn.attention import Attention, KVCache, LayerCache, apply_rope, dot_product_attention
+from lsd.nn.attention import (
+  Attention,
+  KVCache,
+  LayerCache,
+  apply_rope,
+  block_diffusion_attention,
+  dot_product_attention,
+)
 from lsd.nn.layers import (
   MLP,
   AdaLN,
@@ -14,6 +21,7 @@ from lsd.nn.layers import (
   sinusoidal_embedding,
 )
 from lsd.nn.masks import (
+  BlockDiffusionMask,
   bd3_training_mask,
   bidirectional_mask,
   block_causal_mask,
@@ -29,6 +37,7 @@ __all__ = [
   "AdaLN",
   "Attention",
   "Block",
+  "BlockDiffusionMask",
   "Embed",
   "KVCache",
   "LayerCache",
@@ -40,6 +49,7 @@ __all__ = [
   "apply_rope",
   "bd3_training_mask",
   "bidirectional_mask",
+  "block_diffusion_attention",
   "block_causal_mask",
   "causal_mask",
   "dense",

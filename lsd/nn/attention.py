@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lsd.nn.layers import RMSNorm, dense
+from lsd.nn.masks import BlockDiffusionMask
 
 NEG_INF = -1e30
 # The `implementation` values of `dot_product_attention` (those of jax.nn.dot_product_attention).
@@ -79,6 +80,70 @@ def dot_product_attention(
     scale=scale,
     implementation=implementation,
   )
+
+
+def block_diffusion_attention(
+  q: Float[Array, "B 2L H D"],
+  k: Float[Array, "B 2L G D"],
+  v: Float[Array, "B 2L G D"],
+  mask: BlockDiffusionMask,
+  scale: float | None = None,
+) -> Float[Array, "B 2L H D"]:
+  """Attention over the block-diffusion canvas [x_t ; x0] under `mask.dense()`, scoring only what
+  that mask can show: every query against the L clean keys (noisy block b sees clean blocks < b,
+  clean block b sees clean blocks <= b), and each noisy block against its own B noisy keys. That
+  is 2L^2 + L*B scores where the dense mask scores 4L^2, and the same values up to fp32 summation
+  order (test). One softmax per row over both parts, merged through a shared max and normaliser as
+  in `cached_attention`; the max is a constant of the gradient (softmax does not depend on it), so
+  the backward pass does not differentiate it.
+  """
+  b, t2, h, d = q.shape
+  g = k.shape[2]
+  if h % g:
+    raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
+  length, blk_size = t2 // 2, mask.block_size
+  if mask.valid.shape != (b, length) or not isinstance(blk_size, int) or blk_size < 1:
+    raise ValueError(
+      f"BlockDiffusionMask: valid {mask.valid.shape} and block_size={blk_size!r} must be "
+      f"[{b}, {length}] (half the canvas of {t2}) and a Python int >= 1"
+    )
+  if t2 % 2 or length % blk_size:
+    raise ValueError(f"block_size={blk_size} must divide half the canvas ({t2} / 2)")
+  n, r = length // blk_size, h // g
+  scale = d**-0.5 if scale is None else scale
+  qg = q.reshape(b, t2, g, r, d)
+  k0, v0 = k[:, length:], v[:, length:]
+  valid = mask.valid
+  # Every query against the clean keys: [B, G, R, 2L, L].
+  s0 = jnp.einsum("btgrd,bsgd->bgrts", qg, k0).astype(jnp.float32) * scale
+  blk = jnp.arange(length) // blk_size
+  last_seen = jnp.concatenate([blk - 1, blk])  # noisy rows: blocks < b; clean rows: <= b
+  see = (blk[None, :] <= last_seen[:, None])[None, None, None] & valid[:, None, None, None, :]
+  s0 = jnp.where(see, s0, NEG_INF)
+  # Each noisy block against itself: [B, G, R, n, B, B].
+  qt = qg[:, :length].reshape(b, n, blk_size, g, r, d)
+  kt = k[:, :length].reshape(b, n, blk_size, g, d)
+  vt = v[:, :length].reshape(b, n, blk_size, g, d)
+  st = jnp.einsum("bnigrd,bnjgd->bgrnij", qt, kt).astype(jnp.float32) * scale
+  st = jnp.where(valid.reshape(b, 1, 1, n, 1, blk_size), st, NEG_INF)
+  top = jnp.max(s0, -1, keepdims=True)
+  top_t = jnp.maximum(
+    top[..., :length, :].reshape(b, g, r, n, blk_size, 1), st.max(-1, keepdims=True)
+  )
+  top_t = jax.lax.stop_gradient(top_t)
+  top = jax.lax.stop_gradient(
+    jnp.concatenate([top_t.reshape(b, g, r, length, 1), top[..., length:, :]], axis=3)
+  )
+  p0, pt = jnp.exp(s0 - top), jnp.exp(st - top_t)
+  o0 = jnp.einsum("bgrts,bsgd->bgrtd", p0.astype(v0.dtype), v0).astype(jnp.float32)
+  d0 = jnp.sum(p0, -1, keepdims=True)
+  ot = jnp.einsum("bgrnij,bnjgd->bgrnid", pt.astype(vt.dtype), vt).astype(jnp.float32)
+  dt = jnp.sum(pt, -1, keepdims=True)
+  noisy = (o0[..., :length, :] + ot.reshape(b, g, r, length, d)) / (
+    d0[..., :length, :] + dt.reshape(b, g, r, length, 1)
+  )
+  out = jnp.concatenate([noisy, o0[..., length:, :] / d0[..., length:, :]], axis=3)
+  return jnp.transpose(out.astype(v.dtype), (0, 3, 1, 2, 4)).reshape(b, t2, h, d)
 
 
 @flax.struct.dataclass
@@ -232,6 +297,13 @@ class Attention(nnx.Module):
       if self.rope_base:
         q = apply_rope(q, positions, self.rope_base)
       k, v = self.project_kv(x, positions)
+    if isinstance(mask, BlockDiffusionMask):
+      if cache is not None or bias is not None or context is not None:
+        raise ValueError(
+          "a BlockDiffusionMask is a training mask of self-attention: no KV cache, bias or context"
+        )
+      out = block_diffusion_attention(q, k, v, mask)
+      return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), None
     if cache is None:
       out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
       return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), None

@@ -6,6 +6,7 @@ several block sizes (mix-scale training draws the block size per step).
 
 from __future__ import annotations
 
+import flax.struct
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
@@ -67,6 +68,26 @@ def bd3_training_mask(length: int, block_size: int | Array) -> Bool[Array, "2L 2
   offset_block_causal = (~q_clean) & k_clean & (q_blk > k_blk)
   block_causal = q_clean & k_clean & (q_blk >= k_blk)
   return block_diag | offset_block_causal | block_causal
+
+
+@flax.struct.dataclass
+class BlockDiffusionMask:
+  """`bd3_training_mask(L, block_size)` with padding keys hidden, over [x_t ; x0], kept in its
+  structured form: `Attention` then computes only the scores this mask can show
+  (`lsd.nn.attention.block_diffusion_attention`, about half of the 2L x 2L scores) instead of
+  scoring every pair and masking three quarters of them. `dense()` is the equivalent boolean mask.
+
+  valid: the validity of the L canvas positions, shared by both halves. block_size: static (a
+  Python int dividing L); a traced block size needs the dense mask.
+  """
+
+  valid: Bool[Array, "B L"]
+  block_size: int = flax.struct.field(pytree_node=False)
+
+  def dense(self) -> Bool[Array, "B 1 2L 2L"]:
+    valid2 = jnp.concatenate([self.valid, self.valid], axis=1)
+    length = self.valid.shape[1]
+    return bd3_training_mask(length, self.block_size)[None, None] & padding_mask(valid2, valid2)
 
 
 def segment_mask(segment_ids: Int[Array, "B L"]) -> Bool[Array, "B 1 L L"]:
