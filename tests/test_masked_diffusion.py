@@ -72,6 +72,55 @@ def test_mix_scale_endpoints_equal_bd3_and_mdlm(model, batch):
   assert float(loss0) != float(loss1)  # the two block sizes really differ
 
 
+def test_mix_scale_branches_equal_the_loss_at_the_drawn_size(model, batch):
+  """With 0 < lam < 1 the two sizes are lax.cond branches: each step's loss is bd3_loss at the
+  drawn size (B_small) or mdlm_loss (B_large = L), with the same noise key."""
+  x0, valid = batch
+  seen = set()
+  for k in range(6):
+    key = jax.random.key(k)
+    noise_key = jax.random.split(key)[1]
+    loss, m = md.mix_scale_loss(model, x0, valid, key, lam=0.5, small=4, large=L)
+    size = int(m["block_size"])
+    seen.add(size)
+    if size == L:
+      ref = md.mdlm_loss(model, x0, valid, noise_key)[0]
+    else:
+      ref = md.bd3_loss(model, x0, valid, noise_key, size)[0]
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  assert seen == {4, L}
+
+
+@pytest.mark.parametrize("k", [0, 3])  # key 0 draws B = 4, key 3 B = L (asserted)
+def test_mix_scale_gradient_is_the_drawn_branchs_gradient(model, batch, k):
+  """The gradient is computed inside the drawn lax.cond branch (`_cond_with_grads`): it equals
+  the gradient of that size's loss, and scales with the loss's cotangent."""
+  x0, valid = batch
+  graphdef, params = nnx.split(model)
+  key = jax.random.key(k)
+  noise_key = jax.random.split(key)[1]
+
+  def mixed(params, scale=1.0):
+    out = md.mix_scale_loss(nnx.merge(graphdef, params), x0, valid, key, lam=0.5, small=4, large=L)
+    return scale * out[0], out[1]
+
+  (_, m), grads = jax.value_and_grad(mixed, has_aux=True)(params)
+  size = int(m["block_size"])
+  assert size == {0: 4, 3: L}[k]
+
+  def direct(params):
+    model = nnx.merge(graphdef, params)
+    if size == L:
+      return md.mdlm_loss(model, x0, valid, noise_key)[0]
+    return md.bd3_loss(model, x0, valid, noise_key, size)[0]
+
+  ref = jax.grad(direct)(params)
+  doubled, _ = jax.grad(lambda p: mixed(p, 2.0), has_aux=True)(params)
+  for g, r, d in zip(*(jax.tree.leaves(t) for t in (grads, ref, doubled)), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)  # compiled branch vs op-by-op
+    np.testing.assert_allclose(d, 2 * g, rtol=1e-6, atol=1e-8)
+
+
 def test_mix_scale_block_size_frequency():
   keys = jax.random.split(jax.random.key(0), 4000)
   sizes = jax.vmap(lambda k: md.mix_scale_block_size(k, 0.3, 4, 64))(keys)

@@ -61,20 +61,22 @@ def test_remat_inside_the_mix_scale_branches_gives_the_plain_loss_and_gradients(
   x0 = jax.random.randint(jax.random.key(1), (2, 16), 0, 40)
   valid = jnp.ones((2, 16), bool)
 
-  def run(remat, key):
+  def compiled(remat):
     cfg = TransformerConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=4, remat=remat)
     graphdef, params = nnx.split(MaskedLM(cfg, 40, rngs=nnx.Rngs(0)))
 
-    def loss(params):
+    def loss(params, key):
       model = nnx.merge(graphdef, params)
       return mix_scale_loss(model, x0, valid, key, lam=0.5, small=4, large=16)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return lambda key: step(params, key)
 
+  plain_step, step = compiled("none"), compiled(policy)
   sizes = set()
   for k in range(4):
-    (plain, metrics), plain_grads = run("none", jax.random.key(k))
-    (loss, _), grads = run(policy, jax.random.key(k))
+    (plain, metrics), plain_grads = plain_step(jax.random.key(k))
+    (loss, _), grads = step(jax.random.key(k))
     sizes.add(float(metrics["block_size"]))
     np.testing.assert_allclose(loss, plain, rtol=1e-6)
     for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):

@@ -23,6 +23,7 @@ scalars, so one compiled program serves every block size a mix-scale run draws.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Protocol
 
 import jax
@@ -300,30 +301,70 @@ def mix_scale_loss(
   The key is split once into (scale_key, noise_key), so lam = 0 is exactly
   `bd3_loss(noise_key, small)` and lam = 1 exactly `bd3_loss(noise_key, large)`, or with large = L
   exactly `mdlm_loss(noise_key)` (which equals `bd3_loss(noise_key, L)` up to fp32 rounding). The
-  two sizes are two branches of a `lax.cond`, each with its block size static, so a
-  step runs only the drawn one, with the structured 2L attention (`BlockDiffusionMask`); a
-  draw of large = L runs `mdlm_loss`, the L-length forward (the x_t half never attends to the x0
-  half then), at half the cost and with the same noise.
+  two sizes are two branches of a `lax.cond`, each with its block size static, so a step runs
+  only the drawn one, with the structured 2L attention (`BlockDiffusionMask`); a draw of
+  large = L runs `mdlm_loss`, the L-length forward (the x_t half never attends to the x0 half
+  then), at half the cost and with the same noise. Gradients with respect to the model's
+  parameters are computed inside the drawn branch (`_cond_with_grads`); the loss is not
+  differentiable twice, nor in its other arguments.
   metrics: those of `masked_nelbo` plus `block_size` (fp32, the size drawn this step).
   """
   scale_key, noise_key = jax.random.split(key)
   block_size = mix_scale_block_size(scale_key, lam, small, large)
 
-  # The model enters the branches as an operand (split, merged inside each branch): an NNX
+  # The model enters the branches as operands (split, merged inside each branch): an NNX
   # transform inside a branch (`model.remat`) may only update Variables of its own trace level.
-  graphdef, state = nnx.split(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_at(size: int):
-    def loss(state):
-      m = nnx.merge(graphdef, state)
+    def loss(params, operands):
+      x0, valid, noise_key, rest = operands
+      m = nnx.merge(graphdef, params, rest)
       if size == x0.shape[1]:
         return mdlm_loss(m, x0, valid, noise_key, noise=noise)
       return bd3_loss(m, x0, valid, noise_key, size, noise=noise)
 
     return loss
 
-  if small == large:
-    loss, metrics = bd3_loss(model, x0, valid, noise_key, small, noise=noise)
+  operands = (x0, valid, noise_key, rest)
+  # A static lam of 0 or 1 (or one size) always draws the same size: no branch to compile.
+  only = small if small == large else None
+  if isinstance(lam, int | float) and lam in (0.0, 1.0) and only is None:
+    only = large if lam == 1.0 else small
+  if only is not None:
+    loss, metrics = loss_at(only)(params, operands)
   else:
-    loss, metrics = jax.lax.cond(block_size == large, loss_at(large), loss_at(small), state)
+    pred = block_size == large
+    loss, metrics = _cond_with_grads(loss_at(large), loss_at(small), pred, params, operands)
   return loss, {**metrics, "block_size": block_size.astype(jnp.float32)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cond_with_grads(true_fn, false_fn, pred, params, operands):
+  """`lax.cond(pred, true_fn, false_fn, params, operands)` -> (loss, metrics), differentiable in
+  `params` only, with the drawn branch's gradient computed inside that branch.
+
+  Differentiating through a `lax.cond` makes each branch's forward also write the residuals of the
+  other branch (zero-filled) for the backward cond; on a CPU those copies were a tenth of a
+  mix-scale step. Here the forward pass runs `value_and_grad` inside the drawn branch, and the
+  backward pass scales those gradients by the loss's cotangent (metrics are auxiliary: their
+  cotangents are ignored). Not differentiable twice.
+  """
+  return jax.lax.cond(pred, true_fn, false_fn, params, operands)
+
+
+def _cond_with_grads_fwd(true_fn, false_fn, pred, params, operands):
+  def with_grads(fn):
+    return jax.value_and_grad(fn, has_aux=True)
+
+  out, grads = jax.lax.cond(pred, with_grads(true_fn), with_grads(false_fn), params, operands)
+  return out, grads
+
+
+def _cond_with_grads_bwd(true_fn, false_fn, grads, cotangent):
+  del true_fn, false_fn
+  d_loss = cotangent[0]
+  return None, jax.tree.map(lambda g: (g * d_loss).astype(g.dtype), grads), None
+
+
+_cond_with_grads.defvjp(_cond_with_grads_fwd, _cond_with_grads_bwd)

@@ -62,12 +62,14 @@ class MaskedLM(nnx.Module):
     return logp, cache
 
   def _logits(self, tokens, positions, mask, cache, rngs, num_outputs):
-    """fp32 logits with the [MASK] logit at NEG_INF (a select, so its backward is one too)."""
+    """fp32 logits with NEG_INF added to the [MASK] logit: an added constant vector, which fuses
+    into the consumers and whose backward is the identity (a select over [B, T, V] would be
+    written twice more). Its probability is exactly 0 in fp32 either way."""
     logits, cache = self.backbone(
       tokens, positions=positions, mask=mask, cache=cache, rngs=rngs, num_outputs=num_outputs
     )
-    is_mask = jnp.arange(logits.shape[-1]) == self.mask_id
-    return jnp.where(is_mask, NEG_INF, logits), cache
+    never = jnp.where(jnp.arange(logits.shape[-1]) == self.mask_id, NEG_INF, 0.0)
+    return logits + never, cache
 
   def target_nll(
     self,
