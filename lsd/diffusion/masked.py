@@ -345,10 +345,10 @@ def _cond_with_grads(true_fn, false_fn, pred, params, operands):
   `params` only, with the drawn branch's gradient computed inside that branch.
 
   Differentiating through a `lax.cond` makes each branch's forward also write the residuals of the
-  other branch (zero-filled) for the backward cond; on a CPU those copies were a tenth of a
-  mix-scale step. Here the forward pass runs `value_and_grad` inside the drawn branch, and the
-  backward pass scales those gradients by the loss's cotangent (metrics are auxiliary: their
-  cotangents are ignored). Not differentiable twice.
+  other branch (zero-filled) for the backward cond (docs/performance.md, "Results"). Here the
+  forward pass runs `value_and_grad` inside the drawn branch, and the backward pass scales those
+  gradients by the loss's cotangent (metrics are auxiliary: their cotangents are ignored). Not
+  differentiable twice.
   """
   return jax.lax.cond(pred, true_fn, false_fn, params, operands)
 

@@ -7,8 +7,8 @@ The attention pattern is chosen by the caller (bidirectional for MDLM, block-cau
 whose input token is not [MASK] carry their input through unchanged (log-prob 0 on the input token).
 
 Training needs only -log p(x0) at masked positions: `target_nll` gives it from the logits (a
-logsumexp and a one-hot pick) without writing the normalised [B, T, V] log-probabilities or the
-subs copy, whose backward passes were a tenth of a block-diffusion train step on a CPU.
+logsumexp and a one-hot pick) without writing the normalised [B, T, V] log-probabilities, the
+subs copy or their backward passes (docs/performance.md, "Results").
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ init = nnx.initializers
 def linear(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
   """x @ w, with the weight gradient written as x^T @ g over the flattened tokens.
 
-  Autodiff gives the same values (bit for bit on XLA:CPU, test), but XLA:CPU then lays the
-  gradient g out transposed for that matmul, inside the loop fusion that produces g (a SiLU or
-  softmax backward), and that strided loop ran at a small fraction of memory speed: a third of a
-  SwiGLU MLP's backward (`benchmarks/cpu_kernels.py`). Transposing x instead, explicitly, keeps
-  the producer's loop contiguous. Other backends fold the transpose into the matmul either way.
+  The values are autodiff's (test); only the layout XLA picks changes. With autodiff's form,
+  XLA:CPU lays the gradient g out transposed for the weight-gradient matmul, inside the loop
+  fusion that produces g (a SiLU or softmax backward), and that strided loop ran far below memory
+  speed (`benchmarks/cpu_kernels.py`, docs/performance.md). Transposing x instead, explicitly,
+  keeps the producer's loop contiguous.
   """
   return jnp.einsum("...k,kn->...n", x, w)
 
