@@ -82,3 +82,23 @@ def test_remat_inside_the_mix_scale_branches_gives_the_plain_loss_and_gradients(
     for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
       np.testing.assert_allclose(g, ref, atol=1e-6)
   assert sizes == {4.0, 16.0}  # both branches ran
+
+
+def test_dots_saveable_keeps_the_projections_and_full_keeps_none(capsys):
+  """The projections run through lsd.nn.layers.linear (a custom VJP, which hides its matmul from
+  JAX's dots policies): "dots_saveable" must still keep their outputs, by checkpoint name, so it
+  saves more than "full" and less than no remat."""
+  from jax.ad_checkpoint import print_saved_residuals
+
+  tokens = jnp.ones((2, 8), jnp.int32)
+  saved = {}
+  for policy in ("none", "full", "dots_saveable"):
+    cfg = TransformerConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, remat=policy)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    print_saved_residuals(
+      lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(tokens, mask=causal_mask(8))[0]), params
+    )
+    lines = capsys.readouterr().out.splitlines()
+    saved[policy] = (len(lines), sum("named 'linear'" in x for x in lines))
+  assert saved["full"][1] == 0 and saved["dots_saveable"][1] >= 2 * 6  # 6+ projections per layer
+  assert saved["full"][0] < saved["dots_saveable"][0] < saved["none"][0]

@@ -11,12 +11,17 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 init = nnx.initializers
 
 
-@jax.custom_vjp
+# The checkpoint name of every `linear` output: remat policies that keep projections name it
+# (a custom VJP hides the dot_general inside from `jax.checkpoint_policies.dots_*_saveable`).
+LINEAR_NAME = "linear"
+
+
 def linear(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
   """x @ w, with the weight gradient written as x^T @ g over the flattened tokens.
 
@@ -24,13 +29,18 @@ def linear(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "..
   XLA:CPU lays the gradient g out transposed for the weight-gradient matmul, inside the loop
   fusion that produces g (a SiLU or softmax backward), and that strided loop ran far below memory
   speed (`benchmarks/cpu_kernels.py`, docs/performance.md). Transposing x instead, explicitly,
-  keeps the producer's loop contiguous.
+  keeps the producer's loop contiguous. The output carries the checkpoint name `LINEAR_NAME`.
   """
+  return checkpoint_name(_linear(x, w), LINEAR_NAME)
+
+
+@jax.custom_vjp
+def _linear(x, w):
   return jnp.einsum("...k,kn->...n", x, w)
 
 
 def _linear_fwd(x, w):
-  return linear(x, w), (x, w)
+  return _linear(x, w), (x, w)
 
 
 def _linear_bwd(res, g):
@@ -40,7 +50,7 @@ def _linear_bwd(res, g):
   return dx, dw.astype(w.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _linear_dot_general(

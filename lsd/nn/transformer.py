@@ -19,16 +19,21 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lsd.config import ConfigError, check_choice, check_positive, dataclass_from_config
 from lsd.nn.attention import Attention, KVCache, LayerCache
-from lsd.nn.layers import MLP, AdaLN, Embed, dense, make_norm, modulate
+from lsd.nn.layers import LINEAR_NAME, MLP, AdaLN, Embed, dense, make_norm, modulate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Which activations of a block the backward pass keeps (the rest it recomputes): "none" keeps all;
 # "full" keeps only the block's inputs; "dots_saveable" keeps the matmul outputs that have no batch
 # dimension in their contraction (the projections), recomputing attention scores and elementwise ops.
+# The projections go through `lsd.nn.layers.linear`, whose custom VJP hides its dot from the dots
+# policy, so they are kept by their checkpoint name.
 REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
-  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(LINEAR_NAME),
+  ),
 }
 
 
